@@ -1,0 +1,99 @@
+"""The dcd-jax model directory: Orbax params + ``model.json`` + the source model's HF side files.
+
+Layout (written by ``dcd-jax convert hf-to-flax`` and by training runs)::
+
+    DIR/model.json   {"model_config": ..., "hf_config": ...}   architecture + original HF config
+    DIR/hf/          tokenizer / generation config files copied from the source checkpoint
+    DIR/params/      Orbax checkpoint of the params dict
+
+A training run directory holds ``model.json`` and ``hf/`` once, and Orbax steps under
+``checkpoints/<step>/params``; :func:`find_params_dir` accepts either layout.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh
+
+from dcd_jax.config import from_dict, to_dict
+from dcd_jax.convert.hf_to_flax import HF_SIDE_FILES, CheckpointError
+from dcd_jax.models import sharded_abstract_params
+from dcd_jax.models.config import ModelConfig
+
+MODEL_META = "model.json"
+SIDE_DIR = "hf"
+
+
+def write_model_meta(out_dir: str | Path, cfg: ModelConfig, hf_config: dict[str, Any], side_files_from: str | Path | None) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"model_config": to_dict(cfg), "hf_config": hf_config}
+    (out / MODEL_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    if side_files_from is not None:
+        (out / SIDE_DIR).mkdir(exist_ok=True)
+        for fname in HF_SIDE_FILES:
+            src = Path(side_files_from) / fname
+            if src.is_file():
+                shutil.copy2(src, out / SIDE_DIR / fname)
+
+
+def find_model_meta(start: str | Path) -> Path:
+    """``model.json`` in ``start`` or one of its parents (a step dir sits inside a run dir)."""
+    start = Path(start).resolve()
+    for d in (start, *start.parents[:3]):
+        if (d / MODEL_META).is_file():
+            return d
+    raise CheckpointError(f"{start}: no {MODEL_META} here or in the parent directories (is this a dcd-jax checkpoint?)")
+
+
+def read_model_meta(model_dir: str | Path, **runtime: Any) -> tuple[ModelConfig, dict[str, Any], Path]:
+    """(model config with ``runtime`` dtype/remat overrides, original HF config, dir holding model.json)."""
+    d = find_model_meta(model_dir)
+    meta = json.loads((d / MODEL_META).read_text())
+    cfg = from_dict(ModelConfig, {**meta["model_config"], **runtime})
+    return cfg, meta["hf_config"], d
+
+
+def find_params_dir(ckpt: str | Path) -> Path:
+    """The Orbax params directory inside a model dir, a step dir, or a run/checkpoints root (latest step)."""
+    ckpt = Path(ckpt)
+    if (ckpt / "params").is_dir():
+        return ckpt / "params"
+    for root in (ckpt / "checkpoints", ckpt):
+        steps = sorted((int(p.name), p) for p in root.glob("*") if p.name.isdigit() and (p / "params").is_dir())
+        if steps:
+            return steps[-1][1] / "params"
+    raise CheckpointError(f"{ckpt}: no params checkpoint found (expected {ckpt}/params or checkpoints/<step>/params)")
+
+
+def save_params(params_dir: str | Path, params: dict[str, Any]) -> None:
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(Path(params_dir).absolute(), params)
+    checkpointer.wait_until_finished()
+
+
+def restore_params(params_dir: str | Path, cfg: ModelConfig, mesh: Mesh | None = None) -> dict[str, Any]:
+    """Restore params straight into the shardings of ``mesh`` (any mesh shape; single device if None)."""
+    target = sharded_abstract_params(cfg, mesh)
+    return ocp.StandardCheckpointer().restore(Path(params_dir).absolute(), target)
+
+
+def save_model_dir(
+    out_dir: str | Path, params: dict[str, Any], cfg: ModelConfig, hf_config: dict[str, Any], side_files_from=None
+) -> Path:
+    out = Path(out_dir)
+    write_model_meta(out, cfg, hf_config, side_files_from)
+    save_params(out / "params", params)
+    return out
+
+
+def load_model_dir(ckpt: str | Path, *, mesh: Mesh | None = None, **runtime: Any):
+    """(cfg, hf_config, params, dir with model.json) from a model dir or training checkpoint."""
+    cfg, hf_config, meta_dir = read_model_meta(ckpt, **runtime)
+    params = restore_params(find_params_dir(ckpt), cfg, mesh)
+    return cfg, hf_config, params, meta_dir

@@ -1,0 +1,280 @@
+"""Decoder-only transformer (Llama 3 / Qwen2 / Qwen3) in Flax NNX.
+
+Design:
+  * Every parameter is an ``nnx.Param`` whose ``logical_axes`` metadata names its dimensions;
+    :mod:`dcd_jax.sharding` maps those names to the mesh. Layer parameters are *stacked* along
+    a leading ``layers`` axis and the layers run under ``jax.lax.scan``, so compile time does
+    not grow with depth and rematerialization is one ``jax.checkpoint`` around the scan body.
+  * Parameters are stored in ``param_dtype`` and cast to the compute ``dtype`` where used
+    (fp32 master weights, bf16 matmuls); norms and softmax run in fp32.
+  * Attention masks come from ``segment_ids`` (0 = padding; packed examples never attend across
+    segments) and slot indices (causality). The same code serves training (keys = the current
+    sequence) and cached decoding (keys = the KV cache), see :meth:`Transformer.forward_with_cache`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dcd_jax.models.config import ModelConfig, RopeConfig
+from dcd_jax.sharding import constrain
+
+_NEG_INF = -1e30  # finite: a fully-masked (padding) query row stays NaN-free
+
+
+def _param(rngs: nnx.Rngs | None, init: str, shape: tuple[int, ...], dtype: str, axes: tuple[str, ...]) -> nnx.Param:
+    if init == "ones":
+        value = jnp.ones(shape, dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    else:
+        value = (0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, logical_axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    """y = x / sqrt(mean(x^2) + eps) * scale, computed in fp32."""
+
+    def __init__(self, dim: int, eps: float, param_dtype: str):
+        self.eps = eps
+        self.scale = _param(None, "ones", (dim,), param_dtype, ("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = x.dtype
+        x = x.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return (self.scale[...].astype(jnp.float32) * x).astype(dtype)
+
+
+def rope_inverse_frequencies(head_dim: int, rope: RopeConfig) -> np.ndarray:
+    """inv_freq_i = theta^(-2i/d), with Llama-3 smooth scaling of the low frequencies when configured."""
+    inv_freq = 1.0 / (rope.theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
+    if rope.kind == "llama3":
+        old = rope.original_max_position_embeddings
+        low_wavelen = old / rope.low_freq_factor
+        high_wavelen = old / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (old / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv_freq = np.where(medium, smoothed, scaled)
+    return inv_freq.astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate ``x`` [B, T, heads, hd] by angle positions * inv_freq (HF 'rotate_half' layout)."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, hd/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return x * cos + rotated * sin
+
+
+def attention_mask(q_segment: jax.Array, q_slot: jax.Array, kv_segment: jax.Array, kv_slot: jax.Array) -> jax.Array:
+    """[B, 1, 1, T, S] boolean: same segment and causal (key slot <= query slot)."""
+    same = q_segment[:, :, None] == kv_segment[:, None, :]
+    causal = kv_slot[:, None, :] <= q_slot[:, :, None]
+    return (same & causal)[:, None, None, :, :]
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, h, kv, hd, pd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.param_dtype
+        self.cfg = cfg
+        self.q_proj = nnx.Dict(kernel=_param(rngs, "normal", (d, h, hd), pd, ("embed", "heads", "head_dim")))
+        self.k_proj = nnx.Dict(kernel=_param(rngs, "normal", (d, kv, hd), pd, ("embed", "kv_heads", "head_dim")))
+        self.v_proj = nnx.Dict(kernel=_param(rngs, "normal", (d, kv, hd), pd, ("embed", "kv_heads", "head_dim")))
+        self.o_proj = nnx.Dict(kernel=_param(rngs, "normal", (h, hd, d), pd, ("heads", "head_dim", "embed")))
+        if cfg.qkv_bias:
+            self.q_proj["bias"] = _param(rngs, "zeros", (h, hd), pd, ("heads", "head_dim"))
+            self.k_proj["bias"] = _param(rngs, "zeros", (kv, hd), pd, ("kv_heads", "head_dim"))
+            self.v_proj["bias"] = _param(rngs, "zeros", (kv, hd), pd, ("kv_heads", "head_dim"))
+        if cfg.o_bias:
+            self.o_proj["bias"] = _param(rngs, "zeros", (d,), pd, ("norm",))
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, pd)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, pd)
+
+    def _project(self, proj: nnx.Dict, x: jax.Array) -> jax.Array:
+        dtype = x.dtype
+        y = jnp.einsum("btd,dhk->bthk", x, proj["kernel"][...].astype(dtype))
+        if "bias" in proj:
+            y = y + proj["bias"][...].astype(dtype)
+        return y
+
+    def __call__(self, x, positions, q_segment, q_slot, kv_cache=None, cache_index=None):
+        """Self-attention of ``x`` [B, T, D]. With ``kv_cache`` = (k, v, segment_ids) of shape
+        [B, S, KV, hd] / [B, S], the new keys are written at ``cache_index`` and attention runs over
+        the whole cache; the updated cache is returned alongside the output."""
+        cfg = self.cfg
+        inv_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope)
+        q = self._project(self.q_proj, x)
+        k = self._project(self.k_proj, x)
+        v = self._project(self.v_proj, x)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = constrain(apply_rope(q, positions, inv_freq), ("batch", "length", "act_heads", "head_dim"))
+        k = constrain(apply_rope(k, positions, inv_freq), ("batch", "length", "act_kv_heads", "head_dim"))
+        v = constrain(v, ("batch", "length", "act_kv_heads", "head_dim"))
+
+        new_cache = None
+        if kv_cache is None:
+            keys, values, kv_segment, kv_slot = k, v, q_segment, q_slot
+        else:
+            ck, cv, cseg = kv_cache
+            keys = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
+            values = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
+            kv_segment = jax.lax.dynamic_update_slice_in_dim(cseg, q_segment, cache_index, axis=1)
+            new_cache = (keys, values, kv_segment)
+            keys, values = keys.astype(x.dtype), values.astype(x.dtype)
+            kv_slot = jnp.broadcast_to(jnp.arange(keys.shape[1], dtype=jnp.int32), kv_segment.shape)
+
+        b, t, h, hd = q.shape
+        kvh = keys.shape[2]
+        q = q.reshape(b, t, kvh, h // kvh, hd)  # grouped-query: each KV head serves h/kvh query heads
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, keys, preferred_element_type=jnp.float32)
+        scores = scores / math.sqrt(hd)
+        mask = attention_mask(q_segment, q_slot, kv_segment, kv_slot)
+        scores = jnp.where(mask, scores, _NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(b, t, h, hd)
+        out = constrain(out, ("batch", "length", "act_heads", "head_dim"))
+        y = jnp.einsum("bthk,hkd->btd", out, self.o_proj["kernel"][...].astype(x.dtype))
+        if "bias" in self.o_proj:
+            y = y + self.o_proj["bias"][...].astype(x.dtype)
+        return y, new_cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, f, pd = cfg.hidden_size, cfg.intermediate_size, cfg.param_dtype
+        self.gate_proj = nnx.Dict(kernel=_param(rngs, "normal", (d, f), pd, ("embed", "mlp")))
+        self.up_proj = nnx.Dict(kernel=_param(rngs, "normal", (d, f), pd, ("embed", "mlp")))
+        self.down_proj = nnx.Dict(kernel=_param(rngs, "normal", (f, d), pd, ("mlp", "embed")))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = x.dtype
+        gate = x @ self.gate_proj["kernel"][...].astype(dtype)
+        up = x @ self.up_proj["kernel"][...].astype(dtype)
+        hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+        return hidden @ self.down_proj["kernel"][...].astype(dtype)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype)
+        self.attn = Attention(cfg, rngs)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x, positions, q_segment, q_slot, kv_cache=None, cache_index=None):
+        attn_out, new_cache = self.attn(self.input_norm(x), positions, q_segment, q_slot, kv_cache, cache_index)
+        x = x + attn_out
+        x = x + self.mlp(self.post_attn_norm(x))
+        return constrain(x, ("batch", "length", "act_embed")), new_cache
+
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole layer
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Transformer(nnx.Module):
+    """The decoder. ``model(input_ids, positions, segment_ids)`` -> fp32 logits [B, T, V]."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pd = cfg.param_dtype
+        self.embed = nnx.Dict(embedding=_param(rngs, "normal", (cfg.vocab_size, cfg.hidden_size), pd, ("vocab", "embed")))
+        # Stacked layers: build one layer's structure, then vmap its construction over L keys.
+        layer_def, _ = nnx.split(nnx.eval_shape(lambda: DecoderLayer(cfg, nnx.Rngs(0))))
+        keys = jax.random.split(rngs.params(), cfg.num_layers)
+        stacked = jax.vmap(lambda k: nnx.split(DecoderLayer(cfg, nnx.Rngs(k)))[1])(keys)
+        self.layers = nnx.merge(layer_def, stacked)
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nnx.Dict(kernel=_param(rngs, "normal", (cfg.hidden_size, cfg.vocab_size), pd, ("embed", "vocab")))
+
+    # -- pieces used by losses and the sampler -------------------------------------------------
+    def unembed_matrix(self) -> jax.Array:
+        """[D, V] matrix with logits = hidden @ unembed (the transposed embedding when tied)."""
+        if self.cfg.tie_word_embeddings:
+            return self.embed["embedding"][...].T
+        return self.lm_head["kernel"][...]
+
+    def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
+        w = self.unembed_matrix().astype(hidden.dtype)
+        return constrain(
+            jnp.einsum("btd,dv->btv", hidden, w, preferred_element_type=jnp.float32),
+            ("batch", "length", "act_vocab"),
+        )
+
+    def _run_layers(self, x, positions, segment_ids, slots, cache=None, cache_index=None):
+        layer_def, layer_state = nnx.split(self.layers)
+
+        def body(h, xs):
+            state, layer_cache = xs
+            layer = nnx.merge(layer_def, state)
+            h, new_cache = layer(h, positions, segment_ids, slots, layer_cache, cache_index)
+            return h, new_cache
+
+        if self.cfg.remat != "none":
+            body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
+        x, new_cache = jax.lax.scan(body, x, (layer_state, cache))
+        return self.final_norm(x), new_cache
+
+    def _embed(self, input_ids, positions, segment_ids):
+        input_ids = jnp.asarray(input_ids, jnp.int32)
+        b, t = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        dtype = jnp.dtype(self.cfg.dtype)
+        x = jnp.take(self.embed["embedding"][...], input_ids, axis=0).astype(dtype)
+        x = constrain(x, ("batch", "length", "act_embed"))
+        return x, jnp.asarray(positions, jnp.int32), jnp.asarray(segment_ids, jnp.int32)
+
+    def __call__(self, input_ids, positions=None, segment_ids=None, *, return_hidden: bool = False):
+        """Logits [B, T, V] in fp32, or the post-final-norm hidden states [B, T, D] (compute dtype)
+        when ``return_hidden`` (memory-light losses apply the unembedding chunk by chunk)."""
+        x, positions, segment_ids = self._embed(input_ids, positions, segment_ids)
+        slots = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), segment_ids.shape)
+        hidden, _ = self._run_layers(x, positions, segment_ids, slots)
+        return hidden if return_hidden else self.logits_from_hidden(hidden)
+
+    # -- cached decoding --------------------------------------------------------------------------
+    def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> dict[str, jax.Array]:
+        """Empty KV cache: k/v [L, B, S, KV, hd] and per-slot segment ids [L, B, S] (0 = empty)."""
+        cfg = self.cfg
+        dtype = dtype or cfg.dtype
+        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        return {
+            "k": jnp.zeros(shape, dtype),
+            "v": jnp.zeros(shape, dtype),
+            "segment_ids": jnp.zeros((cfg.num_layers, batch, max_len), jnp.int32),
+        }
+
+    def forward_with_cache(self, input_ids, positions, segment_ids, cache, cache_index):
+        """Run ``input_ids`` [B, T] occupying cache slots [cache_index, cache_index + T).
+
+        Returns fp32 logits [B, T, V] and the updated cache. Rows may be left-padded
+        (segment id 0 on pads): pads are never attended to by real tokens.
+        """
+        x, positions, segment_ids = self._embed(input_ids, positions, segment_ids)
+        t = x.shape[1]
+        slots = jnp.broadcast_to(cache_index + jnp.arange(t, dtype=jnp.int32), segment_ids.shape)
+        layer_cache = (cache["k"], cache["v"], cache["segment_ids"])
+        hidden, (k, v, seg) = self._run_layers(x, positions, segment_ids, slots, layer_cache, cache_index)
+        return self.logits_from_hidden(hidden), {"k": k, "v": v, "segment_ids": seg}

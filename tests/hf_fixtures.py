@@ -1,0 +1,76 @@
+"""Tiny random Hugging Face checkpoints built locally with transformers (no download)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+VOCAB = 96
+
+FAMILIES = {
+    # GQA + Llama-3 rope scaling (original context 16, so test sequences cross the scaled band).
+    "llama": dict(
+        model_type="llama", vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, rope_theta=500000.0, max_position_embeddings=128,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 16},
+    ),
+    # q/k/v biases + tied embeddings.
+    "qwen2": dict(
+        model_type="qwen2", vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+        num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=10000.0,
+    ),
+    # per-head q/k RMSNorm + head_dim (20) != hidden/heads (12).
+    "qwen3": dict(
+        model_type="qwen3", vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=20, rope_theta=1000000.0,
+    ),
+}
+
+
+def make_hf_model(family: str, **overrides):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = {**FAMILIES[family], **overrides}
+    config = AutoConfig.for_model(**kwargs)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # larger than the default init, so parity tests see real signal
+        for p in model.parameters():
+            p.normal_(0.0, 0.15)
+    return model
+
+
+def save_hf_model(family: str, out_dir: Path, *, max_shard_size: str | None = None, dtype=None, **overrides) -> Path:
+    model = make_hf_model(family, **overrides)
+    if dtype is not None:
+        model = model.to(dtype)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out_dir, **kwargs)
+    return Path(out_dir)
+
+
+def save_word_tokenizer(out_dir: Path, n_tokens: int) -> None:
+    """A word-level tokenizer with ``n_tokens`` entries (fewer than the embedding rows, like Qwen)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, n_tokens)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>").save_pretrained(out_dir)
+
+
+def hf_logits(model, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        kwargs = {} if attention_mask is None else {"attention_mask": torch.tensor(attention_mask)}
+        return model(torch.tensor(input_ids), **kwargs).logits.float().numpy()
+
+
+def read_config(d: Path) -> dict:
+    return json.loads((Path(d) / "config.json").read_text())
