@@ -56,6 +56,41 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_run_config(args: argparse.Namespace):
+    from dcd_jax.config import load_config
+    from dcd_jax.train.config import RunConfig
+
+    return load_config(RunConfig, args.config, args.overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dcd_jax.train.loop import NonFiniteLossError, TrainHooks, train
+
+    cfg = _load_run_config(args)
+    try:
+        result = train(cfg, TrainHooks())
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    print(f"{result.status} at step {result.step}: {result.out_dir}")
+    return 0
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    from dcd_jax.convert.model_dir import load_pretrained_tokenizer
+    from dcd_jax.data import inspect_data
+
+    cfg = _load_run_config(args)
+    tokenizer = load_pretrained_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    print(inspect_data(cfg.data, tokenizer))
+    return 0
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, default=None, help="run config YAML (see configs/base.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=1e-5 data.seq_len=2048")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dcd-jax",
@@ -78,6 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
     f2h.add_argument("--out", required=True, type=Path, help="output HF model directory")
     f2h.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="cast weights (default: as stored)")
     f2h.set_defaults(func=cmd_convert_flax_to_hf)
+
+    tr = sub.add_parser("train", help="distill a student (SFT / DCD / baselines); resumes from out_dir",
+                        description="Train a student. Rerunning with the same train.out_dir resumes from its latest "
+                        "checkpoint; SIGTERM/SIGINT saves at the next step boundary and exits 0.")
+    _add_config_args(tr)
+    tr.set_defaults(func=cmd_train)
+
+    data = sub.add_parser("data", help="inspect the training data the way the student will see it")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    inspect = data_sub.add_parser("inspect", help="counts, token-length percentiles, packing, rendered examples with the loss mask")
+    _add_config_args(inspect)
+    inspect.set_defaults(func=cmd_data_inspect)
 
     demo = sub.add_parser("demo", help="run the whole pipeline in miniature on the embedded task (no download)")
     demo.add_argument("--out", type=Path, default=Path("demo_out"), help="working directory (stages are cached here)")

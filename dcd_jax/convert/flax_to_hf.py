@@ -72,7 +72,7 @@ def save_hf(
     if jax.process_index() != 0:
         return out
     out.mkdir(parents=True, exist_ok=True)
-    if side_files_from is not None:
+    if side_files_from is not None and Path(side_files_from).resolve() != out.resolve():
         for fname in HF_SIDE_FILES:
             src = Path(side_files_from) / fname
             if src.is_file() and fname != "config.json":

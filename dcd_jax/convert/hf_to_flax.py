@@ -150,7 +150,7 @@ def _check_tensors(ckpt: HFCheckpoint, cfg: ModelConfig, shapes: dict) -> dict[s
     return expected
 
 
-def _true_vocab_size(directory: Path, cfg: ModelConfig, trust_remote_code: bool) -> int:
+def true_vocab_size_of(directory: Path, cfg: ModelConfig, trust_remote_code: bool) -> int:
     """The tokenizer's vocabulary size (Qwen pads the embedding past it); the embedding size without one."""
     if not any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         return cfg.vocab_size
@@ -205,18 +205,18 @@ def load_hf(
     remat: str = "none",
     trust_remote_code: bool = False,
 ) -> Transformer:
-    """Load a Llama 3 / Qwen2.5 / Qwen3 HF checkpoint as a callable Flax model.
+    """Load a Llama 3 / Qwen2.5 / Qwen3 HF checkpoint (or a dcd-jax model dir) as a callable Flax model.
 
     ``model(input_ids, positions=None, segment_ids=None)`` returns fp32 logits [B, T, V]. With
     ``mesh``, every parameter is created directly in its sharding from the table in
     :mod:`dcd_jax.sharding`. ``model.cfg.true_vocab_size`` is the tokenizer's vocabulary size
     (the embedding may have padding rows past it).
     """
-    directory = resolve_model_dir(path_or_hub_id)
-    ckpt = open_hf_checkpoint(directory)
-    cfg = ModelConfig.from_hf_config(
-        ckpt.hf_config, source=str(directory / "config.json"), dtype=dtype, param_dtype=param_dtype or dtype, remat=remat
+    from dcd_jax.convert.model_dir import load_pretrained
+
+    loaded = load_pretrained(
+        path_or_hub_id, mesh=mesh, dtype=dtype, param_dtype=param_dtype or dtype, remat=remat,
+        trust_remote_code=trust_remote_code,
     )
-    cfg = dataclasses.replace(cfg, true_vocab_size=_true_vocab_size(directory, cfg, trust_remote_code))
-    graphdef, _, _ = abstract_model(cfg)
-    return bind(graphdef, load_hf_params(ckpt, cfg, mesh))
+    graphdef, _, _ = abstract_model(loaded.cfg)
+    return bind(graphdef, loaded.params)

@@ -12,6 +12,7 @@ A training run directory holds ``model.json`` and ``hf/`` once, and Orbax steps 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -21,7 +22,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
 from dcd_jax.config import from_dict, to_dict
-from dcd_jax.convert.hf_to_flax import HF_SIDE_FILES, CheckpointError
+from dcd_jax.convert.hf_to_flax import HF_SIDE_FILES, CheckpointError, resolve_model_dir, true_vocab_size_of
 from dcd_jax.models import sharded_abstract_params
 from dcd_jax.models.config import ModelConfig
 
@@ -97,3 +98,52 @@ def load_model_dir(ckpt: str | Path, *, mesh: Mesh | None = None, **runtime: Any
     cfg, hf_config, meta_dir = read_model_meta(ckpt, **runtime)
     params = restore_params(find_params_dir(ckpt), cfg, mesh)
     return cfg, hf_config, params, meta_dir
+
+
+@dataclasses.dataclass
+class Pretrained:
+    """A loaded model: architecture, original HF config, params and the dir with tokenizer files."""
+
+    cfg: ModelConfig
+    hf_config: dict[str, Any]
+    params: dict[str, Any]
+    files_dir: Path  # tokenizer / generation_config files
+
+    def tokenizer(self, trust_remote_code: bool = False):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(self.files_dir), trust_remote_code=trust_remote_code)
+
+
+def load_pretrained(
+    path: str | Path, *, mesh: Mesh | None = None, dtype: str = "float32", param_dtype: str = "float32",
+    remat: str = "none", trust_remote_code: bool = False,
+) -> Pretrained:
+    """Load a HF directory / hub id, or a dcd-jax model dir or checkpoint, onto ``mesh``."""
+    from dcd_jax.convert.hf_to_flax import load_hf_params, open_hf_checkpoint
+
+    runtime = dict(dtype=dtype, param_dtype=param_dtype, remat=remat)
+    local = Path(path)
+    if local.exists() and (local / "config.json").is_file() and not (local / MODEL_META).is_file():
+        directory = local
+    elif local.exists():
+        cfg, hf_config, params, meta_dir = load_model_dir(local, mesh=mesh, **runtime)
+        return Pretrained(cfg, hf_config, params, meta_dir / SIDE_DIR)
+    else:
+        directory = resolve_model_dir(path)
+    ckpt = open_hf_checkpoint(directory)
+    cfg = ModelConfig.from_hf_config(ckpt.hf_config, source=str(directory / "config.json"), **runtime)
+    cfg = dataclasses.replace(cfg, true_vocab_size=true_vocab_size_of(directory, cfg, trust_remote_code))
+    return Pretrained(cfg, ckpt.hf_config, load_hf_params(ckpt, cfg, mesh), directory)
+
+
+def load_pretrained_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
+    """The tokenizer of a HF directory / hub id, or of a dcd-jax model dir or checkpoint."""
+    from transformers import AutoTokenizer
+
+    local = Path(path)
+    if local.exists() and not (local / "config.json").is_file():
+        local = find_model_meta(local) / SIDE_DIR
+    elif not local.exists():
+        local = resolve_model_dir(path)
+    return AutoTokenizer.from_pretrained(str(local), trust_remote_code=trust_remote_code)

@@ -1,0 +1,430 @@
+"""The embedded reasoning task: multi-step arithmetic word problems and a mixed-style "teacher".
+
+Why it exists: offline distillation trains a student on traces it did not write. When the
+teacher writes in a way the student cannot follow (skipping intermediate results a small model
+needs), imitation teaches it to produce confident wrong answers; that teacher-student mismatch
+is what distribution correction is for. This module makes the effect visible on a laptop:
+
+* :func:`generate_problems` - seeded word problems (``Ann has 12 apples. She buys 3 bags with 5
+  apples in each. ... How many apples does Ann have now?``) with gold answers, and a teacher
+  trace per problem in one of :data:`STYLES`:
+
+  - ``careful``: one operation per line, every intermediate result written (a small student can
+    follow it: each line needs one small computation);
+  - ``compressed``: two steps per line, intermediate results partly skipped;
+  - ``terse``: the whole computation as one expression and its value;
+  - ``answer_only``: just the answer.
+
+  Every trace ends with the exact sentence ``The answer is N.``. ``error_rate`` makes a fraction
+  of traces slip in their last computation (the trace's answer is then wrong; ``trace_correct``
+  says so). Records also carry ``solution``: the canonical careful trace (always correct).
+* :func:`teacher_training_records` - problems with their canonical solutions, to train a teacher.
+* :func:`build_tokenizer` - a small Qwen2-style byte-level BPE (digits always single tokens,
+  ~500 entries) with a ChatML-like chat template, saved in Hugging Face format.
+* :func:`make_tiny_student` - a random-weight Qwen2/Qwen3 checkpoint (safetensors) with that
+  tokenizer, so the default job takes the same HF -> Flax path as a real checkpoint.
+
+Generation is pure Python and seeded per example (example ``i`` depends only on ``seed``,
+``split`` and ``i``): 10k problems take well under a second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import re
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from dcd_jax.config import ConfigError
+
+STYLES = ("careful", "compressed", "terse", "answer_only")
+SYSTEM_PROMPT = "Solve the problem step by step. End with: The answer is N."
+ANSWER_RE = re.compile(r"The answer is (-?\d+)\.")
+
+# name, subject pronoun
+_NAMES = (("Ann", "She"), ("Ben", "He"), ("Cara", "She"), ("Dan", "He"), ("Eva", "She"), ("Finn", "He"),
+          ("Gia", "She"), ("Hal", "He"), ("Ivy", "She"), ("Jon", "He"), ("Kim", "She"), ("Leo", "He"))
+_ITEMS = ("apples", "pencils", "stickers", "marbles", "cookies", "coins", "books", "shells", "cards", "stamps")
+_CONTAINERS = ("bags", "boxes", "packs", "jars")
+_KINDS = ("add", "sub", "mul", "div", "add_groups", "sub_groups")
+
+# Special tokens of the task tokenizer (ChatML-like, as in Qwen).
+PAD, BOS, IM_START, IM_END = "<|endoftext|>", "<|bos|>", "<|im_start|>", "<|im_end|>"
+# `generation` marks the assistant tokens for transformers' return_assistant_tokens_mask; plain
+# rendering ignores it. The text is Qwen's ChatML plus a BOS.
+CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{%- generation -%}{{- message['content'] + '<|im_end|>' -}}{%- endgeneration -%}"
+    "{%- else -%}"
+    "{{- message['content'] + '<|im_end|>' -}}"
+    "{%- endif -%}"
+    "{{- '\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticTaskConfig:
+    """Knobs of the embedded task.
+
+    Attributes:
+      seed: Seed of the generator (with ``split`` and the example index).
+      n_examples: Problems to generate.
+      split: Name mixed into the seed so that e.g. ``train`` and ``eval`` problems differ.
+      min_steps: Fewest operations per problem.
+      max_steps: Most operations per problem (difficulty).
+      max_start: Starting amounts are drawn from [2, max_start].
+      max_operand: Added / removed amounts are drawn from [1, max_operand]; groups hold
+        [2, max_operand] items (capped at 9) and number [2, 5].
+      max_value: Every intermediate amount stays within [0, max_value].
+      style_mix: Relative weights of the trace styles (keys from :data:`STYLES`).
+      error_rate: Fraction of traces whose last computation is off by 1-3.
+    """
+
+    seed: int = 0
+    n_examples: int = 10000
+    split: str = "train"
+    min_steps: int = 2
+    max_steps: int = 4
+    max_start: int = 30
+    max_operand: int = 20
+    max_value: int = 999
+    style_mix: dict[str, float] = dataclasses.field(
+        default_factory=lambda: {"careful": 0.5, "compressed": 0.2, "terse": 0.2, "answer_only": 0.1}
+    )
+    error_rate: float = 0.0
+
+    def __hash__(self) -> int:
+        # Frozen, but `style_mix` is a dict: hash its items so the config stays usable as a key.
+        return hash(tuple((f.name, tuple(sorted(v.items())) if isinstance(v, dict) else v)
+                          for f in dataclasses.fields(self) for v in [getattr(self, f.name)]))
+
+    def validate(self) -> None:
+        """Reject knobs that cannot generate problems (called by the config loader)."""
+        if self.n_examples < 0:
+            raise ConfigError(f"synthetic.n_examples must be >= 0, got {self.n_examples}")
+        if not 1 <= self.min_steps <= self.max_steps:
+            raise ConfigError(f"synthetic: need 1 <= min_steps <= max_steps, got {self.min_steps}, {self.max_steps}")
+        if self.max_start < 2 or self.max_operand < 2 or self.max_value < max(self.max_start, 20):
+            raise ConfigError("synthetic: need max_start >= 2, max_operand >= 2, max_value >= max(max_start, 20)")
+        unknown = sorted(set(self.style_mix) - set(STYLES))
+        if unknown:
+            raise ConfigError(f"synthetic.style_mix: unknown style(s) {unknown}; styles are {list(STYLES)}")
+        if any(w < 0 for w in self.style_mix.values()) or sum(self.style_mix.values()) <= 0:
+            raise ConfigError("synthetic.style_mix: weights must be >= 0 and not all 0")
+        if not 0.0 <= self.error_rate <= 1.0:
+            raise ConfigError(f"synthetic.error_rate must be in [0, 1], got {self.error_rate}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Step:
+    kind: str
+    a: int  # the amount (add/sub/mul/div) or the number of groups
+    b: int  # the group size (groups only)
+    before: int
+    after: int
+
+
+def _rng(cfg: SyntheticTaskConfig, index: int) -> random.Random:
+    # A string seed is hashed with SHA-512 by `random`: stable across runs and platforms.
+    return random.Random(f"dcd-synthetic/{cfg.seed}/{cfg.split}/{index}")
+
+
+def _feasible(x: int, rng: random.Random, cfg: SyntheticTaskConfig) -> list[tuple[str, int, int, int]]:
+    """Every operation kind that keeps the amount in [0, max_value], with drawn operands."""
+    out = []
+    if x < cfg.max_value:
+        k = rng.randint(1, min(cfg.max_operand, cfg.max_value - x))
+        out.append(("add", k, 0, x + k))
+    if x >= 2:
+        k = rng.randint(1, min(cfg.max_operand, x - 1))
+        out.append(("sub", k, 0, x - k))
+    k = rng.choice((2, 3))
+    if 0 < x * k <= cfg.max_value:
+        out.append(("mul", k, 0, x * k))
+    divisors = [d for d in (2, 3, 4, 5) if x >= 2 * d and x % d == 0]
+    if divisors:
+        d = rng.choice(divisors)
+        out.append(("div", d, 0, x // d))
+    n, m = rng.randint(2, 5), rng.randint(2, min(9, cfg.max_operand))
+    if x + n * m <= cfg.max_value:
+        out.append(("add_groups", n, m, x + n * m))
+    if n * m < x:
+        out.append(("sub_groups", n, m, x - n * m))
+    return out
+
+
+def _sentence(step: _Step, pronoun: str, item: str, other: str, container: str) -> str:
+    a, b = step.a, step.b
+    return {
+        "add": f"{pronoun} finds {a} more {item}.",
+        "sub": f"{pronoun} gives {a} {item} to {other}.",
+        "mul": f"{pronoun} {'doubles' if a == 2 else 'triples'} the number of {item}.",
+        "div": f"{pronoun} splits the {item} into {a} equal piles and keeps one pile.",
+        "add_groups": f"{pronoun} buys {a} {container} with {b} {item} in each.",
+        "sub_groups": f"{pronoun} gives away {a} {container} with {b} {item} in each.",
+    }[step.kind]
+
+
+def _careful_lines(steps: list[_Step], name: str, item: str) -> list[str]:
+    lines = [f"{name} starts with {steps[0].before} {item}."]
+    for s in steps:
+        if s.kind in ("add_groups", "sub_groups"):
+            lines.append(f"{s.a} * {s.b} = {s.a * s.b}.")
+            op = "+" if s.kind == "add_groups" else "-"
+            lines.append(f"{s.before} {op} {s.a * s.b} = {s.after}.")
+        else:
+            op = {"add": "+", "sub": "-", "mul": "*", "div": "/"}[s.kind]
+            lines.append(f"{s.before} {op} {s.a} = {s.after}.")
+    return lines
+
+
+def _expression(steps: list[_Step]) -> str:
+    """The steps as one left-to-right expression, parenthesized only where precedence needs it."""
+    expr, additive = str(steps[0].before), False
+    for s in steps:
+        if s.kind in ("add", "sub"):
+            expr, additive = f"{expr} {'+' if s.kind == 'add' else '-'} {s.a}", True
+        elif s.kind in ("add_groups", "sub_groups"):
+            expr, additive = f"{expr} {'+' if s.kind == 'add_groups' else '-'} {s.a} * {s.b}", True
+        else:
+            base = f"({expr})" if additive else expr
+            expr, additive = f"{base} {'*' if s.kind == 'mul' else '/'} {s.a}", False
+    return expr
+
+
+def _trace(style: str, steps: list[_Step], name: str, item: str, final: int) -> str:
+    """A teacher trace in ``style`` whose last stated value is ``final``."""
+    answer = f"The answer is {final}."
+    if style == "answer_only":
+        return answer
+    if style == "terse":
+        return f"{_expression(steps)} = {final}.\n{answer}"
+    if style == "compressed":
+        lines = []
+        for i in range(0, len(steps), 2):
+            chunk = steps[i : i + 2]
+            value = final if i + 2 >= len(steps) else chunk[-1].after
+            lines.append(f"{_expression(chunk)} = {value}.")
+        return "\n".join(lines + [answer])
+    lines = _careful_lines(steps, name, item)
+    if final != steps[-1].after:  # a slip in the last computation
+        lines[-1] = lines[-1].rsplit("=", 1)[0] + f"= {final}."
+    return "\n".join(lines + [answer])
+
+
+def generate_problem(cfg: SyntheticTaskConfig, index: int) -> dict[str, Any]:
+    """Problem ``index`` of the task: prompt, gold answer, a teacher trace and the canonical solution."""
+    rng = _rng(cfg, index)
+    name, pronoun = rng.choice(_NAMES)
+    other = rng.choice([n for n, _ in _NAMES if n != name])
+    item, container = rng.choice(_ITEMS), rng.choice(_CONTAINERS)
+    x = rng.randint(2, cfg.max_start)
+    steps: list[_Step] = []
+    for _ in range(rng.randint(cfg.min_steps, cfg.max_steps)):
+        # Amounts stay >= 1, so "add" (x < max_value) or "sub" (x >= 2) is always feasible.
+        kind, a, b, after = rng.choice(_feasible(x, rng, cfg))
+        steps.append(_Step(kind, a, b, x, after))
+        x = after
+    answer = x
+    styles = [s for s in STYLES if cfg.style_mix.get(s, 0) > 0]
+    style = rng.choices(styles, weights=[cfg.style_mix[s] for s in styles])[0]
+    final = answer
+    if rng.random() < cfg.error_rate:
+        final = max(0, answer + rng.choice((-3, -2, -1, 1, 2, 3)))
+        final = final if final != answer else answer + 1
+    story = " ".join(_sentence(s, pronoun, item, other, container) for s in steps)
+    return {
+        "id": f"{cfg.split}-{cfg.seed}-{index}",
+        "prompt": f"{name} has {steps[0].before} {item}. {story} How many {item} does {name} have now?",
+        "response": _trace(style, steps, name, item, final),
+        "answer": str(answer),
+        "style": style,
+        "num_steps": len(steps),
+        "trace_correct": final == answer,
+        "solution": _trace("careful", steps, name, item, answer),
+    }
+
+
+def generate_problems(cfg: SyntheticTaskConfig) -> list[dict[str, Any]]:
+    """``cfg.n_examples`` problems (records with ``id``, ``prompt``, ``response``, ``answer``, ...)."""
+    cfg.validate()
+    return [generate_problem(cfg, i) for i in range(cfg.n_examples)]
+
+
+def teacher_training_records(cfg: SyntheticTaskConfig) -> list[dict[str, Any]]:
+    """Problems whose ``response`` is the canonical careful solution (to train a teacher model)."""
+    return [dict(r, response=r["solution"], style="careful", trace_correct=True) for r in generate_problems(cfg)]
+
+
+def extract_answer(text: str) -> str | None:
+    """The number in the last ``The answer is N.`` of ``text`` (``None`` if there is none)."""
+    found = ANSWER_RE.findall(text)
+    return found[-1] if found else None
+
+
+def write_jsonl(records: Iterable[Mapping[str, Any]], path: str | Path) -> Path:
+    """Write records one JSON object per line (UTF-8)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------- tokenizer and student
+
+
+def build_tokenizer(out_dir: str | Path | None = None, *, vocab_size: int = 512, seed: int = 0) -> Any:
+    """A small Qwen2-style byte-level BPE for the task, trained on generated problems.
+
+    It is a genuine ``Qwen2Tokenizer`` (Qwen2's NFC normalizer and pre-tokenizer, whose ``\\p{N}``
+    rule makes every digit its own token; trained vocabulary and merges). That matters: for a
+    ``qwen2`` checkpoint transformers always rebuilds the tokenizer as ``Qwen2Tokenizer`` from
+    vocabulary and merges, so any other pre-tokenizer would silently change after saving the
+    student. Any text is encodable (256 byte tokens) and decoding is lossless. Special tokens:
+    ``<|bos|>`` (BOS), ``<|im_end|>`` (EOS, ends every assistant turn), ``<|endoftext|>``
+    (padding), ``<|im_start|>``; the chat template is :data:`CHAT_TEMPLATE`. Saved to ``out_dir``
+    (Hugging Face format) when given.
+    """
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
+    from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
+
+    corpus_cfg = SyntheticTaskConfig(seed=seed, n_examples=3000, split="tokenizer", max_steps=6,
+                                     style_mix={s: 1.0 for s in STYLES})
+    corpus = [SYSTEM_PROMPT, "system user assistant"]
+    for r in generate_problems(corpus_cfg):
+        corpus += [r["prompt"], r["response"], r["solution"]]
+    # Train with the exact normalizer / pre-tokenizer Qwen2Tokenizer will use.
+    shape = Qwen2Tokenizer()._tokenizer
+    trainer_tok = Tokenizer(models.BPE())
+    trainer_tok.normalizer = shape.normalizer
+    trainer_tok.pre_tokenizer = shape.pre_tokenizer
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[PAD, IM_START, IM_END, BOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    trainer_tok.train_from_iterator(corpus, trainer)
+    model = json.loads(trainer_tok.to_str())["model"]
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    tokenizer = Qwen2Tokenizer(vocab=model["vocab"], merges=merges, unk_token=None, bos_token=BOS,
+                               eos_token=IM_END, pad_token=PAD)
+    tokenizer.add_tokens([AddedToken(IM_START, special=True)])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    if out_dir is not None:
+        tokenizer.save_pretrained(str(out_dir))
+    return tokenizer
+
+
+# hidden, layers, heads, kv heads, mlp
+STUDENT_SIZES = {
+    "micro": (64, 2, 4, 2, 192),
+    "tiny": (128, 4, 4, 2, 384),
+    "small": (256, 6, 8, 4, 768),
+    "base": (512, 8, 8, 4, 1536),
+}
+
+
+def make_tiny_student(
+    out_dir: str | Path, tokenizer: Any, *, size: str = "micro", arch: str = "qwen2", seed: int = 0,
+    max_position_embeddings: int = 2048,
+) -> Path:
+    """Save a random-weight ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` and ``tokenizer`` to ``out_dir``.
+
+    Sizes: :data:`STUDENT_SIZES` (``micro`` ~0.1M parameters ... ``base`` ~25M). Tied embeddings,
+    vocabulary rounded up to a multiple of 64. Weights are seeded (``torch.manual_seed``) and
+    written as safetensors.
+    """
+    import torch
+    import transformers
+
+    if size not in STUDENT_SIZES:
+        raise ValueError(f"size={size!r}; expected one of {sorted(STUDENT_SIZES)}")
+    if arch not in ("qwen2", "qwen3"):
+        raise ValueError(f"arch={arch!r}; expected qwen2 or qwen3")
+    hidden, layers, heads, kv_heads, mlp = STUDENT_SIZES[size]
+    config_cls, model_cls = {
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+    }[arch]
+    config = config_cls(
+        vocab_size=-(-len(tokenizer) // 64) * 64,
+        hidden_size=hidden,
+        intermediate_size=mlp,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=hidden // heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = model_cls(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    out_dir = Path(out_dir)
+    model.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+    _check_tokenizer_round_trip(out_dir, tokenizer)
+    return out_dir
+
+
+def _check_tokenizer_round_trip(directory: Path, tokenizer: Any) -> None:
+    """Refuse a checkpoint whose saved tokenizer loads back (``AutoTokenizer``) as a different one.
+
+    transformers picks the tokenizer class from the model type for some architectures and rebuilds
+    it from the vocabulary, dropping a custom normalizer / pre-tokenizer; data tokenized with the
+    original would then not match what the trainer and sampler see.
+    """
+    from transformers import AutoTokenizer
+
+    from dcd_jax.data.teacher_scores import tokenizer_fingerprint
+
+    loaded = AutoTokenizer.from_pretrained(str(directory))
+    if tokenizer_fingerprint(loaded) != tokenizer_fingerprint(tokenizer):
+        raise ValueError(
+            f"{directory}: the saved tokenizer loads back as {type(loaded).__name__}, which tokenizes differently "
+            f"from the given {type(tokenizer).__name__}; use a tokenizer of the class transformers assigns to this "
+            "architecture (build_tokenizer does) or another arch"
+        )
+
+
+def write_synthetic_assets(
+    out_dir: str | Path, task: SyntheticTaskConfig = SyntheticTaskConfig(), *, n_eval: int = 500,
+    student_size: str = "micro", teacher_size: str = "small",
+) -> dict[str, Path]:
+    """Everything the default job needs, under ``out_dir``.
+
+    ``tokenizer/``; ``student/`` (random ``student_size`` checkpoint); ``teacher_init/`` (random
+    ``teacher_size`` checkpoint to train on the solutions); ``train.jsonl`` (teacher traces in the
+    configured style mix); ``teacher_sft.jsonl`` (canonical solutions, same problems);
+    ``eval.jsonl`` (``n_eval`` problems of split ``eval``). Returns the paths by those names.
+    """
+    out = Path(out_dir)
+    tokenizer = build_tokenizer(out / "tokenizer", seed=task.seed)
+    train = generate_problems(task)
+    paths = {
+        "tokenizer": out / "tokenizer",
+        "student": make_tiny_student(out / "student", tokenizer, size=student_size, seed=task.seed),
+        "teacher_init": make_tiny_student(out / "teacher_init", tokenizer, size=teacher_size, seed=task.seed + 1),
+        "train": write_jsonl(train, out / "train.jsonl"),
+        "teacher_sft": write_jsonl(
+            [dict(r, response=r["solution"], style="careful", trace_correct=True) for r in train],
+            out / "teacher_sft.jsonl",
+        ),
+        "eval": write_jsonl(
+            generate_problems(dataclasses.replace(task, split="eval", n_examples=n_eval, error_rate=0.0)),
+            out / "eval.jsonl",
+        ),
+    }
+    return paths

@@ -1,0 +1,313 @@
+"""Stored teacher scores: per-response-token log-probs and top-k distributions, checked for alignment.
+
+Scores are lists aligned with the *response tokens of the student tokenization* (the tokens where
+``TokenizedExample.response_mask`` is true, in order): ``teacher_logprobs`` ``[n]``,
+``teacher_topk_ids`` / ``teacher_topk_logprobs`` ``[n][K]``. That alignment only holds if they were
+computed with the student's tokenizer, so every score carries :func:`tokenizer_fingerprint` of the
+tokenizer used, and scores are refused (never silently misaligned) when the fingerprint differs
+or the count does not equal the record's response-token count.
+
+They come either inline in the records (``data.teacher_scores: inline``) or from a Parquet file
+with columns :data:`COLUMNS`, joined on the record id (written by ``dcd-jax score-teacher``
+through :func:`write_teacher_scores`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from dcd_jax.data.config import DataConfig
+from dcd_jax.data.errors import DataError, Location
+from dcd_jax.data.records import Record
+
+COLUMNS = ("id", "teacher_logprobs", "teacher_topk_ids", "teacher_topk_logprobs", "tokenizer_fingerprint")
+# A stored log-prob may exceed 0 only by float noise.
+_MAX_LOGPROB = 1e-3
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Stable hash of what decides token ids: vocabulary, merges, normalization, special tokens.
+
+    Two tokenizers with the same fingerprint split any text into the same ids. Runtime settings
+    (padding/truncation state, chat template, post-processor) are left out: they do not change
+    ``tokenizer(text, add_special_tokens=False)``.
+    """
+    parts: dict[str, Any] = {}
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        parts.update({k: spec.get(k) for k in ("normalizer", "pre_tokenizer", "model", "added_tokens")})
+    else:  # a slow tokenizer: the vocabulary is what we can see
+        parts["vocab"] = sorted(tokenizer.get_vocab().items())
+    parts["special"] = {k: getattr(tokenizer, k, None) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
+    return f"tok1-{digest[:32]}"
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherScores:
+    """Validated scores of one example, aligned with its response tokens (``n`` of them)."""
+
+    logprobs: np.ndarray  # float32 [n]
+    topk_ids: np.ndarray | None = None  # int32 [n, K]
+    topk_logprobs: np.ndarray | None = None  # float32 [n, K], sorted descending per row
+
+    def __len__(self) -> int:
+        return int(self.logprobs.shape[0])
+
+    def head(self, n: int) -> "TeacherScores":
+        """Scores of the first ``n`` response tokens (for a truncated response)."""
+        return TeacherScores(
+            self.logprobs[:n],
+            None if self.topk_ids is None else self.topk_ids[:n],
+            None if self.topk_logprobs is None else self.topk_logprobs[:n],
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class RawScores:
+    """Scores of one record as stored, before checking. ``where`` names their origin."""
+
+    logprobs: Any
+    topk_ids: Any
+    topk_logprobs: Any
+    fingerprint: str | None
+    where: str
+
+
+def _array(value: Any, dtype: Any, ndim: int, name: str, record: Record, where: str) -> np.ndarray:
+    try:
+        arr = np.asarray(value, dtype=dtype)
+    except (TypeError, ValueError):
+        arr = None
+    if arr is None or arr.ndim != ndim:
+        shape = "a list of numbers" if ndim == 1 else "a list of equal-length lists of numbers"
+        raise DataError(f"must be {shape} ({where})", location=record.location, field=name, reason="teacher_scores")
+    return arr
+
+
+def check_scores(
+    raw: RawScores, record: Record, *, num_response_tokens: int, student_fingerprint: str, cfg: DataConfig,
+    vocab_size: int,
+) -> TeacherScores:
+    """Validate stored scores against the student tokenization of ``record``; refuse on mismatch.
+
+    Raises :class:`DataError` with reason ``teacher_fingerprint`` (never skipped) when the scoring
+    tokenizer is unknown or is not the student's, and ``teacher_scores`` for a wrong count,
+    shape, or value in this record.
+    """
+    if raw.fingerprint is None:
+        raise DataError(
+            f"no tokenizer fingerprint is stored with the teacher scores ({raw.where}), so their alignment "
+            f"with the student's tokens cannot be checked; store '{cfg.teacher_fingerprint_field}' per record or "
+            "set data.teacher_fingerprint",
+            location=record.location, field=cfg.teacher_fingerprint_field, reason="teacher_fingerprint",
+        )
+    if raw.fingerprint != student_fingerprint:
+        raise DataError(
+            f"teacher scores ({raw.where}) were computed with a different tokenizer (fingerprint {raw.fingerprint}) "
+            f"than the student's ({student_fingerprint}); per-token scores would be misaligned, so they are refused. "
+            "Re-score the traces with the student tokenizer (dcd-jax score-teacher) or train without stored scores",
+            location=record.location, field=cfg.teacher_fingerprint_field, reason="teacher_fingerprint",
+        )
+    name = cfg.teacher_logprobs_field
+    if raw.logprobs is None:
+        raise DataError(f"missing ({raw.where})", location=record.location, field=name, reason="teacher_scores")
+    logprobs = _array(raw.logprobs, np.float32, 1, name, record, raw.where)
+    if logprobs.shape[0] != num_response_tokens:
+        raise DataError(
+            f"has {logprobs.shape[0]} entries but the response has {num_response_tokens} tokens in the student "
+            f"tokenization ({raw.where}); the scores do not line up with the student's tokens",
+            location=record.location, field=name, reason="teacher_scores",
+        )
+    if not np.all(np.isfinite(logprobs)) or np.any(logprobs > _MAX_LOGPROB):
+        raise DataError(f"holds values that are not finite log-probabilities <= 0 ({raw.where})",
+                        location=record.location, field=name, reason="teacher_scores")
+    if cfg.topk == 0:
+        return TeacherScores(logprobs)
+    ids_name, lp_name = cfg.teacher_topk_ids_field, cfg.teacher_topk_logprobs_field
+    for value, field in ((raw.topk_ids, ids_name), (raw.topk_logprobs, lp_name)):
+        if value is None:
+            raise DataError(f"missing, but data.topk={cfg.topk} ({raw.where})",
+                            location=record.location, field=field, reason="teacher_scores")
+    ids = _array(raw.topk_ids, np.int64, 2, ids_name, record, raw.where)
+    lps = _array(raw.topk_logprobs, np.float32, 2, lp_name, record, raw.where)
+    if ids.shape != lps.shape or ids.shape[0] != num_response_tokens:
+        raise DataError(
+            f"top-k arrays have shapes {ids.shape} and {lps.shape}; expected [{num_response_tokens}, K] each "
+            f"(one row per response token) ({raw.where})",
+            location=record.location, field=ids_name, reason="teacher_scores",
+        )
+    if ids.shape[1] < cfg.topk:
+        raise DataError(f"stores top-{ids.shape[1]} but data.topk={cfg.topk} ({raw.where})",
+                        location=record.location, field=ids_name, reason="teacher_scores")
+    if np.any(ids < 0) or np.any(ids >= vocab_size):
+        raise DataError(f"holds token ids outside the student vocabulary [0, {vocab_size}) ({raw.where})",
+                        location=record.location, field=ids_name, reason="teacher_scores")
+    if not np.all(np.isfinite(lps)) or np.any(lps > _MAX_LOGPROB):
+        raise DataError(f"holds values that are not finite log-probabilities <= 0 ({raw.where})",
+                        location=record.location, field=lp_name, reason="teacher_scores")
+    order = np.argsort(-lps, axis=1, kind="stable")[:, : cfg.topk]
+    return TeacherScores(
+        logprobs,
+        np.take_along_axis(ids, order, axis=1).astype(np.int32),
+        np.take_along_axis(lps, order, axis=1),
+    )
+
+
+class InlineScores:
+    """Scores stored as fields of each record (``data.teacher_scores: inline``)."""
+
+    def __init__(self, cfg: DataConfig):
+        self.cfg = cfg
+
+    def get(self, record: Record) -> RawScores:
+        fields = record.inline_scores or {}
+        cfg = self.cfg
+        return RawScores(
+            logprobs=fields.get(cfg.teacher_logprobs_field),
+            topk_ids=fields.get(cfg.teacher_topk_ids_field),
+            topk_logprobs=fields.get(cfg.teacher_topk_logprobs_field),
+            fingerprint=fields.get(cfg.teacher_fingerprint_field) or cfg.teacher_fingerprint,
+            where="inline",
+        )
+
+
+def _ragged(column: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A list<...> Arrow column as (flat values, row offsets [n+1], row is-null)."""
+    import pyarrow.compute as pc
+
+    arr = column.combine_chunks() if hasattr(column, "combine_chunks") else column
+    lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    null = ~arr.is_valid().to_numpy(zero_copy_only=False)
+    return pc.list_flatten(arr), offsets, null
+
+
+class ParquetScores:
+    """Scores in a columnar Parquet file (columns :data:`COLUMNS`), joined on the record id.
+
+    The file is read once into flat NumPy arrays; a record's scores are slices of them.
+    """
+
+    def __init__(self, path: str | Path, cfg: DataConfig):
+        import pyarrow.parquet as pq
+
+        self.path = str(path)
+        self.cfg = cfg
+        location = Location(self.path)
+        if not Path(path).is_file():
+            raise DataError("teacher scores file not found (data.teacher_scores)", location=location, reason="unreadable")
+        needed = ["id", "teacher_logprobs", "tokenizer_fingerprint"]
+        if cfg.topk:
+            needed += ["teacher_topk_ids", "teacher_topk_logprobs"]
+        try:
+            schema = pq.read_schema(path)
+            missing = [c for c in needed if c not in schema.names]
+            if missing:
+                raise DataError(f"missing column(s) {missing}; it has {schema.names}", location=location,
+                                reason="unreadable")
+            table = pq.read_table(path, columns=needed)
+        except DataError:
+            raise
+        except Exception as e:  # pyarrow raises several types for a file that is not Parquet
+            raise DataError(f"cannot be read as Parquet: {e}", location=location, reason="unreadable") from e
+        ids = [str(i) for i in table.column("id").to_pylist()]
+        self._row = {}
+        for row, record_id in enumerate(ids):
+            if record_id in self._row:
+                raise DataError(f"id {record_id!r} appears twice (rows {self._row[record_id]} and {row})",
+                                location=location, field="id", reason="unreadable")
+            self._row[record_id] = row
+        self._fingerprints = table.column("tokenizer_fingerprint").to_pylist()
+        flat, self._lp_offsets, self._lp_null = _ragged(table.column("teacher_logprobs"))
+        self._lp = flat.to_numpy(zero_copy_only=False).astype(np.float32)
+        if cfg.topk:
+            self._topk = {}
+            for name in ("teacher_topk_ids", "teacher_topk_logprobs"):
+                inner, offsets, null = _ragged(table.column(name))  # rows -> positions
+                values, inner_offsets, _ = _ragged(inner)  # positions -> K entries
+                self._topk[name] = (values.to_numpy(zero_copy_only=False), offsets, null, inner_offsets)
+
+    def _topk_rows(self, name: str, row: int) -> Any:
+        values, offsets, null, inner = self._topk[name]
+        if null[row]:
+            return None
+        start, stop = offsets[row], offsets[row + 1]
+        widths = np.diff(inner[start : stop + 1])
+        if stop > start and np.all(widths == widths[0]):
+            return values[inner[start] : inner[stop]].reshape(stop - start, widths[0])
+        return [values[inner[i] : inner[i + 1]] for i in range(start, stop)]  # ragged: rejected by check
+
+    def get(self, record: Record) -> RawScores:
+        row = self._row.get(record.id)
+        if row is None:
+            raise DataError(f"no teacher scores for id {record.id!r} in {self.path}", location=record.location,
+                            field=self.cfg.id_field, reason="teacher_scores")
+        lp = None if self._lp_null[row] else self._lp[self._lp_offsets[row] : self._lp_offsets[row + 1]]
+        return RawScores(
+            logprobs=lp,
+            topk_ids=self._topk_rows("teacher_topk_ids", row) if self.cfg.topk else None,
+            topk_logprobs=self._topk_rows("teacher_topk_logprobs", row) if self.cfg.topk else None,
+            fingerprint=self._fingerprints[row],
+            where=f"{self.path} row {row}",
+        )
+
+
+def open_teacher_scores(cfg: DataConfig) -> InlineScores | ParquetScores | None:
+    """The score source ``data.teacher_scores`` names, or ``None`` when scores are not used."""
+    if cfg.teacher_scores is None:
+        return None
+    if cfg.teacher_scores == "inline":
+        return InlineScores(cfg)
+    return ParquetScores(cfg.teacher_scores, cfg)
+
+
+def write_teacher_scores(path: str | Path, rows: Iterable[Mapping[str, Any]], fingerprint: str) -> int:
+    """Write scores as the Parquet file ``data.teacher_scores`` reads; returns the row count.
+
+    Each row: ``id``, ``teacher_logprobs`` ``[n]`` and optionally ``teacher_topk_ids`` /
+    ``teacher_topk_logprobs`` ``[n][K]``, aligned with the response tokens of
+    :func:`dcd_jax.data.tokenize_example` under the tokenizer whose ``fingerprint`` is given.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = list(rows)
+    has_topk = any(r.get("teacher_topk_ids") is not None for r in rows)
+
+    def nested(values: list[np.ndarray], dtype: Any, value_type: Any) -> Any:
+        # list<value> (1-d rows) or list<list<value>> (2-d rows) built from flat buffers, no Python loops.
+        values = [np.asarray(v, dtype) for v in values]
+        two_d = [v for v in values if v.ndim == 2]
+        if two_d:  # an empty row reads as 1-d: give it the 2-d shape [0, K]
+            values = [v.reshape(-1, two_d[0].shape[1]) if v.size == 0 else v for v in values]
+        lengths = np.array([len(v) for v in values], np.int64)
+        row_offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+        flat = np.concatenate([v.reshape(-1) for v in values]) if values else np.zeros(0, dtype)
+        if two_d:
+            widths = np.repeat([v.shape[1] for v in values], lengths)
+            inner_offsets = pa.array(np.concatenate([[0], np.cumsum(widths)]).astype(np.int32))
+            inner = pa.ListArray.from_arrays(inner_offsets, pa.array(flat, value_type))
+            return pa.ListArray.from_arrays(row_offsets, inner)
+        return pa.ListArray.from_arrays(row_offsets, pa.array(flat, value_type))
+
+    columns: dict[str, Any] = {
+        "id": pa.array([str(r["id"]) for r in rows], pa.string()),
+        "teacher_logprobs": nested([r["teacher_logprobs"] for r in rows], np.float32, pa.float32()),
+    }
+    if has_topk:
+        columns["teacher_topk_ids"] = nested([r["teacher_topk_ids"] for r in rows], np.int32, pa.int32())
+        columns["teacher_topk_logprobs"] = nested(
+            [r["teacher_topk_logprobs"] for r in rows], np.float32, pa.float32()
+        )
+    columns["tokenizer_fingerprint"] = pa.array([fingerprint] * len(rows), pa.string())
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path)
+    return len(rows)

@@ -1,0 +1,180 @@
+"""The embedded reasoning task: correct, seeded problems; teacher styles; tokenizer; tiny student."""
+
+import ast
+import collections
+import dataclasses
+import json
+import operator
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from dcd_jax.config import ConfigError, from_dict
+from dcd_jax.data import DataConfig, build_train_iterator, tokenizer_fingerprint
+from dcd_jax.data.synthetic import (
+    STYLES,
+    SyntheticTaskConfig,
+    build_tokenizer,
+    extract_answer,
+    generate_problems,
+    make_tiny_student,
+    teacher_training_records,
+    write_synthetic_assets,
+)
+
+TOKENIZER_DIR = Path(__file__).parent / "fixtures" / "data" / "synthetic_tokenizer"
+ALL_STYLES = {s: 1.0 for s in STYLES}
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+
+
+def evaluate(expr: str) -> float:
+    """Value of an arithmetic expression of integers and + - * / (no eval)."""
+
+    def walk(node):
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            return _OPS[type(node.op)](walk(node.left), walk(node.right))
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        raise ValueError(f"unexpected {ast.dump(node)}")
+
+    return walk(ast.parse(expr, mode="eval").body)
+
+
+def story_answer(prompt: str) -> int:
+    """Recompute the gold answer from the problem text alone."""
+    x = int(re.match(r"\w+ has (\d+) ", prompt).group(1))
+    for sentence in re.findall(r"(?:She|He) [^.]*\.", prompt):
+        nums = list(map(int, re.findall(r"\d+", sentence)))
+        if "finds" in sentence:
+            x += nums[0]
+        elif "buys" in sentence:
+            x += nums[0] * nums[1]
+        elif "gives away" in sentence:
+            x -= nums[0] * nums[1]
+        elif "gives" in sentence:
+            x -= nums[0]
+        elif "doubles" in sentence:
+            x *= 2
+        elif "triples" in sentence:
+            x *= 3
+        elif "splits" in sentence:
+            assert x % nums[0] == 0
+            x //= nums[0]
+        else:
+            raise AssertionError(sentence)
+    return x
+
+
+@pytest.fixture(scope="module")
+def problems():
+    return generate_problems(SyntheticTaskConfig(seed=7, n_examples=600, max_steps=6, style_mix=ALL_STYLES))
+
+
+def test_gold_answers_and_every_trace_are_correct(problems):
+    assert {r["style"] for r in problems} == set(STYLES)
+    for r in problems:
+        answer = int(r["answer"])
+        assert answer == story_answer(r["prompt"]) and 0 <= answer <= 999
+        assert r["response"].endswith(f"The answer is {answer}.") and extract_answer(r["response"]) == r["answer"]
+        assert r["trace_correct"] and r["solution"].endswith(f"The answer is {answer}.")
+        lines = r["response"].split("\n")[:-1]
+        for line in lines:  # every stated computation is right
+            if "=" in line:
+                lhs, rhs = line.rstrip(".").split(" = ")
+                assert evaluate(lhs) == int(rhs), (r["id"], line)
+        if r["style"] == "terse":
+            assert len(lines) == 1 and lines[0] == f"{lines[0].split(' = ')[0]} = {answer}."
+        if r["style"] == "answer_only":
+            assert lines == []
+        if r["style"] == "careful":
+            assert r["response"] == r["solution"]
+            # One operation per line: only the careful style states every intermediate result.
+            assert all(len(re.findall(r" [-+*/] ", line)) == 1 for line in lines[1:])
+    by_style = collections.defaultdict(list)
+    for r in problems:
+        by_style[r["style"]].append(r["response"].count("="))
+    assert np.mean(by_style["careful"]) > np.mean(by_style["compressed"]) > np.mean(by_style["terse"]) == 1
+
+
+def test_seeded_prefix_stable_and_fast():
+    cfg = SyntheticTaskConfig(seed=1, n_examples=10_000)
+    start = time.perf_counter()
+    big = generate_problems(cfg)
+    assert time.perf_counter() - start < 10.0  # ~1 s on a slow CI core
+    assert generate_problems(dataclasses.replace(cfg, n_examples=50)) == big[:50]
+    assert generate_problems(dataclasses.replace(cfg, seed=2, n_examples=50)) != big[:50]
+    eval_prompts = {r["prompt"] for r in generate_problems(dataclasses.replace(cfg, split="eval", n_examples=500))}
+    assert len(eval_prompts & {r["prompt"] for r in big}) < 5
+    counts = collections.Counter(r["style"] for r in big)
+    for style, weight in cfg.style_mix.items():
+        assert abs(counts[style] / len(big) - weight) < 0.03
+    assert len({r["id"] for r in big}) == len(big)
+
+
+def test_difficulty_error_rate_and_teacher_records():
+    hard = generate_problems(SyntheticTaskConfig(n_examples=200, min_steps=5, max_steps=5))
+    assert all(r["num_steps"] == 5 for r in hard)
+    noisy = generate_problems(SyntheticTaskConfig(n_examples=200, error_rate=1.0))
+    assert not any(r["trace_correct"] for r in noisy)
+    assert all(extract_answer(r["response"]) != r["answer"] and extract_answer(r["solution"]) == r["answer"]
+               for r in noisy)
+    only = generate_problems(SyntheticTaskConfig(n_examples=100, style_mix={"terse": 1.0}))
+    assert {r["style"] for r in only} == {"terse"}
+    teacher = teacher_training_records(SyntheticTaskConfig(n_examples=20, error_rate=1.0))
+    assert all(r["response"] == r["solution"] and r["style"] == "careful" for r in teacher)
+    with pytest.raises(ConfigError, match="style_mix"):
+        from_dict(SyntheticTaskConfig, {"style_mix": {"sloppy": 1.0}})
+    with pytest.raises(ConfigError, match="min_steps"):
+        from_dict(SyntheticTaskConfig, {"min_steps": 3, "max_steps": 2})
+
+
+def test_tokenizer_is_reproducible_small_and_splits_digits(problems):
+    built = build_tokenizer()
+    fixture = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    assert tokenizer_fingerprint(built) == tokenizer_fingerprint(fixture)  # seeded, and the fixture is current
+    assert 256 < len(built) <= 512
+    assert (built.bos_token, built.eos_token, built.pad_token) == ("<|bos|>", "<|im_end|>", "<|endoftext|>")
+    for r in problems[:100]:
+        for text in (r["prompt"], r["response"]):
+            ids = built(text, add_special_tokens=False)["input_ids"]
+            assert built.decode(ids) == text  # lossless
+            for piece in built.convert_ids_to_tokens(ids):
+                assert not re.search(r"\d", piece) or re.fullmatch(r"\d", piece), piece
+    assert built.decode(built("Zoë: 12€ {x}", add_special_tokens=False)["input_ids"]) == "Zoë: 12€ {x}"
+    rendered = built.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    assert rendered == "<|bos|><|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_assets_and_tiny_student_load_as_hf_checkpoints(tmp_path):
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    paths = write_synthetic_assets(tmp_path, SyntheticTaskConfig(n_examples=30), n_eval=10,
+                                   student_size="micro", teacher_size="micro")
+    assert [json.loads(line)["response"] for line in open(paths["teacher_sft"])] == [
+        json.loads(line)["solution"] for line in open(paths["train"])]
+    assert sum(1 for _ in open(paths["eval"])) == 10
+    tok = AutoTokenizer.from_pretrained(paths["student"])
+    assert tokenizer_fingerprint(tok) == tokenizer_fingerprint(AutoTokenizer.from_pretrained(paths["tokenizer"]))
+    assert (paths["student"] / "model.safetensors").is_file()
+    model = AutoModelForCausalLM.from_pretrained(paths["student"])
+    assert model.config.model_type == "qwen2" and model.config.vocab_size % 64 == 0
+    assert model.config.vocab_size >= len(tok)
+    batch = next(build_train_iterator(DataConfig(path=str(paths["train"]), seq_len=256, batch_size=2), tok))
+    with torch.no_grad():
+        logits = model(torch.tensor(batch["input_ids"][:1], dtype=torch.long)).logits
+    assert logits.shape == (1, 256, model.config.vocab_size) and torch.isfinite(logits).all()
+    # Seeded: the same size and seed give the same weights.
+    again = make_tiny_student(tmp_path / "again", tok, size="micro", seed=0)  # the seed write_synthetic_assets used
+    w1 = AutoModelForCausalLM.from_pretrained(again).state_dict()
+    w0 = model.state_dict()
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    # The project's own HF config reader accepts the checkpoint.
+    from dcd_jax.models.config import ModelConfig
+
+    cfg = ModelConfig.from_pretrained_dir(paths["student"])
+    assert cfg.qkv_bias and cfg.tie_word_embeddings and cfg.num_layers == 2

@@ -1,0 +1,170 @@
+"""Stored teacher scores: aligned with the student's response tokens, or refused."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from dcd_jax.data import (
+    DataConfig,
+    DataError,
+    build_train_iterator,
+    iter_examples,
+    tokenizer_fingerprint,
+    write_teacher_scores,
+)
+from dcd_jax.data.synthetic import SyntheticTaskConfig, generate_problems, write_jsonl
+
+TOKENIZER_DIR = Path(__file__).parent / "fixtures" / "data" / "synthetic_tokenizer"
+K_STORED, K = 5, 3
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, tok):
+    """Problems, their full-length tokenization, and made-up scores unique to each token."""
+    root = tmp_path_factory.mktemp("scores")
+    path = write_jsonl(generate_problems(SyntheticTaskConfig(seed=5, n_examples=40)), root / "train.jsonl")
+    cfg = DataConfig(path=str(path), seq_len=256, batch_size=4, seed=1)
+    rng = np.random.default_rng(0)
+    scores = {}
+    for i, ex in enumerate(iter_examples(cfg, tok, apply_length=False)):
+        n = ex.num_response_tokens
+        scores[ex.id] = {
+            "id": ex.id,
+            "teacher_logprobs": -(i + 1 + np.arange(n)) / 1000.0,
+            # Stored unsorted, K_STORED wide: the loader must keep the K best per position.
+            "teacher_topk_ids": rng.integers(0, len(tok), (n, K_STORED)),
+            "teacher_topk_logprobs": -rng.permuted(np.tile(np.arange(K_STORED, dtype=float), (n, 1)), axis=1) - 0.5,
+        }
+    return cfg, scores, root
+
+
+def check_alignment(it, scores):
+    """Every learned target carries its token's stored scores; everything else is 0."""
+    by_tokens = {ex.input_ids.tobytes(): ex for ex in it.examples}
+    n_segments = 0
+    for batch in it:
+        assert batch["teacher_logprobs"].dtype == np.float32 and batch["teacher_topk_ids"].dtype == np.int32
+        assert batch["teacher_topk_ids"].shape == batch["input_ids"].shape + (K,)
+        off = batch["loss_mask"] == 0
+        assert not batch["teacher_logprobs"][off].any() and not batch["teacher_topk_ids"][off].any()
+        assert not batch["teacher_topk_logprobs"][off].any()
+        for b in range(batch["input_ids"].shape[0]):
+            for s in np.unique(batch["segment_ids"][b])[1:]:
+                idx = np.flatnonzero(batch["segment_ids"][b] == s)
+                ex = by_tokens[batch["input_ids"][b, idx].tobytes()]
+                stored = scores[ex.id]
+                learned = idx[batch["loss_mask"][b, idx] == 1]
+                n = len(learned)
+                np.testing.assert_allclose(batch["teacher_logprobs"][b, learned], stored["teacher_logprobs"][:n],
+                                           rtol=1e-6)
+                order = np.argsort(-stored["teacher_topk_logprobs"][:n], axis=1)[:, :K]
+                np.testing.assert_array_equal(batch["teacher_topk_ids"][b, learned],
+                                              np.take_along_axis(stored["teacher_topk_ids"][:n], order, 1))
+                np.testing.assert_allclose(batch["teacher_topk_logprobs"][b, learned],
+                                           np.take_along_axis(stored["teacher_topk_logprobs"][:n], order, 1))
+                n_segments += 1
+    assert n_segments == len(it.examples)
+
+
+def test_parquet_scores_line_up_with_targets(tok, data):
+    cfg, scores, root = data
+    path = root / "scores.parquet"
+    write_teacher_scores(path, scores.values(), tokenizer_fingerprint(tok))
+    it = build_train_iterator(dataclasses.replace(cfg, teacher_scores=str(path), topk=K), tok)
+    check_alignment(it, scores)
+
+
+def test_inline_scores_line_up_with_targets(tok, data):
+    cfg, scores, root = data
+    records = [json.loads(line) for line in open(cfg.path)]
+    for r in records:
+        r.update({k: np.asarray(v).tolist() for k, v in scores[r["id"]].items() if k != "id"})
+        r["tokenizer_fingerprint"] = tokenizer_fingerprint(tok)
+    path = write_jsonl(records, root / "inline.jsonl")
+    it = build_train_iterator(dataclasses.replace(cfg, path=str(path), teacher_scores="inline", topk=K), tok)
+    check_alignment(it, scores)
+
+
+def test_truncated_response_keeps_the_head_of_its_scores(tok, data):
+    cfg, scores, root = data
+    path = root / "scores.parquet"
+    write_teacher_scores(path, scores.values(), tokenizer_fingerprint(tok))
+    it = build_train_iterator(dataclasses.replace(cfg, teacher_scores=str(path), seq_len=80,
+                                                  truncation="truncate_response"), tok)
+    assert it.stats.truncated > 0
+    for ex in it.examples:
+        np.testing.assert_allclose(ex.teacher.logprobs, scores[ex.id]["teacher_logprobs"][: ex.num_response_tokens],
+                                   rtol=1e-6)
+
+
+def test_other_tokenizer_is_refused_even_when_skipping(tok, data):
+    cfg, scores, root = data
+    path = root / "other.parquet"
+    write_teacher_scores(path, scores.values(), "tok1-someone-elses-tokenizer")
+    for policy in ("error", "skip"):
+        with pytest.raises(DataError, match=rf"^{cfg.path}:1: .*different tokenizer.*refused") as err:
+            build_train_iterator(dataclasses.replace(cfg, teacher_scores=str(path), on_bad_record=policy), tok)
+        assert err.value.reason == "teacher_fingerprint"
+
+
+def test_inline_scores_without_fingerprint_are_refused(tok, data):
+    cfg, scores, root = data
+    records = [json.loads(line) for line in open(cfg.path)]
+    for r in records:
+        r["teacher_logprobs"] = scores[r["id"]]["teacher_logprobs"].tolist()
+    path = write_jsonl(records, root / "nofp.jsonl")
+    inline = dataclasses.replace(cfg, path=str(path), teacher_scores="inline")
+    with pytest.raises(DataError, match="cannot be checked"):
+        build_train_iterator(inline, tok)
+    # Declaring the fingerprint in the config is enough.
+    build_train_iterator(dataclasses.replace(inline, teacher_fingerprint=tokenizer_fingerprint(tok)), tok)
+
+
+def test_count_mismatch_names_record_and_field(tok, data):
+    cfg, scores, root = data
+    rows = [dict(r) for r in scores.values()]
+    rows[2]["teacher_logprobs"] = rows[2]["teacher_logprobs"][:-1]
+    path = root / "short.parquet"
+    write_teacher_scores(path, rows, tokenizer_fingerprint(tok))
+    scored = dataclasses.replace(cfg, teacher_scores=str(path))
+    with pytest.raises(DataError, match=rf"^{cfg.path}:3: field 'teacher_logprobs': has \d+ entries but the response"):
+        build_train_iterator(scored, tok)
+    it = build_train_iterator(dataclasses.replace(scored, on_bad_record="skip"), tok)
+    assert it.stats.skipped == {"teacher_scores": 1} and len(it.examples) == len(scores) - 1
+
+
+def test_missing_id_and_bad_values(tok, data):
+    cfg, scores, root = data
+    rows = [dict(r) for r in scores.values()]
+    missing = root / "missing.parquet"
+    write_teacher_scores(missing, rows[:-1], tokenizer_fingerprint(tok))
+    with pytest.raises(DataError, match=rf"^{cfg.path}:{len(rows)}: .*no teacher scores for id"):
+        build_train_iterator(dataclasses.replace(cfg, teacher_scores=str(missing)), tok)
+    rows[0]["teacher_logprobs"] = -rows[0]["teacher_logprobs"]  # positive: not log-probabilities
+    bad = root / "bad.parquet"
+    write_teacher_scores(bad, rows, tokenizer_fingerprint(tok))
+    with pytest.raises(DataError, match=rf"^{cfg.path}:1: field 'teacher_logprobs': .*log-probabilities"):
+        build_train_iterator(dataclasses.replace(cfg, teacher_scores=str(bad)), tok)
+    with pytest.raises(DataError, match="stores top-5 but data.topk=8"):
+        write_teacher_scores(bad, scores.values(), tokenizer_fingerprint(tok))
+        build_train_iterator(dataclasses.replace(cfg, teacher_scores=str(bad), topk=8), tok)
+
+
+def test_fingerprint_is_stable_and_sensitive(tok):
+    same = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    same("warm the cache, set state", padding=False, truncation=True, max_length=4)
+    assert tokenizer_fingerprint(same) == tokenizer_fingerprint(tok)
+    other_eos = AutoTokenizer.from_pretrained(TOKENIZER_DIR, eos_token="<|endoftext|>")
+    assert tokenizer_fingerprint(other_eos) != tokenizer_fingerprint(tok)
+    grown = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    grown.add_tokens(["<|new|>"])
+    assert tokenizer_fingerprint(grown) != tokenizer_fingerprint(tok)
