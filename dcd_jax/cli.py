@@ -87,7 +87,8 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, default=None, help="run config YAML (see configs/base.yaml)")
+    p.add_argument("--config", type=Path, action="append", default=None,
+                   help="run config YAML (see configs/base.yaml); repeat to merge several, left to right")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=1e-5 data.seq_len=2048")
 
 

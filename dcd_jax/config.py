@@ -193,11 +193,20 @@ def _fix_yaml_floats(data: Any) -> Any:
     return data
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """Load ``cls`` from a YAML file (optional) and dotted ``key=value`` overrides."""
-    data: dict[str, Any] = read_yaml(path) if path is not None else {}
+def load_config(
+    cls: type[T], path: str | Path | Sequence[str | Path] | None = None, overrides: Sequence[str] = ()
+) -> T:
+    """Load ``cls`` from YAML file(s) and dotted ``key=value`` overrides.
+
+    Several files merge left to right, so a baseline can be a one-line file applied on top of a
+    model config (``--config configs/qwen2.5-1.5b-dcd.yaml --config configs/objectives/sft.yaml``).
+    """
+    paths = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
+    data: dict[str, Any] = {}
+    for p in paths:
+        data = deep_merge(data, read_yaml(p))
     data = deep_merge(data, parse_overrides(overrides))
-    where = str(path) if path is not None else cls.__name__
+    where = " + ".join(str(p) for p in paths) or cls.__name__
     try:
         return from_dict(cls, _fix_yaml_floats(data))
     except ConfigError as e:

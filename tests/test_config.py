@@ -62,3 +62,10 @@ def test_yaml_is_never_executed(tmp_path):
     (tmp_path / "evil.yaml").write_text("name: !!python/object/apply:os.system ['echo hi']\n")
     with pytest.raises(ConfigError, match="invalid YAML"):
         load_config(Run, tmp_path / "evil.yaml")
+
+
+def test_several_files_merge_left_to_right(tmp_path):
+    (tmp_path / "model.yaml").write_text("name: qwen\nsteps: 5\noptim: {lr: 1.0e-4}\n")
+    (tmp_path / "sft.yaml").write_text("optim: {schedule: linear}\n")
+    cfg = load_config(Run, [tmp_path / "model.yaml", tmp_path / "sft.yaml"], ["steps=6"])
+    assert cfg == Run(name="qwen", steps=6, optim=Optim(lr=1e-4, schedule="linear"))

@@ -160,7 +160,7 @@ def test_assets_and_tiny_student_load_as_hf_checkpoints(tmp_path):
     assert sum(1 for _ in open(paths["eval"])) == 10
     tok = AutoTokenizer.from_pretrained(paths["student"])
     assert tokenizer_fingerprint(tok) == tokenizer_fingerprint(AutoTokenizer.from_pretrained(paths["tokenizer"]))
-    assert (paths["student"] / "model.safetensors").is_file()
+    assert (paths["student"] / "model.safetensors.index.json").is_file()
     model = AutoModelForCausalLM.from_pretrained(paths["student"])
     assert model.config.model_type == "qwen2" and model.config.vocab_size % 64 == 0
     assert model.config.vocab_size >= len(tok)

@@ -332,49 +332,56 @@ STUDENT_SIZES = {
 }
 
 
-def make_tiny_student(
-    out_dir: str | Path, tokenizer: Any, *, size: str = "micro", arch: str = "qwen2", seed: int = 0,
-    max_position_embeddings: int = 2048,
-) -> Path:
-    """Save a random-weight ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` and ``tokenizer`` to ``out_dir``.
-
-    Sizes: :data:`STUDENT_SIZES` (``micro`` ~0.1M parameters ... ``base`` ~25M). Tied embeddings,
-    vocabulary rounded up to a multiple of 64. Weights are seeded (``torch.manual_seed``) and
-    written as safetensors.
-    """
-    import torch
-    import transformers
-
+def tiny_student_config(tokenizer: Any, *, size: str = "micro", arch: str = "qwen2",
+                        max_position_embeddings: int = 2048) -> dict[str, Any]:
+    """The HF ``config.json`` of a tiny Qwen2 / Qwen3 student for ``tokenizer`` (tied embeddings,
+    vocabulary rounded up to a multiple of 64, like Qwen's padded embedding rows)."""
     if size not in STUDENT_SIZES:
         raise ValueError(f"size={size!r}; expected one of {sorted(STUDENT_SIZES)}")
     if arch not in ("qwen2", "qwen3"):
         raise ValueError(f"arch={arch!r}; expected qwen2 or qwen3")
     hidden, layers, heads, kv_heads, mlp = STUDENT_SIZES[size]
-    config_cls, model_cls = {
-        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
-    }[arch]
-    config = config_cls(
-        vocab_size=-(-len(tokenizer) // 64) * 64,
-        hidden_size=hidden,
-        intermediate_size=mlp,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        head_dim=hidden // heads,
-        max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    model = model_cls(config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return {
+        "architectures": ["Qwen2ForCausalLM" if arch == "qwen2" else "Qwen3ForCausalLM"],
+        "model_type": arch,
+        "vocab_size": -(-len(tokenizer) // 64) * 64,
+        "hidden_size": hidden,
+        "intermediate_size": mlp,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": hidden // heads,
+        "max_position_embeddings": max_position_embeddings,
+        "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-6,
+        "hidden_act": "silu",
+        "tie_word_embeddings": True,
+        "use_sliding_window": False,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def make_tiny_student(
+    out_dir: str | Path, tokenizer: Any, *, size: str = "micro", arch: str = "qwen2", seed: int = 0,
+    max_position_embeddings: int = 2048,
+) -> Path:
+    """Save a random-weight Qwen2 / Qwen3 HF checkpoint (safetensors) and ``tokenizer`` to ``out_dir``.
+
+    Sizes: :data:`STUDENT_SIZES` (``micro`` ~0.1M parameters ... ``base`` ~25M). The weights are
+    drawn in JAX and written by the HF exporter, so no PyTorch is needed; the checkpoint then
+    loads through the same HF -> Flax path as a real one (and in ``transformers``).
+    """
+    from dcd_jax.convert.flax_to_hf import new_hf_checkpoint
+
+    config = tiny_student_config(tokenizer, size=size, arch=arch, max_position_embeddings=max_position_embeddings)
     out_dir = Path(out_dir)
-    model.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
+    new_hf_checkpoint(config, out_dir, seed=seed)
+    gen = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2))
     _check_tokenizer_round_trip(out_dir, tokenizer)
     return out_dir
 

@@ -1,0 +1,169 @@
+"""``dcd-jax score-teacher``: run the teacher once over a trace dataset and cache its log-probs.
+
+For every example (tokenized exactly as training will tokenize it, with the teacher's tokenizer,
+which must be the student's) it stores, per response token, the teacher's log-prob of that token
+and its top-k next-token distribution, in the Parquet layout that ``data.teacher_scores`` reads
+(:func:`dcd_jax.data.write_teacher_scores`).
+
+Resumable and sharded: each process scores its share of the examples (record ``i`` ->
+process ``i % process_count``) in chunks of ``chunk_examples``; each finished chunk is written
+atomically to ``<out>.parts/``, a restarted run skips the chunks already there, and process 0
+merges the parts in a fixed order into ``<out>``. An interrupted-and-resumed run therefore
+writes the same file as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dcd_jax.config import ConfigError
+from dcd_jax.data import DataConfig, iter_examples, tokenizer_fingerprint, write_teacher_scores
+from dcd_jax.models import bind
+from dcd_jax.objectives import token_logprobs_chunked
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreConfig:
+    """Options of ``dcd-jax score-teacher``.
+
+    Attributes:
+      teacher: teacher model (HF dir, hub id or dcd-jax model dir); its tokenizer must be the student's.
+      out: output Parquet file (default: ``<data.path stem>.teacher.parquet`` next to the data).
+      topk: top-k teacher log-probs stored per response token (0: per-token log-probs only).
+      batch_size: sequences per forward pass.
+      length_bucket: sequences are padded to a multiple of this (bounded number of compilations).
+      chunk_examples: examples per resumable part file.
+      chunk_size: sequence chunk of the memory-light log-softmax.
+      dtype: compute dtype of the teacher.
+    """
+
+    teacher: str = ""
+    out: str | None = None
+    topk: int = 20
+    batch_size: int = 8
+    length_bucket: int = 128
+    chunk_examples: int = 256
+    chunk_size: int = 512
+    dtype: str = "float32"
+
+    def validate(self) -> None:
+        if not self.teacher:
+            raise ConfigError("score.teacher is required (the teacher model directory or hub id)")
+        if self.topk < 0 or self.batch_size < 1 or self.length_bucket < 1 or self.chunk_examples < 1:
+            raise ConfigError("score: topk >= 0, batch_size, length_bucket and chunk_examples >= 1")
+
+
+def default_scores_path(data_path: str) -> Path:
+    p = Path(data_path)
+    return p.with_name(p.stem + ".teacher.parquet")
+
+
+def make_scorer(graphdef: Any, true_vocab_size: int, topk: int, chunk_size: int):
+    """Jitted ``(params, input_ids [B, L], segment_ids [B, L]) -> (logp [B, L], topk_lp, topk_ids)``:
+    position t scores token t+1 under the model (the log-prob of ``input_ids[:, t + 1]``)."""
+
+    @jax.jit
+    def score(params, input_ids, segment_ids):
+        model = bind(graphdef, params)
+        positions = jnp.maximum(jnp.cumsum(segment_ids > 0, axis=1) - 1, 0)
+        hidden = model(input_ids, positions, segment_ids, return_hidden=True)
+        targets = jnp.concatenate([input_ids[:, 1:], jnp.zeros_like(input_ids[:, :1])], axis=1)
+        stats = token_logprobs_chunked(
+            hidden, model.unembed_matrix(), targets, true_vocab_size=true_vocab_size, chunk_size=chunk_size,
+            return_entropy=False, top_k=topk,
+        )
+        return stats.target_logprobs, stats.topk_logprobs, stats.topk_ids
+
+    return score
+
+
+def _batches(examples: list, batch_size: int, bucket: int) -> Iterator[tuple[list, np.ndarray, np.ndarray]]:
+    for start in range(0, len(examples), batch_size):
+        group = examples[start : start + batch_size]
+        length = -(-max(ex.num_tokens for ex in group) // bucket) * bucket
+        ids = np.zeros((batch_size, length), np.int32)
+        seg = np.zeros((batch_size, length), np.int32)
+        for row, ex in enumerate(group):
+            ids[row, : ex.num_tokens] = ex.input_ids
+            seg[row, : ex.num_tokens] = 1
+        yield group, ids, seg
+
+
+def score_examples(scorer, params, examples: list, cfg: ScoreConfig) -> list[dict[str, Any]]:
+    """Scores rows (``id``, ``teacher_logprobs`` and top-k) for ``examples``, aligned with their response tokens."""
+    rows = []
+    for group, ids, seg in _batches(examples, cfg.batch_size, cfg.length_bucket):
+        logp, topk_lp, topk_ids = jax.device_get(scorer(params, ids, seg))
+        for row, ex in enumerate(group):
+            at = ex.response_positions - 1  # the position whose next-token distribution scores it
+            out = {"id": ex.id, "teacher_logprobs": logp[row, at]}
+            if cfg.topk:
+                out["teacher_topk_ids"] = topk_ids[row, at]
+                out["teacher_topk_logprobs"] = topk_lp[row, at]
+            rows.append(out)
+    return rows
+
+
+def _atomic_write(path: Path, rows: list, fingerprint: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write_teacher_scores(tmp, rows, fingerprint)
+    os.replace(tmp, path)
+
+
+def score_teacher(data_cfg: DataConfig, cfg: ScoreConfig, *, mesh=None, progress: bool = True) -> Path:
+    """Score ``data_cfg``'s traces with ``cfg.teacher``; returns the Parquet file written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dcd_jax.convert.model_dir import load_pretrained
+    from dcd_jax.models import abstract_model
+
+    out = Path(cfg.out) if cfg.out else default_scores_path(data_cfg.path)
+    parts = out.with_name(out.name + ".parts")
+    teacher = load_pretrained(cfg.teacher, mesh=mesh, dtype=cfg.dtype, param_dtype=cfg.dtype)
+    tokenizer = teacher.tokenizer()
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    # Scores must cover whole responses, whatever seq_len training later uses.
+    data_cfg = dataclasses.replace(data_cfg, teacher_scores=None, topk=0)
+    pid, nproc = jax.process_index(), jax.process_count()
+    examples = list(iter_examples(data_cfg, tokenizer, process_index=pid, process_count=nproc, apply_length=False))
+    parts.mkdir(parents=True, exist_ok=True)
+    scorer = make_scorer(abstract_model(teacher.cfg)[0], teacher.cfg.tokenizer_vocab_size, cfg.topk, cfg.chunk_size)
+    chunks = [examples[i : i + cfg.chunk_examples] for i in range(0, len(examples), cfg.chunk_examples)]
+    bar = None
+    if progress and pid == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(examples), desc="score-teacher", unit="trace", dynamic_ncols=True)
+    for index, chunk in enumerate(chunks):
+        part = parts / f"part-p{pid:05d}-of-{nproc:05d}-c{index:06d}.parquet"
+        if not part.is_file():
+            _atomic_write(part, score_examples(scorer, teacher.params, chunk, cfg), fingerprint)
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    if nproc > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("score-teacher parts written")
+    if pid == 0:
+        files = sorted(parts.glob(f"part-p*-of-{nproc:05d}-c*.parquet"))
+        table = pa.concat_tables([pq.read_table(f) for f in files])
+        tmp = out.with_name(out.name + ".tmp")
+        pq.write_table(table, tmp)
+        os.replace(tmp, out)
+        shutil.rmtree(parts)
+        log.info("teacher scores for %d traces -> %s", table.num_rows, out)
+    return out

@@ -1,0 +1,120 @@
+"""The run configuration: one frozen dataclass per concern, composed into :class:`RunConfig`.
+
+``dcd-jax train --config configs/X.yaml key=value ...`` builds it with
+:func:`dcd_jax.config.load_config`; ``configs/base.yaml`` documents every option.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from dcd_jax.config import ConfigError
+from dcd_jax.data.config import DataConfig
+from dcd_jax.objectives.config import ObjectiveConfig
+from dcd_jax.train.checkpoint import CheckpointConfig
+from dcd_jax.train.distributed import DistributedConfig
+from dcd_jax.train.optimizer import OptimConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSourceConfig:
+    """The student.
+
+    Attributes:
+      path: HF model directory, hub id (with network) or a dcd-jax model dir (``convert hf-to-flax``).
+      dtype: compute dtype (bf16 matmuls on accelerators; float32 for exactness tests on CPU).
+      param_dtype: master-weight dtype (fp32 keeps small updates).
+      remat: rematerialization of each layer in the backward pass: none | full | dots_saveable.
+      trust_remote_code: allow a tokenizer's custom code (off by default: nothing runs from what you load).
+    """
+
+    path: str = ""
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    remat: Literal["none", "full", "dots_saveable"] = "none"
+    trust_remote_code: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh sizes (product = all devices of all hosts; one may be -1 = the rest)."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalHookConfig:
+    """Periodic evaluation during training (through the separate jitted eval loop).
+
+    Attributes:
+      every_steps: evaluate every N steps (0 = never during training).
+      benchmark: benchmark name (``embedded``, ``gsm8k``, ``math500``, ...).
+      path: local file or directory of that benchmark (None: the default location/hub id).
+      limit: evaluate on the first N problems.
+      max_new_tokens: generation budget per problem.
+      batch_size: prompts per generation batch.
+    """
+
+    every_steps: int = 0
+    benchmark: str = "embedded"
+    path: str | None = None
+    limit: int | None = 64
+    max_new_tokens: int = 256
+    batch_size: int = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """The training loop.
+
+    Attributes:
+      steps: optimizer steps in total (a resumed run continues up to this).
+      grad_accum: micro-batches per step (data.batch_size is split into this many).
+      seed: RNG seed of the run.
+      log_every: write metrics every N steps.
+      out_dir: run directory: checkpoints, metrics.jsonl, TensorBoard, resolved config, exports.
+      export_hf: write the final student as a HF directory (``<out_dir>/hf``).
+      export_dtype: dtype of that export (null: the param dtype).
+      tensorboard: also write TensorBoard event files.
+      progress: show a progress bar (process 0).
+    """
+
+    steps: int = 100
+    grad_accum: int = 1
+    seed: int = 0
+    log_every: int = 10
+    out_dir: str = "runs/default"
+    export_hf: bool = False
+    export_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    tensorboard: bool = True
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.steps <= 0 or self.grad_accum <= 0 or self.log_every <= 0:
+            raise ConfigError("train.steps, train.grad_accum and train.log_every must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: ModelSourceConfig = ModelSourceConfig()
+    data: DataConfig = DataConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
+    optim: OptimConfig = OptimConfig()
+    mesh: MeshConfig = MeshConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    train: LoopConfig = LoopConfig()
+    eval: EvalHookConfig = EvalHookConfig()
+    distributed: DistributedConfig = DistributedConfig()
+
+    def validate(self) -> None:
+        if not self.model.path:
+            raise ConfigError("model.path is required (HF directory, hub id or dcd-jax model dir)")
+        if not self.data.path:
+            raise ConfigError("data.path is required (JSONL / Parquet / dataset directory / hub id)")
+        if self.data.batch_size % self.train.grad_accum:
+            raise ConfigError(
+                f"data.batch_size={self.data.batch_size} must be divisible by train.grad_accum={self.train.grad_accum}"
+            )
