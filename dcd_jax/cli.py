@@ -67,8 +67,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dcd_jax.train.loop import NonFiniteLossError, TrainHooks, train
 
     cfg = _load_run_config(args)
+    hooks = TrainHooks()
+    if cfg.eval.every_steps:
+        from dcd_jax.eval.runner import train_eval_hook
+
+        hooks = TrainHooks(evaluate=train_eval_hook(cfg.eval, cfg.data))
     try:
-        result = train(cfg, TrainHooks())
+        result = train(cfg, hooks)
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
@@ -81,9 +86,87 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     from dcd_jax.data import inspect_data
 
     cfg = _load_run_config(args)
+    cfg.require_model()
     tokenizer = load_pretrained_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     print(inspect_data(cfg.data, tokenizer))
     return 0
+
+
+def cmd_score_teacher(args: argparse.Namespace) -> int:
+    from dcd_jax.config import from_dict
+    from dcd_jax.eval.scoring import ScoreConfig, score_teacher
+    from dcd_jax.train.distributed import initialize_distributed
+
+    cfg = _load_run_config(args)
+    initialize_distributed(cfg.distributed)
+    score = from_dict(ScoreConfig, {
+        "teacher": args.teacher, "out": args.out, "topk": args.topk, "batch_size": args.batch_size,
+        "dtype": args.dtype,
+    })
+    out = score_teacher(cfg.data, score, mesh=_parse_mesh(args.mesh))
+    print(f"teacher scores -> {out}  (train with data.teacher_scores={out} data.topk={args.topk})")
+    return 0
+
+
+def _key_values(pairs: Sequence[str] | None, what: str) -> dict[str, str]:
+    out = {}
+    for pair in pairs or ():
+        if "=" not in pair:
+            raise SystemExit(f"{what} expects NAME=VALUE, got {pair!r}")
+        k, v = pair.split("=", 1)
+        out[k] = v
+    return out
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from dcd_jax.config import from_dict
+    from dcd_jax.eval.runner import EvalConfig, run_eval, summary_table
+
+    models = _key_values(args.model, "--model")
+    if not models:
+        raise SystemExit("give at least one --model NAME=PATH")
+    cfg = from_dict(EvalConfig, {
+        "benchmarks": args.benchmarks.split(","), "paths": _key_values(args.path, "--path"), "split": args.split,
+        "limit": args.limit, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+        "n_samples": args.n, "temperature": args.temperature, "template": args.template,
+        "system_prompt": args.system_prompt, "ifeval": args.ifeval, "exaccerr_teacher": args.exaccerr_teacher,
+        "seed": args.seed,
+    })
+    full = run_eval(models, cfg, args.out, mesh=_parse_mesh(args.mesh), dtype=args.dtype)
+    print(summary_table(full["results"], ["pass@1", "pass@1_ci", "length_mean", "truncation_rate", "repetition_rate",
+                                          "format_failure_rate"]))
+    print(f"results: {args.out}/summary.json, {args.out}/chart.png, {args.out}/generations/")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from dcd_jax.config import from_dict
+    from dcd_jax.eval.generate import GenerateConfig, generate_traces
+
+    cfg = from_dict(GenerateConfig, {
+        "teacher": args.teacher, "benchmark": args.benchmark, "prompts": args.prompts, "split": args.split,
+        "out": args.out, "limit": args.limit, "n": args.n, "temperature": args.temperature,
+        "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "keep": args.keep,
+        "template": args.template, "system_prompt": args.system_prompt, "seed": args.seed,
+    })
+    stats = generate_traces(cfg, mesh=_parse_mesh(args.mesh))
+    print(f"{stats['kept']} traces kept of {stats['generated']} generated for {stats['prompts']} prompts "
+          f"({stats['skipped_done']} already done) -> {args.out}")
+    return 0
+
+
+def _add_generation_args(p: argparse.ArgumentParser, *, temperature: float) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=512, help="generation budget per response")
+    p.add_argument("--batch-size", type=int, default=64, help="rows per generation batch")
+    p.add_argument("--n", type=int, default=1, help="sampled responses per prompt")
+    p.add_argument("--temperature", type=float, default=temperature, help="sampling temperature")
+    p.add_argument("--template", default="auto", choices=["auto", "plain", "raw"],
+                   help="prompt rendering: the tokenizer's chat template (as in training), plain, or raw text")
+    p.add_argument("--system-prompt", default=None, help="system message for chat rendering")
+    p.add_argument("--limit", type=int, default=None, help="first N prompts")
+    p.add_argument("--split", default=None, help="split of the prompt set / benchmarks")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mesh", default=None, help="data,fsdp,tensor mesh (default: one device)")
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -120,6 +203,41 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoint; SIGTERM/SIGINT saves at the next step boundary and exits 0.")
     _add_config_args(tr)
     tr.set_defaults(func=cmd_train)
+
+    sc = sub.add_parser(
+        "score-teacher", help="cache the teacher's per-token and top-k log-probs of the traces (resumable)",
+        description="Run the teacher once over the traces of the config's data section (tokenized exactly as "
+        "training will) and write its log-probs to a Parquet file for data.teacher_scores.",
+    )
+    sc.add_argument("--teacher", required=True, help="teacher model: HF dir, hub id or dcd-jax model dir")
+    sc.add_argument("--out", default=None, help="output Parquet (default: <data>.teacher.parquet next to the data)")
+    sc.add_argument("--topk", type=int, default=20, help="top-k log-probs per response token (for loss: kl / todi)")
+    sc.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    sc.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="teacher compute dtype")
+    sc.add_argument("--mesh", default=None, help="data,fsdp,tensor mesh for the teacher (default: one device)")
+    _add_config_args(sc)
+    sc.set_defaults(func=cmd_score_teacher)
+
+    gen = sub.add_parser("generate", help="teacher traces for a prompt set, keeping correct ones (resumable)")
+    gen.add_argument("--teacher", required=True, help="teacher model: HF dir, hub id or dcd-jax model dir")
+    gen.add_argument("--benchmark", default="embedded", help="prompt-set adapter (embedded = {id, prompt, answer} JSONL)")
+    gen.add_argument("--prompts", default=None, help="local prompt file or dir in that adapter's schema")
+    gen.add_argument("--out", required=True, help="output JSONL of traces (a rerun resumes it)")
+    gen.add_argument("--keep", default="correct", choices=["correct", "all"], help="rejection filtering on the gold answer")
+    _add_generation_args(gen, temperature=0.7)
+    gen.set_defaults(func=cmd_generate)
+
+    ev = sub.add_parser("eval", help="evaluate checkpoints on math benchmarks (pass@1, avg@k, stability)")
+    ev.add_argument("--model", action="append", metavar="NAME=PATH", help="checkpoint to evaluate (repeatable)")
+    ev.add_argument("--benchmarks", default="embedded", help="comma-separated: embedded, gsm8k, math, math500, amc23, "
+                    "aime24, aime25, olympiadbench, omni_math")
+    ev.add_argument("--path", action="append", metavar="BENCH=PATH", help="local file/dir of a benchmark (repeatable)")
+    ev.add_argument("--out", default="results", help="results folder")
+    ev.add_argument("--ifeval", action="store_true", help="also run the IFEval-style instruction check")
+    ev.add_argument("--exaccerr-teacher", default=None, help="teacher model for ExAccErr (opt-in)")
+    ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    _add_generation_args(ev, temperature=1.0)
+    ev.set_defaults(func=cmd_eval)
 
     data = sub.add_parser("data", help="inspect the training data the way the student will see it")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")

@@ -214,11 +214,13 @@ class Transformer(nnx.Module):
         return self.lm_head["kernel"][...]
 
     def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
-        w = self.unembed_matrix().astype(hidden.dtype)
-        return constrain(
-            jnp.einsum("btd,dv->btv", hidden, w, preferred_element_type=jnp.float32),
-            ("batch", "length", "act_vocab"),
-        )
+        if self.cfg.tie_word_embeddings:  # contract against the embedding itself: no transposed copy
+            w = self.embed["embedding"][...].astype(hidden.dtype)
+            logits = jnp.einsum("btd,vd->btv", hidden, w, preferred_element_type=jnp.float32)
+        else:
+            w = self.lm_head["kernel"][...].astype(hidden.dtype)
+            logits = jnp.einsum("btd,dv->btv", hidden, w, preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch", "length", "act_vocab"))
 
     def _run_layers(self, x, positions, segment_ids, slots, cache=None, cache_index=None):
         layer_def, layer_state = nnx.split(self.layers)
@@ -266,15 +268,18 @@ class Transformer(nnx.Module):
             "segment_ids": jnp.zeros((cfg.num_layers, batch, max_len), jnp.int32),
         }
 
-    def forward_with_cache(self, input_ids, positions, segment_ids, cache, cache_index):
+    def forward_with_cache(self, input_ids, positions, segment_ids, cache, cache_index, *, last_only: bool = False):
         """Run ``input_ids`` [B, T] occupying cache slots [cache_index, cache_index + T).
 
-        Returns fp32 logits [B, T, V] and the updated cache. Rows may be left-padded
-        (segment id 0 on pads): pads are never attended to by real tokens.
+        Returns fp32 logits [B, T, V] (``[B, 1, V]`` of the last position with ``last_only``: a
+        long prefill then never materializes [B, T, V]) and the updated cache. Rows may be
+        left-padded (segment id 0 on pads): pads are never attended to by real tokens.
         """
         x, positions, segment_ids = self._embed(input_ids, positions, segment_ids)
         t = x.shape[1]
         slots = jnp.broadcast_to(cache_index + jnp.arange(t, dtype=jnp.int32), segment_ids.shape)
         layer_cache = (cache["k"], cache["v"], cache["segment_ids"])
         hidden, (k, v, seg) = self._run_layers(x, positions, segment_ids, slots, layer_cache, cache_index)
+        if last_only:
+            hidden = hidden[:, -1:]
         return self.logits_from_hidden(hidden), {"k": k, "v": v, "segment_ids": seg}

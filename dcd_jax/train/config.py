@@ -109,9 +109,12 @@ class RunConfig:
     eval: EvalHookConfig = EvalHookConfig()
     distributed: DistributedConfig = DistributedConfig()
 
-    def validate(self) -> None:
+    def require_model(self) -> None:
+        """Commands that load the student (train, data inspect) call this."""
         if not self.model.path:
             raise ConfigError("model.path is required (HF directory, hub id or dcd-jax model dir)")
+
+    def validate(self) -> None:
         if not self.data.path:
             raise ConfigError("data.path is required (JSONL / Parquet / dataset directory / hub id)")
         if self.data.batch_size % self.train.grad_accum:

@@ -141,6 +141,7 @@ def _check_divisibility(cfg: RunConfig, mesh: Mesh) -> None:
 def train(cfg: RunConfig, hooks: TrainHooks | None = None) -> TrainResult:
     """Train (or resume) the run described by ``cfg``; see the module docstring for the order of work."""
     _setup_logging()
+    cfg.require_model()
     hooks = hooks or TrainHooks()
     initialize_distributed(cfg.distributed)
     is_main = jax.process_index() == 0

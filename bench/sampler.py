@@ -1,0 +1,297 @@
+"""Decode throughput of the eval sampler vs transformers ``generate``, same model, same hardware.
+
+Builds a random-weight Qwen2-shaped model (default ~33M parameters: hidden 512, 8 layers, 8 heads
+/ 2 KV heads, MLP 896, vocabulary 32000, tied embeddings) with transformers + torch, saves it to a
+temporary directory and loads that checkpoint with ``dcd_jax.load_hf``, so both sides run the
+same weights. For each batch size, both generate greedily from the same 16-token prompts with EOS
+disabled, side by side in this one process.
+
+Decode tokens/s excludes the prefill: each side is timed generating N and 1 new tokens, and
+    decode tok/s = batch * (N - 1) / (t(N) - t(1)).
+(t(1) is the prompt's prefill plus the first sampled token.) Timings are the median of
+``--repeats`` runs after a warm-up (which includes our compilation). transformers runs with
+its best torch thread count (1 or all cores, chosen per batch size): on a loaded 2-core machine
+torch's OpenMP pool can be several times slower with 2 threads than with 1.
+
+On GPU, batch 1 also reports the fraction of the HBM-bandwidth roofline: a decode step must read
+every parameter once (the tied embedding once, as the unembedding) plus the KV cache; our loop
+attends over the whole fixed-size cache (prompt + N - 1 slots) every step, so it reads all of it:
+    bytes/step = param bytes + 2 * layers * cache_slots * kv_heads * head_dim * dtype bytes
+    fraction   = bytes/step / step time / peak bandwidth (table PEAK_HBM_BYTES_PER_S below).
+
+    python bench/sampler.py [--quick] [--batches 1,16,64] [--new-tokens 32] [--dtype float32]
+
+Writes a table to stdout and JSON to bench/results/sampler_<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+import dcd_jax  # noqa: E402
+from dcd_jax.eval.sampler import Sampler, SamplingConfig  # noqa: E402
+
+# Peak HBM bandwidth (bytes/s) from vendor data sheets, matched by substring of device_kind
+# (first match wins, so more specific names come first).
+PEAK_HBM_BYTES_PER_S = {
+    "H200": 4.8e12,
+    "H100 PCIe": 2.0e12,
+    "H100": 3.35e12,  # SXM (HBM3)
+    "GH200": 4.0e12,
+    "A100-SXM4-80GB": 2.039e12,
+    "A100 80GB": 1.935e12,  # PCIe 80GB
+    "A100": 1.555e12,  # 40GB
+    "L40S": 0.864e12,
+    "L4": 0.3e12,
+    "A10G": 0.6e12,
+    "V100": 0.9e12,
+    "TPU v6": 1.64e12,
+    "TPU v5p": 2.765e12,
+    "TPU v5 lite": 0.819e12,
+    "TPU v5e": 0.819e12,
+    "TPU v4": 1.2e12,
+}
+
+PROMPT_LEN = 16
+
+
+def peak_bandwidth(device_kind: str) -> float | None:
+    for name, bw in PEAK_HBM_BYTES_PER_S.items():
+        if name.lower() in device_kind.lower():
+            return bw
+    return None
+
+
+def build_checkpoint(out_dir: Path, args) -> dict:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        model_type="qwen2", vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.mlp,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        tie_word_embeddings=True, max_position_embeddings=4096, rope_theta=1e6,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(out_dir)
+    return {"params": sum(p.numel() for p in model.parameters())}
+
+
+def measure_stream_bandwidth(total_bytes: int = 256 << 20) -> float:
+    """Bytes/s of a jitted matrix-vector product over ``total_bytes`` of fp32 weights (what a
+    batch-1 decode step does), i.e. the memory bandwidth XLA actually reaches on this host."""
+    import jax.numpy as jnp
+
+    mats = [jnp.full((512, total_bytes // 4 // 512 // 4), float(i), jnp.float32) for i in range(4)]
+    x = jnp.ones((1, 512), jnp.float32)
+    f = jax.jit(lambda ms, x: sum((x @ m).sum() for m in ms))
+    f(mats, x).block_until_ready()
+    t = median_time(lambda: f(mats, x).block_until_ready(), 10)
+    return sum(m.nbytes for m in mats) / t
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="batches 1,16 and 16 new tokens")
+    ap.add_argument("--batches", default="1,16,64")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--hf-repeats", type=int, default=1)
+    ap.add_argument("--dtype", default=None,
+                    help="compute dtype of both sides (default: float32 on CPU, bfloat16 on GPU/TPU)")
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--mlp", type=int, default=896)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--torch-threads", type=int, default=0, help="0 = the faster of 1 and all cores, per batch size")
+    ap.add_argument("--no-hf", action="store_true", help="time only the dcd-jax sampler")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.quick:
+        args.batches, args.new_tokens = "1,16", 16
+    batches = [int(b) for b in args.batches.split(",")]
+    n_new = args.new_tokens
+
+    device = jax.devices()[0]
+    kind = device.device_kind
+    on_cpu = device.platform == "cpu"
+    dtype = args.dtype or ("float32" if on_cpu else "bfloat16")
+
+    import torch
+
+    torch_device = "cuda" if (not on_cpu and torch.cuda.is_available()) else "cpu"
+    tmp = Path(tempfile.mkdtemp(prefix="bench_sampler_"))
+    info = build_checkpoint(tmp, args)
+    model = dcd_jax.load_hf(tmp, dtype=dtype)
+    cfg = model.cfg
+    sampler = Sampler.from_model(model)
+    hf = None
+    if not args.no_hf:
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=getattr(torch, dtype)).eval().to(torch_device)
+
+    load_before = os.getloadavg()
+    host_bw = measure_stream_bandwidth() if on_cpu else None
+    rng = np.random.RandomState(0)
+    rows = []
+    for b in batches:
+        prompts = rng.randint(0, args.vocab, (b, PROMPT_LEN)).tolist()
+        ours = {}
+        for n in (n_new, 1):
+            sc = SamplingConfig(max_new_tokens=n, eos_token_ids=(), batch_size=b, prompt_bucket=PROMPT_LEN)
+            t0 = time.perf_counter()
+            out = sampler.generate(prompts, sc)  # warm-up: compiles
+            ours[f"compile_and_first_s_{n}"] = time.perf_counter() - t0
+            ours[n] = median_time(lambda sc=sc: sampler.generate(prompts, sc), args.repeats)
+            if n == n_new:
+                our_tokens = [c[0].token_ids for c in out]
+        step_s = (ours[n_new] - ours[1]) / (n_new - 1)
+        row = {
+            "batch": b,
+            "new_tokens": n_new,
+            "dcd_jax_total_s": ours[n_new],
+            "dcd_jax_prefill_s": ours[1],
+            "dcd_jax_compile_s": ours[f"compile_and_first_s_{n_new}"] - ours[n_new],
+            "dcd_jax_step_ms": 1e3 * step_s,
+            "dcd_jax_decode_tok_s": b / step_s,
+        }
+        if hf is not None:
+            ids = torch.tensor(prompts, device=torch_device)
+            mask = torch.ones_like(ids)
+
+            def hf_gen(n):
+                with torch.no_grad():
+                    out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n,
+                                      min_new_tokens=n, pad_token_id=0)
+                if torch_device == "cuda":
+                    torch.cuda.synchronize()
+                return out
+
+            # torch's OpenMP pool is very sensitive to other load on the cores: give HF its best
+            # thread count (1 or all cores, whichever decodes a few tokens faster).
+            best, probes = None, {}
+            for threads in sorted({1, os.cpu_count() or 1} if args.torch_threads == 0 else {args.torch_threads}):
+                torch.set_num_threads(threads)
+                hf_gen(2)  # warm-up
+                t = median_time(lambda: hf_gen(4), 1)
+                probes[threads] = t
+                if best is None or t < best[1]:
+                    best = (threads, t)
+            torch.set_num_threads(best[0])
+            outs = []
+            t_n = median_time(lambda: outs.append(hf_gen(n_new)), args.hf_repeats)
+            t_1 = median_time(lambda: hf_gen(1), args.hf_repeats)
+            hf_out = outs[-1]
+            hf_step = (t_n - t_1) / (n_new - 1)
+            hf_tokens = hf_out[:, PROMPT_LEN:].tolist()
+            same = np.mean([a == h for a, h in zip(our_tokens, hf_tokens)])
+            row.update({
+                "hf_total_s": t_n,
+                "hf_prefill_s": t_1,
+                "hf_step_ms": 1e3 * hf_step,
+                "hf_decode_tok_s": b / hf_step,
+                "speedup": hf_step / step_s,
+                "greedy_rows_identical_to_hf": float(same),
+                "hf_torch_threads": best[0],
+                "hf_4_token_generate_s_by_torch_threads": probes,
+            })
+        if b == 1:
+            itemsize = np.dtype(jax.numpy.dtype(cfg.param_dtype)).itemsize
+            kv_itemsize = np.dtype(jax.numpy.dtype(cfg.dtype)).itemsize
+            slots = PROMPT_LEN + n_new - 1
+            kv_bytes = 2 * cfg.num_layers * slots * cfg.num_kv_heads * cfg.head_dim * kv_itemsize
+            step_bytes = cfg.num_params * itemsize + kv_bytes
+            row["bytes_per_step"] = step_bytes
+            row["achieved_bytes_per_s"] = step_bytes / step_s
+            if on_cpu:  # no HBM: compare with the streaming bandwidth XLA reaches on this host
+                row["measured_host_stream_bytes_per_s"] = host_bw
+                row["host_bandwidth_roofline_fraction"] = step_bytes / step_s / host_bw
+            else:
+                peak = peak_bandwidth(kind)
+                row["peak_hbm_bytes_per_s"] = peak
+                row["hbm_roofline_fraction"] = (step_bytes / step_s / peak) if peak else None
+        rows.append(row)
+        print(f"batch {b}: done", file=sys.stderr, flush=True)
+
+    result = {
+        "bench": "sampler_decode",
+        "device_kind": kind,
+        "platform": device.platform,
+        "num_devices": jax.device_count(),
+        "host": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "load_average_1m_before_after": [load_before[0], os.getloadavg()[0]],
+        "torch_device": torch_device,
+        "jax_version": jax.__version__,
+        "torch_version": torch.__version__,
+        "model": {
+            "family": "qwen2", "params": info["params"], "hidden": args.hidden, "layers": args.layers,
+            "heads": args.heads, "kv_heads": args.kv_heads, "mlp": args.mlp, "vocab": args.vocab, "dtype": dtype,
+        },
+        "prompt_len": PROMPT_LEN,
+        "new_tokens": n_new,
+        "method": "decode tok/s = batch*(N-1)/(t(N)-t(1)), greedy, EOS off, median of repeats after warm-up",
+        "rows": rows,
+    }
+
+    print(f"\nSampler decode throughput on {kind} ({device.platform}), "
+          f"qwen2-shaped {info['params'] / 1e6:.1f}M params, "
+          f"{dtype}, prompt {PROMPT_LEN}, {n_new} new tokens\n")
+    head = (f"{'batch':>5} | {'dcd-jax tok/s':>13} | {'step ms':>8} | {'HF tok/s':>9} | {'HF step ms':>10} | "
+            f"{'speedup':>7} | {'=HF':>4}")
+    head += f" | {'BW roofline':>11}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        line = f"{r['batch']:>5} | {r['dcd_jax_decode_tok_s']:>13.1f} | {r['dcd_jax_step_ms']:>8.2f}"
+        if "hf_decode_tok_s" in r:
+            line += (f" | {r['hf_decode_tok_s']:>9.1f} | {r['hf_step_ms']:>10.2f} | {r['speedup']:>6.1f}x"
+                     f" | {r['greedy_rows_identical_to_hf']:>4.2f}")
+        else:
+            line += f" | {'-':>9} | {'-':>10} | {'-':>7} | {'-':>4}"
+        frac = r.get("hbm_roofline_fraction", r.get("host_bandwidth_roofline_fraction"))
+        line += f" | {frac:>11.1%}" if frac is not None else f" | {'-':>11}"
+        print(line)
+    if on_cpu:
+        print(f"\n(BW roofline, batch 1: (param + KV bytes) / step time vs the {host_bw / 1e9:.1f} GB/s a jitted "
+              "matvec streams on this host (no HBM here).)", end="")
+    else:
+        print("\n(BW roofline, batch 1: (param + KV bytes) / step time vs the chip's peak HBM bandwidth.)", end="")
+    print("\n(=HF: share of rows whose greedy tokens equal transformers' exactly; random weights give near-flat "
+          "logits, so a few ties may flip.)")
+
+    slug = re.sub(r"[^a-z0-9]+", "_", kind.lower()).strip("_") or device.platform
+    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / f"sampler_{slug}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+"""Eval sampler: greedy parity with transformers, sampling distributions, n samples, stop
+strings, sharding and bounded compilation (tiny local checkpoints, CPU)."""
+
+import dataclasses
+from collections import Counter
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from hf_fixtures import FAMILIES, VOCAB, hf_logits, make_hf_model, save_hf_model, save_word_tokenizer
+
+import dcd_jax
+from dcd_jax.eval import sampler as sampler_mod
+from dcd_jax.eval.sampler import (
+    Sampler,
+    SamplingConfig,
+    batch_bucket_size,
+    generate_tokens,
+    prompt_bucket_length,
+    row_keys,
+    sample_logits,
+)
+
+MAX_NEW = 10
+
+
+def _split(model):
+    graphdef, state = nnx.split(model)
+    return graphdef, nnx.to_pure_dict(state)
+
+
+def _prompts(seed, lengths):
+    rng = np.random.RandomState(seed)
+    return [rng.randint(2, VOCAB, n).tolist() for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def qwen2_dir(tmp_path_factory):
+    d = save_hf_model("qwen2", tmp_path_factory.mktemp("qwen2"))
+    save_word_tokenizer(d, 90)  # fewer tokenizer entries than embedding rows: those are never generated
+    return d
+
+
+@pytest.fixture(scope="module")
+def qwen2_sampler(qwen2_dir):
+    from transformers import PreTrainedTokenizerFast  # (AutoTokenizer would pick Qwen2's BPE class)
+
+    return Sampler.from_model(dcd_jax.load_hf(qwen2_dir), PreTrainedTokenizerFast.from_pretrained(str(qwen2_dir)))
+
+
+def _hf_greedy(hf_model, prompts, max_new, eos):
+    """transformers generate (greedy) on the left-padded batch; ids after EOS dropped."""
+    import torch
+
+    p = max(map(len, prompts))
+    ids = np.zeros((len(prompts), p), np.int64)
+    mask = np.zeros((len(prompts), p), np.int64)
+    for r, x in enumerate(prompts):
+        ids[r, p - len(x):], mask[r, p - len(x):] = x, 1
+    with torch.no_grad():
+        out = hf_model.generate(
+            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
+            max_new_tokens=max_new, eos_token_id=eos, pad_token_id=0,
+        )
+    rows = []
+    for row in out[:, p:].tolist():
+        rows.append(row[: row.index(eos) + 1] if eos is not None and eos in row else row)
+    return rows
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_greedy_matches_transformers_generate(family, tmp_path):
+    hf_model = make_hf_model(family)
+    sampler = Sampler.from_model(dcd_jax.load_hf(save_hf_model(family, tmp_path / family)))
+    prompts = _prompts(0, [3, 11, 7, 16, 1])
+    free = _hf_greedy(hf_model, prompts, MAX_NEW, None)
+    # An EOS that stops some rows mid-way while others run to the budget.
+    eos = next(
+        t for row in free for t in row[2:-2]
+        if sum(t in r for r in free) < len(free) and t not in row[:2]
+    )
+    ref = _hf_greedy(hf_model, prompts, MAX_NEW, eos)
+    cfg = SamplingConfig(max_new_tokens=MAX_NEW, eos_token_ids=(eos,), batch_size=8, logprobs=True)
+    out = sampler.generate(prompts, cfg)
+    got = [c[0].token_ids for c in out]
+    assert got == ref
+    reasons = [c[0].finished_by for c in out]
+    assert "eos" in reasons and "length" in reasons
+    for c, r in zip(out, ref):
+        assert c[0].num_tokens == len(r) and (c[0].finished_by == "eos") == (r[-1] == eos)
+    # Cached decoding sees exactly what a full forward pass sees: per-token log-probs of the
+    # generated ids equal transformers' on prompt + completion (a sensitive check of positions,
+    # cache slots and masks, which greedy ids of a tiny random model may not detect).
+    for prompt, c in zip(prompts, out):
+        seq = np.asarray([prompt + c[0].token_ids])
+        logits = hf_logits(hf_model, seq)[0].astype(np.float64)
+        logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+        at = np.arange(len(prompt) - 1, seq.shape[1] - 1)
+        np.testing.assert_allclose(c[0].logprobs, logp[at, seq[0, at + 1]], atol=2e-4, rtol=0)
+
+
+# Most tests share one compiled program shape (batch bucket 4, prompt bucket 16, 8 new tokens):
+# on 2 CPU cores compilation, not generation, is what these tests spend their time on.
+STD = SamplingConfig(max_new_tokens=8, eos_token_ids=(), batch_size=4)
+SAMPLED = dataclasses.replace(STD, temperature=1.0, top_k=20, top_p=0.9, eos_token_ids=(4, 6, 7))
+
+
+def test_low_temperature_and_top_k1_equal_greedy_and_padding_side_is_irrelevant(qwen2_sampler):
+    s = qwen2_sampler
+    prompts = _prompts(1, [4, 9, 13, 2])
+    greedy = [c[0].token_ids for c in s.generate(prompts, STD)]
+    for cfg in (dataclasses.replace(STD, temperature=1e-6, seed=3),
+                dataclasses.replace(STD, temperature=1.0, top_k=1, seed=4),
+                dataclasses.replace(SAMPLED, top_p=1e-6, seed=5)):  # (SAMPLED's EOS ids do not occur here)
+        assert [c[0].token_ids for c in s.generate(prompts, cfg)] == greedy, cfg
+    assert len({tuple(g) for g in greedy}) > 1  # the prompts do lead to different outputs
+    assert not set(SAMPLED.eos_token_ids) & {t for g in greedy for t in g}
+    sampled = [c[0].token_ids for c in s.generate(prompts, dataclasses.replace(STD, temperature=1.0, seed=3))]
+    assert sampled != greedy  # (same program as temperature 1e-6: the value is a runtime input)
+
+    # The jitted core left-aligns right-padded prompts itself.
+    p = 16
+    left, right = np.zeros((4, p), np.int32), np.zeros((4, p), np.int32)
+    for r, x in enumerate(prompts):
+        left[r, p - len(x):], right[r, : len(x)] = x, x
+    keys = row_keys(0, range(4), [0] * 4)
+    outs = [jax.device_get(generate_tokens(s.graphdef, s.params, ids, (ids > 0).astype(np.int32), keys, STD))
+            for ids in (left, right)]
+    for a, b in zip(*outs):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(outs[0][0], np.asarray(greedy))
+
+
+def _next_token_logits(sampler, prompt):
+    model = nnx.merge(sampler.graphdef, sampler.params)
+    return np.asarray(model(np.asarray([prompt], np.int32)))[0, -1].astype(np.float64)
+
+
+def _softmax(x):
+    x = np.exp(x - x.max())
+    return x / x.sum()
+
+
+def _check_frequencies(counts, probs, n):
+    freq = counts / n
+    tol = 4.5 * np.sqrt(probs * (1 - probs) / n) + 1.5 / n
+    assert np.all(np.abs(freq - probs) <= tol), np.stack([freq, probs])[:, np.abs(freq - probs) > tol]
+
+
+def test_sampling_frequencies_match_the_model_distribution(qwen2_sampler):
+    """End to end: draws of the first new token follow softmax(logits / T) over the tokenizer's
+    vocabulary (embedding rows past it are never drawn)."""
+    s, n = qwen2_sampler, 4096
+    prompt = _prompts(2, [6])[0]
+    logits = _next_token_logits(s, prompt)
+    true_vocab = nnx.merge(s.graphdef, s.params).cfg.tokenizer_vocab_size
+    assert true_vocab < VOCAB
+    cfg = SamplingConfig(max_new_tokens=1, n=n, batch_size=n, eos_token_ids=(), temperature=0.25, seed=1)
+    toks = [c.token_ids[0] for c in s.generate([prompt], cfg)[0]]
+    counts = np.bincount(toks, minlength=VOCAB).astype(np.float64)
+    probs = np.zeros(VOCAB)
+    probs[:true_vocab] = _softmax(logits[:true_vocab] / 0.25)
+    assert counts[true_vocab:].sum() == 0
+    _check_frequencies(counts, probs, n)
+
+
+def test_sampling_step_frequencies_on_toy_distributions():
+    n = 8192
+    keys = row_keys(5, range(n), [0] * n)
+
+    def counts(logits, **kw):
+        draws = np.asarray(sample_logits(np.tile(np.asarray(logits, np.float32), (n, 1)), keys, SamplingConfig(**kw)))
+        return np.bincount(draws, minlength=len(logits)).astype(np.float64)
+
+    # A 2-token distribution: p(a) = sigmoid((l_a - l_b) / T).
+    two = np.array([-1e9, 1.0, -1e9, 0.2])
+    for t in (1.0, 0.5):
+        _check_frequencies(counts(two, temperature=t), _softmax(two / t), n)
+    # top_k=2 turns a 5-token distribution into the 2-token distribution of its two best logits.
+    five = np.array([0.3, 1.2, -0.5, 0.9, 0.0])
+    want = np.zeros(5)
+    want[[1, 3]] = _softmax(five[[1, 3]])
+    _check_frequencies(counts(five, temperature=1.0, top_k=2), want, n)
+    # top_p keeps the smallest set of best tokens whose mass reaches top_p, renormalized.
+    probs = np.array([0.05, 0.5, 0.15, 0.3])
+    for top_p, keep in ((0.75, [1, 3]), (0.85, [1, 3, 2]), (0.3, [1])):
+        want = np.zeros(4)
+        want[keep] = probs[keep] / probs[keep].sum()
+        _check_frequencies(counts(np.log(probs), temperature=1.0, top_p=top_p), want, n)
+    # Greedy is the argmax; temperature -> 0 approaches it.
+    assert counts(five).tolist() == [0, n, 0, 0, 0]
+    assert counts(five, temperature=1e-6).tolist() == [0, n, 0, 0, 0]
+
+
+def test_n_samples_differ_and_are_reproducible(qwen2_sampler):
+    s = qwen2_sampler
+    prompts = _prompts(3, [5, 12])
+    cfg = dataclasses.replace(STD, temperature=1.0, n=2, seed=7)
+    a = s.generate(prompts, cfg)
+    assert [len(c) for c in a] == [2, 2]
+    for completions in a:
+        assert completions[0].token_ids != completions[1].token_ids
+        assert all(c.num_tokens == 8 and c.finished_by == "length" for c in completions)
+    ids = lambda out: [[c.token_ids for c in cs] for cs in out]
+    assert ids(s.generate(prompts, cfg)) == ids(a)
+    assert ids(s.generate(prompts, dataclasses.replace(cfg, seed=8))) != ids(a)
+    # Random streams belong to (prompt, sample), not batch slots: with two more prompts the rows
+    # are chunked and grouped differently (sorted by length), the completions stay the same.
+    more = s.generate(prompts + _prompts(4, [3, 9]), cfg)
+    assert ids(more[:2]) == ids(a)
+
+
+def test_text_prompts_eos_and_stop_strings(qwen2_sampler):
+    s = qwen2_sampler
+    prompts = ["w5 w7 w9", "w11 w3", "w40 w41 w42 w43 w44"]
+    free = [c[0] for c in s.generate(prompts, STD)]
+    assert free[0].text == s.tokenizer.decode(free[0].token_ids) and free[0].finished_by == "length"
+
+    # Stop on the words of tokens 3-4 of the first completion: its text ends before their first
+    # occurrence, its ids after the token that completes them. An EOS id taken from the second
+    # completion ends that one: the id is kept in token_ids, not in the text.
+    stop = " ".join(free[0].text.split(" ")[3:5])
+    first = next(m for m in range(1, 9) if stop in s.tokenizer.decode(free[0].token_ids[:m]))
+    k = next(i for i, t in enumerate(free[1].token_ids) if i > 0 and t not in free[1].token_ids[:i])
+    eos = free[1].token_ids[k]
+    assert first <= 5 and eos not in free[0].token_ids[:first]  # (preconditions on the fixture)
+    cfg = dataclasses.replace(STD, stop_strings=("zzz", stop), eos_token_ids=(eos,))
+    out = [c[0] for c in s.generate(prompts, cfg)]
+    assert out[0].finished_by == "stop"
+    assert out[0].text == free[0].text[: free[0].text.index(stop)] and stop not in out[0].text
+    assert out[0].token_ids == free[0].token_ids[:first] and out[0].num_tokens == first
+    assert out[1].finished_by == "eos" and out[1].token_ids == free[1].token_ids[: k + 1]
+    assert out[1].text == s.tokenizer.decode(free[1].token_ids[:k]) and out[1].num_tokens == k + 1
+    f = free[2].token_ids
+    if eos in f:
+        assert out[2].finished_by == "eos" and out[2].token_ids == f[: f.index(eos) + 1]
+    elif stop not in free[2].text:
+        assert out[2].token_ids == f and out[2].finished_by == "length"
+    with pytest.raises(ValueError, match="empty"):
+        s.generate([[]], STD)
+
+
+def test_sharded_sampling_equals_single_device(qwen2_dir, qwen2_sampler):
+    from dcd_jax.sharding import make_mesh
+
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    sharded = Sampler.from_model(dcd_jax.load_hf(qwen2_dir, mesh=mesh), qwen2_sampler.tokenizer, mesh=mesh)
+    q = sharded.params["layers"]["attn"]["q_proj"]["kernel"]
+    assert q.sharding.spec[2] == "tensor"  # tensor-parallel weights
+    prompts = _prompts(4, [3, 14, 9, 6])
+    sampled = dataclasses.replace(SAMPLED, n=2, seed=1)
+    for cfg in (STD, sampled):
+        single = qwen2_sampler.generate(prompts, cfg)
+        multi = sharded.generate(prompts, cfg)
+        assert [[c.token_ids for c in cs] for cs in multi] == [[c.token_ids for c in cs] for cs in single]
+        reasons = [c.finished_by for cs in single for c in cs]
+        assert [c.finished_by for cs in multi for c in cs] == reasons
+    assert "eos" in reasons and "length" in reasons  # rows stopped early while others ran on
+
+
+def test_bucketing_bounds_compilations(qwen2_sampler):
+    assert [prompt_bucket_length(n, 8) for n in (1, 5, 8, 9, 12)] == [8, 8, 8, 16, 16]
+    assert [prompt_bucket_length(n, "pow2") for n in (1, 16, 17, 100)] == [16, 16, 32, 128]
+    assert [batch_bucket_size(n, 64) for n in (1, 2, 3, 33, 64)] == [1, 2, 4, 64, 64]
+    assert batch_bucket_size(3, 64, multiple=8) == 8
+    s = qwen2_sampler
+    cfg = dataclasses.replace(STD, prompt_bucket=8)
+
+    def new_traces(lengths, cfg):
+        before = Counter(sampler_mod._TRACES)
+        for n in lengths:
+            s.generate(_prompts(n, [n] * 4), cfg)
+        return Counter(sampler_mod._TRACES) - before
+
+    added = new_traces((5, 7, 12, 5, 12), cfg)
+    # Prompt lengths 5, 7, 12 -> buckets 8 and 16: at most two programs (16 may already exist).
+    assert sum(added.values()) <= 2 and {p for (_, p, _) in added} <= {8, 16} and (4, 8, _spec(cfg)) in added
+    # Other seeds or temperatures reuse the programs.
+    assert not new_traces((5, 12), dataclasses.replace(cfg, seed=12))
+    assert sampler_mod.trace_count() >= 1
+
+
+def _spec(cfg):
+    return sampler_mod._DecodeSpec(cfg.max_new_tokens, cfg.greedy, cfg.top_k, cfg.top_p < 1.0,
+                                   tuple(cfg.eos_token_ids), (), 0)
