@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -50,7 +51,8 @@ class DemoScale:
     keep: str = "correct"  # rejection filtering; "all" at micro scale, a plumbing check whose teacher is too small to be right
 
 
-_EASY = dict(min_steps=1, max_steps=3, max_start=20, max_operand=9, max_value=99)
+# Two-step problems with small numbers: a 1M-parameter teacher learns them in a few CPU minutes.
+_EASY = dict(min_steps=1, max_steps=2, max_start=12, max_operand=6, max_value=30)
 SCALES = {
     "micro": DemoScale(
         task=SyntheticTaskConfig(n_examples=400, **_EASY), n_prompts=48, n_eval=24, teacher_size="micro",
@@ -58,14 +60,14 @@ SCALES = {
         student_lr=5e-3, samples_per_prompt=2, temperature=1.0, max_new_tokens=48, topk=4, keep="all",
     ),
     "small": DemoScale(
-        task=SyntheticTaskConfig(n_examples=12000, **_EASY), n_prompts=512, n_eval=128, teacher_size="tiny",
-        student_size="micro", teacher_steps=250, student_steps=150, batch_size=16, seq_len=256, teacher_lr=3e-3,
-        student_lr=3e-3, samples_per_prompt=2, temperature=0.8, max_new_tokens=96, topk=8,
+        task=SyntheticTaskConfig(n_examples=20000, **_EASY), n_prompts=1024, n_eval=256, teacher_size="tiny",
+        student_size="micro", teacher_steps=400, student_steps=250, batch_size=16, seq_len=256, teacher_lr=3e-3,
+        student_lr=3e-3, samples_per_prompt=2, temperature=1.0, max_new_tokens=64, topk=8,
     ),
     "full": DemoScale(
-        task=SyntheticTaskConfig(n_examples=40000, **_EASY), n_prompts=4096, n_eval=512, teacher_size="small",
-        student_size="tiny", teacher_steps=3000, student_steps=1200, batch_size=32, seq_len=256, teacher_lr=2e-3,
-        student_lr=2e-3, samples_per_prompt=4, temperature=0.8, max_new_tokens=128, topk=16,
+        task=SyntheticTaskConfig(n_examples=60000, **dict(_EASY, max_steps=3)), n_prompts=4096, n_eval=512,
+        teacher_size="small", student_size="tiny", teacher_steps=3000, student_steps=1200, batch_size=32, seq_len=256,
+        teacher_lr=2e-3, student_lr=2e-3, samples_per_prompt=4, temperature=1.0, max_new_tokens=96, topk=16,
     ),
 }
 
@@ -185,15 +187,15 @@ def run_demo(out: str | Path = "demo_out", scale: "str | DemoScale" = "small", s
         return run_eval(models, cfg, out / "results")
 
     results = run_stage(out, "eval", stage_eval)["results"]
-    summary = report(out, results, trained, teacher, gen, student)
-    return summary
+    return report(out, results, trained, teacher, gen, student, scale if isinstance(scale, str) else "custom")
 
 
 COLUMNS = ("accuracy", "length_mean", "truncation_rate", "repetition_rate", "format_failure_rate",
            "weight_ess", "final_loss")
 
 
-def report(out: Path, results: dict, trained: dict, teacher: dict, gen: dict, student: dict) -> dict[str, Any]:
+def report(out: Path, results: dict, trained: dict, teacher: dict, gen: dict, student: dict,
+           scale_name: str = "custom") -> dict[str, Any]:
     """Print the comparison table; write ``report.md``, ``summary.json`` and ``comparison.png``."""
     from dcd_jax.eval.report import markdown_table
 
@@ -216,10 +218,18 @@ def report(out: Path, results: dict, trained: dict, teacher: dict, gen: dict, st
         "over the last 20% of steps (DCD's is weighted, so not comparable to SFT's).\n"
     )
     (out / "report.md").write_text(text)
-    (out / "summary.json").write_text(json.dumps({"rows": rows}, indent=2, default=str))
+    import platform
+
+    stage_seconds = sum(json.loads(p.read_text()).get("seconds", 0.0) for p in out.glob("*.done.json"))
+    summary = {
+        "command": f"dcd-jax demo --scale {scale_name}", "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+        "wall_minutes": stage_seconds / 60, "traces_kept": gen["traces_in_file"], "traces_sampled": gen["generated"],
+        "student_params": student["params"], "rows": rows,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     _plot(out, rows, trained)
     print(text)
-    return {"rows": rows}
+    return summary
 
 
 def _plot(out: Path, rows: list[dict], trained: dict) -> None:

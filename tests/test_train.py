@@ -242,3 +242,80 @@ def test_local_multiprocess_launcher(tmp_path):
     logs = sorted((tmp_path / "launch_logs").glob("process_*.log"))
     probes = sorted(line for f in logs for line in f.read_text().splitlines() if line.startswith("PROBE"))
     assert probes == ["PROBE 0 2 8 4", "PROBE 1 2 8 4"]
+
+
+def test_resume_onto_a_different_mesh(assets, tmp_path):
+    """Checkpoints restore onto the current mesh, whatever mesh saved them."""
+    _, straight = run(assets, tmp_path / "straight", **{"train.steps": 4, "checkpoint.every_steps": 2})
+    out = tmp_path / "remesh"
+    run(assets, out, **{"train.steps": 2, "checkpoint.every_steps": 2})
+    result, rows = run(assets, out, **{"train.steps": 4, "checkpoint.every_steps": 2,
+                                        "mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2})
+    assert result.step == 4
+    np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in straight], atol=1e-5, rtol=0)
+
+
+def test_restoring_with_another_process_count_is_refused_clearly(tmp_path):
+    from dcd_jax.config import ConfigError
+    from dcd_jax.train.checkpoint import DataStateHandler
+
+    (tmp_path / "process_0-of-2.json").write_text("{}")
+    (tmp_path / "process_1-of-2.json").write_text("{}")
+    from etils import epath
+
+    with pytest.raises(ConfigError, match=r"saved by 2 process\(es\) but this run has 1"):
+        DataStateHandler().restore(epath.Path(tmp_path))
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(assets, tmp_path, monkeypatch):
+    import jax.numpy as jnp
+
+    from dcd_jax.train import loop
+    from dcd_jax.train.loop import NonFiniteLossError
+
+    real = loop.make_train_step
+
+    def poisoned(*args, **kwargs):
+        step_fn = real(*args, **kwargs)
+
+        def wrapped(state, batch):
+            new_state, metrics = step_fn(state, batch)
+            bad = state["step"] >= 2  # the third step diverges
+            metrics = {**metrics, "loss": jnp.where(bad, jnp.nan, metrics["loss"])}
+            return new_state, metrics
+
+        return wrapped
+
+    monkeypatch.setattr(loop, "make_train_step", poisoned)
+    out = tmp_path / "nan"
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 3.*last good checkpoint \(2\)"):
+        run(assets, out, **{"train.steps": 6, "checkpoint.every_steps": 1})
+    ckpt = RunCheckpointer(out / "checkpoints", CheckpointConfig())
+    assert ckpt.steps()[-1] == 2
+    ckpt.close()
+
+
+def test_periodic_eval_hook_logs_and_keeps_the_best_checkpoint(assets, tmp_path):
+    from dcd_jax.eval.runner import train_eval_hook
+    from dcd_jax.train.loop import TrainHooks
+
+    scores = iter([0.5, 0.25, 0.125])  # eval at steps 2, 4, 6: the best is the first
+    real_hook = None
+
+    def hook(ctx):
+        metrics = real_hook(ctx)
+        assert "eval/embedded/pass@1" in metrics and 0.0 <= metrics["eval/embedded/pass@1"] <= 1.0
+        return {**metrics, "eval/score": next(scores)}
+
+    cfg = load_config(RunConfig, None, base_overrides(assets, tmp_path / "evalrun", **{
+        "train.steps": 6, "checkpoint.every_steps": 100, "checkpoint.keep": 1, "checkpoint.best_metric": "eval/score",
+        "eval.every_steps": 2, "eval.path": assets["train"], "eval.limit": 4, "eval.max_new_tokens": 4,
+        "eval.batch_size": 8, "eval.benchmark": "embedded",
+    }))
+    real_hook = train_eval_hook(cfg.eval, cfg.data)
+    train(cfg, TrainHooks(evaluate=hook))
+    rows = read_metrics(tmp_path / "evalrun" / "metrics.jsonl")
+    assert [r["step"] for r in rows if "eval/score" in r] == [2, 4, 6]
+    ckpt = RunCheckpointer(tmp_path / "evalrun" / "checkpoints", CheckpointConfig())
+    assert ckpt.steps() == [2, 6]  # the best (step 2) plus the latest
+    ckpt.close()

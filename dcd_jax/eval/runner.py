@@ -204,7 +204,7 @@ def exaccerr_metrics(student: Any, teacher: Any, tokenizer: Any, prompts: Sequen
         logps("teacher", student_gens), logps("student", student_gens),
         logps("teacher", teacher_gens), logps("student", teacher_gens),
     )
-    return dataclasses.asdict(result) if dataclasses.is_dataclass(result) else dict(result)
+    return report.to_jsonable(result)
 
 
 def load_for_eval(path: str, mesh=None, dtype: str = "float32") -> tuple[Any, Any, Any, Any]:

@@ -1,0 +1,153 @@
+"""Regenerate the README's results section from the committed JSON in ``bench/results/``.
+
+    python bench/update_readme.py          # rewrite README.md between the results markers
+    python bench/update_readme.py --check  # exit 1 if README.md is not what the JSON says
+
+Nothing in that section is typed by hand: every number comes from a results file written by the
+command shown next to it (``tests/test_readme_results.py`` runs ``--check``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def _fmt(v, digits=3):
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def demo_section() -> str | None:
+    path = RESULTS / "demo_small.json"
+    if not path.is_file():
+        return None
+    d = json.loads(path.read_text())
+    cols = ["accuracy", "length_mean", "truncation_rate", "repetition_rate", "format_failure_rate", "weight_ess"]
+    rows = [[r["method"], *[r.get(c) for c in cols]] for r in d["rows"]]
+    return (
+        f"### The demo (`{d['command']}`, {d['machine']}, {d['wall_minutes']:.1f} min)\n\n"
+        f"Teacher traces kept after rejection sampling: {d['traces_kept']} of {d['traces_sampled']}. "
+        "Greedy accuracy on held-out problems; `weight_ess` = ESS of DCD's token weights / tokens "
+        "(1 = uniform, i.e. SFT).\n\n" + _table(["method", *cols], rows) + "\n\n![demo](bench/results/demo_small.png)\n"
+    )
+
+
+def experiment_section() -> str | None:
+    path = RESULTS / "experiment.json"
+    if not path.is_file():
+        return None
+    d = json.loads(path.read_text())
+    cols = ["accuracy", "avg@8", "length_mean", "truncation_rate", "repetition_rate", "exaccerr_pct"]
+
+    def cell(m, c):
+        v = d["methods"][m].get(c)
+        return "n/a" if v is None else f"{v['mean']:.3f} ± {v['std']:.3f}"
+
+    rows = [[m, *[cell(m, c) for c in cols]] for m in d["methods"]]
+    sweep = [[s["tau"], s["b"], s.get("accuracy"), s.get("avg@8")] for s in d.get("sweep", [])]
+    text = (
+        f"### DCD vs. the offline baselines (`{d['command']}`)\n\n"
+        f"{len(d['seeds'])} seeds (data order), {d['student_steps']} student steps each, same data "
+        f"({d['teacher_traces']} teacher traces). Mean ± sd over seeds.\n\n"
+        + _table(["method", *cols], rows)
+        + "\n\n![experiment](bench/results/experiment.png)\n"
+    )
+    if sweep:
+        text += "\nDCD-CE sensitivity (seed 0):\n\n" + _table(["tau", "b", "accuracy", "avg@8"], sweep) + "\n"
+    return text
+
+
+def train_step_section() -> str | None:
+    files = sorted(p for p in RESULTS.glob("train_step_*.json") if "quick" not in p.name)
+    if not files:
+        return None
+    parts = []
+    for path in files:
+        d = json.loads(path.read_text())
+        rows = []
+        for r in d["runs"]:
+            res, ratios = r.get("results", {}), r.get("ratios", {})
+            get = lambda name, key: (res.get(name) or {}).get(key)
+            rows.append([r["model"], f"{r['num_params'] / 1e6:.1f}M", f"{r['batch']}x{r['seq']}",
+                         get("ours SFT", "tokens_per_s"), get("torch SFT", "tokens_per_s"),
+                         ratios.get("ours_vs_torch_tokens_per_s"), ratios.get("dcd_ce_over_sft_step_time"),
+                         ratios.get("dcd_kl_over_sft_step_time"), get("ours SFT", "peak_mib"), get("ours SFT", "mfu")])
+        parts.append(
+            f"### Train step (`python bench/train_step.py`, {path.name}: {d['device']['device_kind']}, "
+            f"{d['device'].get('cpu_count', '?')} cores)\n\n"
+            + _table(["model", "params", "BxT", "ours tok/s", "torch tok/s", "ours/torch", "DCD-CE/SFT time",
+                      "DCD-KL/SFT time", "ours peak MiB", "MFU"], rows)
+        )
+    return "\n\n".join(parts) + "\n"
+
+
+def sampler_section() -> str | None:
+    files = sorted(RESULTS.glob("sampler_*.json"))
+    if not files:
+        return None
+    parts = []
+    for path in files:
+        d = json.loads(path.read_text())
+        rows = [[r["batch"], r.get("dcd_jax_decode_tok_s"), r.get("hf_decode_tok_s"), r.get("speedup")] for r in d["rows"]]
+        parts.append(
+            f"### Sampler decode ({path.name}: {d['device_kind']}, {d['model']['params'] / 1e6:.1f}M Qwen2 shape)\n\n"
+            + _table(["batch", "dcd-jax tok/s", "transformers tok/s", "ratio"], rows)
+        )
+    return "\n\n".join(parts) + "\n"
+
+
+def loss_memory_section() -> str | None:
+    path = RESULTS / "loss_memory_cpu.json"
+    if not path.is_file():
+        return None
+    d = json.loads(path.read_text())
+    rows = [[r["objective"], r["chunk_size"] or "none", r["peak_mib"], r["peak_vs_unchunked"]] for r in d["rows"]]
+    c = d["config"]
+    return (
+        f"### Loss memory (`python bench/loss_memory.py`, B={c['batch']}, T={c['seq']}, V={c['vocab']}; "
+        "XLA's compiled peak, loss + gradient)\n\n" + _table(["objective", "chunk", "peak MiB", "vs unchunked"], rows) + "\n"
+    )
+
+
+def render() -> str:
+    sections = [f() for f in (demo_section, experiment_section, train_step_section, sampler_section, loss_memory_section)]
+    body = "\n".join(s for s in sections if s)
+    header = ("Regenerated from `bench/results/*.json` by `python bench/update_readme.py`; "
+              "each subsection names the command that wrote its data.\n\n")
+    return f"{BEGIN}\n{header}{body}{END}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args()
+    readme = (ROOT / "README.md").read_text()
+    start, end = readme.index(BEGIN), readme.index(END) + len(END)
+    new = readme[:start] + render() + readme[end:]
+    if args.check:
+        if new != readme:
+            print("README.md results section is out of date: run python bench/update_readme.py", file=sys.stderr)
+            return 1
+        return 0
+    (ROOT / "README.md").write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
