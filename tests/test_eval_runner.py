@@ -111,11 +111,16 @@ def test_generate_keeps_correct_traces_and_resumes(tmp_path, monkeypatch):
 def test_eval_cli_with_the_real_sampler(tmp_path):
     from train_fixtures import make_assets
 
+    from transformers import AutoTokenizer
+
+    from dcd_jax.data.synthetic import make_tiny_student
+
     assets = make_assets(tmp_path / "assets", n_examples=8)
+    other = make_tiny_student(tmp_path / "other", AutoTokenizer.from_pretrained(assets["student"]), size="micro", seed=1)
     out = tmp_path / "results"
     code = cli_main(["eval", "--model", f"micro={assets['student']}", "--benchmarks", "embedded",
                      "--path", f"embedded={assets['train']}", "--limit", "6", "--max-new-tokens", "8",
-                     "--batch-size", "8", "--out", str(out)])
+                     "--batch-size", "8", "--out", str(out), "--exaccerr-teacher", str(other)])
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     emb = summary["results"]["micro"]["embedded"]
@@ -123,3 +128,6 @@ def test_eval_cli_with_the_real_sampler(tmp_path):
     records = [json.loads(line) for line in (out / "generations" / "micro" / "generations" / "embedded.jsonl").open()]
     assert len(records) == 6 and all(r["num_tokens"] <= 8 for r in records)
     assert (out / "chart.png").is_file()
+    # ExAccErr of one random model against another: a finite curve over prefix lengths 1..8.
+    ex = summary["results"]["micro"]["exaccerr"]
+    assert len(ex["prefix_len"]) == 8 and all(v is not None and v >= 0 for v in ex["regret"])

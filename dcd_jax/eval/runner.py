@@ -184,18 +184,25 @@ def exaccerr_metrics(student: Any, teacher: Any, tokenizer: Any, prompts: Sequen
     }
 
     def logps(model_name: str, gens) -> list[np.ndarray]:
+        """Per-token log-probs of each continuation under one model (batched, lengths bucketed)."""
         graphdef, params, _ = student if model_name == "student" else teacher
-        out = []
+        seqs = []
         for prompt, completions in zip(rendered, gens):
             p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            c_ids = completions[0].token_ids
-            if not c_ids:
-                out.append(np.zeros(0, np.float32))
-                continue
-            ids = np.asarray([p_ids + c_ids], np.int32)
-            seg = np.ones_like(ids)
-            logp, _, _ = scorers[model_name](params, ids, seg)
-            out.append(np.asarray(logp)[0, len(p_ids) - 1 : len(p_ids) - 1 + len(c_ids)])
+            seqs.append((p_ids, completions[0].token_ids))
+        out: list[np.ndarray] = []
+        batch = 32
+        for start in range(0, len(seqs), batch):
+            group = seqs[start : start + batch]
+            length = -(-max(len(p) + len(c) for p, c in group) // 64) * 64
+            ids = np.zeros((batch, length), np.int32)
+            seg = np.zeros((batch, length), np.int32)
+            for row, (p, c) in enumerate(group):
+                ids[row, : len(p) + len(c)] = p + c
+                seg[row, : len(p) + len(c)] = 1
+            logp = np.asarray(scorers[model_name](params, ids, seg)[0])
+            for row, (p, c) in enumerate(group):
+                out.append(logp[row, len(p) - 1 : len(p) - 1 + len(c)])
         return out
 
     student_gens = Sampler(student[0], student[1], tokenizer).generate(rendered, sampling)
