@@ -179,6 +179,22 @@ def test_lam_zero_is_exactly_sft():
     assert float(dcd[1].metrics["lam"]) == 0.0
 
 
+@pytest.mark.parametrize("weighting", ["dcd", "dft", "idft", "iw_sft", "todi"])
+def test_every_weighting_at_strength_zero_is_exactly_sft_or_kd(weighting):
+    """objective.strength = 0 turns every weighting into plain SFT (ce) / KD (kl): same loss, same gradient;
+    at strength 1 they really differ from it (so the comparison can fail)."""
+    loss = "kl" if weighting == "todi" else "ce"
+    plain = run(cfg_of(chunk_size=5, loss=loss, weighting="none"), step=50)
+    kw = dict(chunk_size=5, loss=loss, weighting=weighting, lam=LamSchedule(kind="constant"),
+              idft=IDFTConfig(alpha_min=0.5, alpha_max=1.0), iw_sft=IWSFTConfig(kappa=1.0, c=3.0))
+    off = run(cfg_of(strength=0.0, **kw), step=50)
+    on = run(cfg_of(**kw), step=50)
+    assert off[0] == plain[0]
+    for x, y in zip(plain[2], off[2]):
+        np.testing.assert_array_equal(x, y)
+    assert abs(on[0] - plain[0]) > 1e-4
+
+
 def _weight_inputs(seed=3):
     rng = np.random.default_rng(seed)
     shape = (2, 12)

@@ -194,6 +194,9 @@ class ObjectiveConfig:
     weighting: Literal["none", "dcd", "dft", "idft", "iw_sft", "todi"] = "none"
     reduction: Literal["token", "sequence"] = "token"
     chunk_size: int = 256
+    # Global strength s of the weighting, for every weighting: w <- (1 - s) + s * w (ToDi:
+    # loss <- (1 - s) * forward KL + s * ToDi). s = 0 is exactly plain SFT (ce) / KD (kl).
+    strength: float = 1.0
     dcd: DCDConfig = dataclasses.field(default_factory=DCDConfig)
     lam: LamSchedule = dataclasses.field(default_factory=LamSchedule)
     idft: IDFTConfig = dataclasses.field(default_factory=IDFTConfig)
@@ -212,6 +215,7 @@ class ObjectiveConfig:
             f"objective.reduction={self.reduction!r}; expected 'token' or 'sequence'",
         )
         _check(self.chunk_size >= 0, f"objective.chunk_size must be >= 0 (0 = no chunking), got {self.chunk_size}")
+        _check(0.0 <= self.strength <= 1.0, f"objective.strength must be in [0, 1], got {self.strength}")
         if self.weighting == "todi" and self.loss != "kl":
             raise ConfigError(
                 "objective.weighting=todi mixes forward and reverse KL per vocabulary entry, so it needs "

@@ -163,6 +163,8 @@ def compute_objective(
             kl_value = losses.forward_kl_token_loss(
                 teacher_topk, stats.gathered_logprobs, stats.rest_logprob, tail=cfg.kl.tail
             )
+            if cfg.strength != 1.0:  # strength 0: plain forward-KL distillation
+                per_token = (1.0 - cfg.strength) * kl_value + cfg.strength * per_token
         else:
             per_token = kl_value = losses.forward_kl_token_loss(
                 teacher_topk, stats.gathered_logprobs, stats.rest_logprob, tail=cfg.kl.tail

@@ -141,8 +141,11 @@ def compute_weights(
     else:
         raise ValueError(f"unknown weighting {kind!r}")
     valid = mask > 0
+    weights = out.weights
+    if cfg.strength != 1.0:  # strength 0: plain SFT / KD (static: the default program is unchanged)
+        weights = (1.0 - cfg.strength) + cfg.strength * weights
     return Weights(
-        sg(jnp.where(valid, out.weights, 1.0)),
+        sg(jnp.where(valid, weights, 1.0)),
         sg(jnp.where(valid, out.clipped, 0.0)),
         sg(out.lam),
     )

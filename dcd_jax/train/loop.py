@@ -26,7 +26,7 @@ from dcd_jax.config import ConfigError, to_dict
 from dcd_jax.convert.model_dir import SIDE_DIR, Pretrained, load_pretrained, write_model_meta
 from dcd_jax.data import build_train_iterator
 from dcd_jax.data.config import DataConfig
-from dcd_jax.models import abstract_model, param_logical_axes
+from dcd_jax.models import abstract_model
 from dcd_jax.objectives import check_batch_fields, validate_batch
 from dcd_jax.sharding import make_mesh
 from dcd_jax.train.checkpoint import RunCheckpointer
@@ -166,8 +166,7 @@ def train(cfg: RunConfig, hooks: TrainHooks | None = None) -> TrainResult:
         (out_dir / RESOLVED_CONFIG).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         write_model_meta(out_dir, student.cfg, student.hf_config, student.files_dir)
 
-    graphdef, _, _ = abstract_model(student.cfg)
-    _, _, param_axes = abstract_model(student.cfg)
+    graphdef, _, param_axes = abstract_model(student.cfg)
     total_steps = cfg.train.steps
     tx = make_optimizer(cfg.optim, total_steps, student.params)
     schedule = learning_rate_schedule(cfg.optim, total_steps)
