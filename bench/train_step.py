@@ -194,7 +194,7 @@ def jax_worker(spec: dict) -> dict:
     gpu = device.platform == "gpu"
     cfg = ModelConfig.from_hf_config(
         hf, source=spec["model"], dtype="bfloat16" if gpu else "float32", param_dtype="float32",
-        remat="dots_saveable" if gpu else "none", true_vocab_size=true_vocab,
+        remat="dots_saveable" if gpu else "none", true_vocab_size=true_vocab, attention=spec.get("attention", "einsum"),
     )
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     b, t, steps, warmup = spec["batch"], spec["seq"], spec["steps"], spec["warmup"]
@@ -225,7 +225,7 @@ def jax_worker(spec: dict) -> dict:
                 in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0,
             )
             out: dict = {"batch_fields": sorted(fields), "dtype": cfg.dtype, "param_dtype": cfg.param_dtype,
-                         "remat": cfg.remat, "chunk_size": objective.chunk_size}
+                         "remat": cfg.remat, "attention": cfg.attention, "chunk_size": objective.chunk_size}
             t0 = time.perf_counter()
             compiled = step_fn.lower(state, batch).compile()
             out["compile_s"] = time.perf_counter() - t0
@@ -416,6 +416,8 @@ def main(argv=None) -> int:
                     help="sequence length for every model (default: 512 for tiny/25m, 128 with --quick; --gpu-seqs for Qwen2.5)")
     ap.add_argument("--gpu-seqs", default="2048,4096", help="sequence lengths for the Qwen2.5 shapes (GPU only)")
     ap.add_argument("--objectives", default=",".join(OBJECTIVES), help="subset of " + ",".join(OBJECTIVES))
+    ap.add_argument("--attention", choices=("einsum", "xla", "cudnn"), default="einsum",
+                    help="our step's attention kernel (cudnn: cuDNN flash attention, NVIDIA GPUs only)")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
     ap.add_argument("--separate", action="store_true",
                     help="one process per objective on CPU too (default on CPU: one process, interleaved timed steps)")
@@ -485,7 +487,8 @@ def main(argv=None) -> int:
         tokens = b * t
         print(f"== {m}: {cfg.num_params:,} params, B={b} T={t} ({tokens} tokens/step), {steps} timed steps",
               file=sys.stderr, flush=True)
-        spec = {"model": m, "batch": b, "seq": t, "steps": steps, "warmup": args.warmup, "platform": plat}
+        spec = {"model": m, "batch": b, "seq": t, "steps": steps, "warmup": args.warmup, "platform": plat,
+                "attention": args.attention}
         entry = {"model": m, "num_params": cfg.num_params, "batch": b, "seq": t, "tokens_per_step": tokens,
                  "flops_per_token": fpt, "hf_config": hf, "true_vocab_size": true_vocab, "results": {}}
         # ours: on CPU all objectives in one process, timed steps interleaved; on GPU (or with

@@ -4,18 +4,78 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 STAGES = ("assets", "teacher", "traces", "scores", "student", "sft", "dcd", "eval")
 
 
-def run_demo(out):
+# `dcd-jax demo ...` in a fresh process, which then lists the modules it imported.
+DEMO_THEN_LIST_MODULES = """
+import json, sys
+from dcd_jax.cli import main
+modules_out, sys.argv = sys.argv[1], ["dcd-jax", *sys.argv[2:]]
+try:
+    main()
+finally:
+    open(modules_out, "w").write(json.dumps(sorted(sys.modules)))
+"""
+# Imported by a dependency only when installed (README command 1 installs none of them).
+OPTIONAL_IMPORTS = {
+    "torch": "tensorboardX and transformers import it when present",
+    "attrs": "grain imports it when present",
+    "pytz": "pandas imports it when present",
+    "setuptools": "the editable install's import hook",
+}
+
+
+def run_demo(out, modules_out=None):
     """As a user runs it: a fresh process on the machine's one CPU device."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.run([sys.executable, "-m", "dcd_jax.cli", "demo", "--scale", "micro", "--out", str(out)],
-                          env=env, capture_output=True, text=True, timeout=900)
+    modules_out = modules_out or out.parent / "modules.json"
+    proc = subprocess.run([sys.executable, "-c", DEMO_THEN_LIST_MODULES, str(modules_out), "demo", "--scale", "micro",
+                           "--out", str(out)], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
+
+
+def core_dependency_closure() -> set[str]:
+    """Distributions that `pip install .` brings: pyproject's dependencies and theirs (no extras of ours)."""
+    import importlib.metadata as md
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    todo = [(Requirement(r), frozenset({""})) for r in declared]
+    seen = set()
+    while todo:
+        req, active_extras = todo.pop()
+        if req.marker and not any(req.marker.evaluate({"extra": e}) for e in active_extras):
+            continue
+        key = (canonicalize_name(req.name), frozenset(req.extras))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            subs = md.requires(req.name) or []
+        except md.PackageNotFoundError:
+            continue
+        todo += [(Requirement(s), frozenset({"", *req.extras})) for s in subs]
+    return {name for name, _ in seen}
+
+
+def imported_distributions(modules: list[str]) -> set[str]:
+    import importlib.metadata as md
+
+    from packaging.utils import canonicalize_name
+
+    owners = md.packages_distributions()
+    tops = {m.split(".")[0] for m in modules} - set(sys.stdlib_module_names)
+    return {canonicalize_name(d) for t in tops for d in owners.get(t, [])} - {"dcd-jax"}
 
 
 def test_demo_micro_runs_every_stage_and_caches(tmp_path):
@@ -45,6 +105,13 @@ def test_demo_micro_runs_every_stage_and_caches(tmp_path):
     assert set(summary["results"]) == {"teacher", "sft", "dcd"}
     assert (out / "comparison.png").stat().st_size > 5000 and (out / "report.md").is_file()
     assert "| method |" in printed and "| dcd |" in printed
+
+    # Every library the demo imported is installed by `pip install -e .` alone (README command 1):
+    # a fresh venv once lacked jinja2, which transformers needs for chat templates but does not require.
+    used = imported_distributions(json.loads((tmp_path / "modules.json").read_text()))
+    undeclared = used - core_dependency_closure() - set(OPTIONAL_IMPORTS)
+    assert not undeclared, f"imported by the demo but not installed by pyproject's dependencies: {sorted(undeclared)}"
+    assert "jinja2" in used  # the check sees the chat-template path
 
     markers = {s: (out / f"{s}.done.json").read_text() for s in STAGES}
     run_demo(out)

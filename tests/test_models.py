@@ -75,3 +75,51 @@ def test_remat_policies_give_identical_logits(tmp_path):
     for value, grad in outs[1:]:
         assert value == pytest.approx(outs[0][0], abs=1e-6)
         np.testing.assert_allclose(grad, outs[0][1], atol=1e-6)
+
+
+def test_dot_product_attention_kernel_equals_einsum_on_packed_rows(tmp_path):
+    """attention="xla" (jax.nn.dot_product_attention, the cuDNN path's XLA twin) gives the einsum
+    path's logits and gradients on a packed row with padding, GQA and llama3 rope."""
+    import jax
+
+    from dcd_jax.convert.hf_to_flax import open_hf_checkpoint, load_hf_params
+    from dcd_jax.models import ModelConfig, abstract_model, bind
+
+    d = save_hf_model("llama", tmp_path / "l")
+    ckpt = open_hf_checkpoint(d)
+    rng = np.random.RandomState(4)
+    ids = rng.randint(0, VOCAB, (2, 20)).astype(np.int32)
+    segments = np.array([[1] * 9 + [2] * 8 + [0] * 3, [1] * 20], np.int32)
+    positions = np.array([list(range(9)) + list(range(8)) + [0] * 3, list(range(20))], np.int32)
+    real = segments > 0
+    outs = {}
+    for kernel in ("einsum", "xla"):
+        cfg = ModelConfig.from_hf_config(ckpt.hf_config, attention=kernel)
+        assert cfg.num_kv_heads < cfg.num_heads  # grouped-query attention is exercised
+        graphdef, _, _ = abstract_model(cfg)
+        params = load_hf_params(ckpt, cfg)
+
+        def loss(p):
+            logits = bind(graphdef, p)(ids, positions=positions, segment_ids=segments)
+            return (logits * real[..., None]).sum() / 1000.0, logits
+
+        (value, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        outs[kernel] = (float(value), np.asarray(logits), np.asarray(grads["layers"]["attn"]["q_proj"]["kernel"]))
+    np.testing.assert_allclose(outs["xla"][1][real], outs["einsum"][1][real], atol=1e-5, rtol=0)
+    assert outs["xla"][0] == pytest.approx(outs["einsum"][0], abs=1e-4)
+    np.testing.assert_allclose(outs["xla"][2], outs["einsum"][2], atol=1e-5)
+
+
+def test_attention_kernel_is_a_runtime_choice_not_saved(tmp_path):
+    """A model converted with attention="cudnn" (say on a GPU box) loads with the einsum kernel elsewhere."""
+    from dcd_jax.convert.model_dir import load_pretrained, read_model_meta, save_model_dir
+    from dcd_jax.models import ModelConfig
+
+    d = save_hf_model("qwen2", tmp_path / "q")
+    loaded = load_pretrained(d, attention="cudnn")
+    assert loaded.cfg.attention == "cudnn"
+    save_model_dir(tmp_path / "m", loaded.params, loaded.cfg, loaded.hf_config)
+    assert read_model_meta(tmp_path / "m")[0].attention == "einsum"
+    assert read_model_meta(tmp_path / "m", attention="xla")[0].attention == "xla"
+    with pytest.raises(ValueError, match="attention='flash'"):
+        ModelConfig.from_hf_config(loaded.hf_config, attention="flash")

@@ -28,14 +28,14 @@ def test_logical_rules_replicate_what_does_not_divide():
     assert logical_to_spec(("batch", "length"), mesh=mesh) == P(("data", "fsdp"), None)
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
-def test_sharded_forward_equals_single_device(family, tmp_path):
+@pytest.mark.parametrize("family,attention", [("qwen2", "einsum"), ("qwen3", "einsum"), ("qwen3", "xla")])
+def test_sharded_forward_equals_single_device(family, attention, tmp_path):
     src = save_hf_model(family, tmp_path / "m")
     ids = np.random.RandomState(0).randint(0, VOCAB, (4, 16)).astype(np.int32)
     single = np.asarray(dcd_jax.load_hf(src)(ids))
 
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
-    model = dcd_jax.load_hf(src, mesh=mesh)
+    model = dcd_jax.load_hf(src, mesh=mesh, attention=attention)
     from flax import nnx
 
     graphdef, state = nnx.split(model)

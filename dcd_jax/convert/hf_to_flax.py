@@ -203,6 +203,7 @@ def load_hf(
     param_dtype: str | None = None,
     mesh: Mesh | None = None,
     remat: str = "none",
+    attention: str = "einsum",
     trust_remote_code: bool = False,
 ) -> Transformer:
     """Load a Llama 3 / Qwen2.5 / Qwen3 HF checkpoint (or a dcd-jax model dir) as a callable Flax model.
@@ -216,7 +217,7 @@ def load_hf(
 
     loaded = load_pretrained(
         path_or_hub_id, mesh=mesh, dtype=dtype, param_dtype=param_dtype or dtype, remat=remat,
-        trust_remote_code=trust_remote_code,
+        attention=attention, trust_remote_code=trust_remote_code,
     )
     graphdef, _, _ = abstract_model(loaded.cfg)
     return bind(graphdef, loaded.params)

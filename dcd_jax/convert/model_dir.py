@@ -56,6 +56,8 @@ def read_model_meta(model_dir: str | Path, **runtime: Any) -> tuple[ModelConfig,
     """(model config with ``runtime`` dtype/remat overrides, original HF config, dir holding model.json)."""
     d = find_model_meta(model_dir)
     meta = json.loads((d / MODEL_META).read_text())
+    # The attention kernel is this process's choice (a cuDNN-trained model must load on a CPU).
+    runtime = {"attention": "einsum", **runtime}
     cfg = from_dict(ModelConfig, {**meta["model_config"], **runtime})
     return cfg, meta["hf_config"], d
 
@@ -117,12 +119,12 @@ class Pretrained:
 
 def load_pretrained(
     path: str | Path, *, mesh: Mesh | None = None, dtype: str = "float32", param_dtype: str = "float32",
-    remat: str = "none", trust_remote_code: bool = False,
+    remat: str = "none", attention: str = "einsum", trust_remote_code: bool = False,
 ) -> Pretrained:
     """Load a HF directory / hub id, or a dcd-jax model dir or checkpoint, onto ``mesh``."""
     from dcd_jax.convert.hf_to_flax import load_hf_params, open_hf_checkpoint
 
-    runtime = dict(dtype=dtype, param_dtype=param_dtype, remat=remat)
+    runtime = dict(dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention)
     local = Path(path)
     if local.exists() and (local / "config.json").is_file() and not (local / MODEL_META).is_file():
         directory = local

@@ -137,6 +137,8 @@ def _render_plain(messages: list[dict[str, str]], tokenizer: Any, add_generation
 def _apply_template(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool, record: Record) -> str:
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except ImportError:  # a missing library (jinja2) is not the record's fault
+        raise
     except Exception as e:  # jinja raises TemplateError (e.g. raise_exception in the template)
         raise DataError(f"the chat template failed to render this conversation: {e}", location=record.location,
                         field=record.response_field, reason="template") from None

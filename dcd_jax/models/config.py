@@ -15,6 +15,7 @@ from typing import Any, Literal, Mapping
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_KERNELS = ("einsum", "xla", "cudnn")
 
 
 class UnsupportedModelError(ValueError):
@@ -54,16 +55,22 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     # The tokenizer's vocabulary: Qwen checkpoints pad the embedding rows past it. None = vocab_size.
     true_vocab_size: int | None = None
-    # Runtime options (not part of the checkpoint): compute/param dtypes, rematerialization.
+    # Runtime options (not part of the checkpoint): compute/param dtypes, rematerialization, and
+    # the attention kernel of full-sequence passes (training, scoring): "einsum" (our own, any
+    # backend), "xla" / "cudnn" (jax.nn.dot_product_attention; "cudnn" = cuDNN flash attention on
+    # NVIDIA GPUs). Cached decoding always uses the einsum path.
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: Literal["none", "full", "dots_saveable"] = "none"
+    attention: Literal["einsum", "xla", "cudnn"] = "einsum"
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
             raise UnsupportedModelError(
                 f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}"
             )
+        if self.attention not in ATTENTION_KERNELS:
+            raise ValueError(f"attention={self.attention!r}; expected one of {ATTENTION_KERNELS}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {DTYPES}")
@@ -91,7 +98,7 @@ class ModelConfig:
 
     @classmethod
     def from_hf_config(cls, hf: Mapping[str, Any], *, source: str = "config.json", **runtime: Any) -> "ModelConfig":
-        """Translate a HF ``config.json`` mapping; ``runtime`` sets dtype/param_dtype/remat."""
+        """Translate a HF ``config.json`` mapping; ``runtime`` sets dtype/param_dtype/remat/attention."""
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedModelError(

@@ -85,6 +85,17 @@ def attention_mask(q_segment: jax.Array, q_slot: jax.Array, kv_segment: jax.Arra
     return (same & causal)[:, None, None, :, :]
 
 
+def _einsum_attention(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array, dtype) -> jax.Array:
+    """softmax(q k^T / sqrt(hd) masked) v for q [B, T, H, hd], keys/values [B, S, KV, hd]; fp32 scores."""
+    b, t, h, hd = q.shape
+    kvh = keys.shape[2]
+    q = q.reshape(b, t, kvh, h // kvh, hd)  # grouped-query: each KV head serves h/kvh query heads
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, keys, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask, scores / math.sqrt(hd), _NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(b, t, h, hd)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, h, kv, hd, pd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.param_dtype
@@ -137,15 +148,14 @@ class Attention(nnx.Module):
             keys, values = keys.astype(x.dtype), values.astype(x.dtype)
             kv_slot = jnp.broadcast_to(jnp.arange(keys.shape[1], dtype=jnp.int32), kv_segment.shape)
 
-        b, t, h, hd = q.shape
-        kvh = keys.shape[2]
-        q = q.reshape(b, t, kvh, h // kvh, hd)  # grouped-query: each KV head serves h/kvh query heads
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, keys, preferred_element_type=jnp.float32)
-        scores = scores / math.sqrt(hd)
         mask = attention_mask(q_segment, q_slot, kv_segment, kv_slot)
-        scores = jnp.where(mask, scores, _NEG_INF)
-        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(b, t, h, hd)
+        if kv_cache is None and cfg.attention != "einsum":
+            # Slots are 0..T-1 here, so is_causal is exact and lets cuDNN skip the upper triangle;
+            # the mask adds the packed-segment (and padding) restriction.
+            out = jax.nn.dot_product_attention(q, keys, values, mask=mask[:, 0], is_causal=True,
+                                               implementation=cfg.attention)
+        else:
+            out = _einsum_attention(q, keys, values, mask, x.dtype)
         out = constrain(out, ("batch", "length", "act_heads", "head_dim"))
         y = jnp.einsum("bthk,hkd->btd", out, self.o_proj["kernel"][...].astype(x.dtype))
         if "bias" in self.o_proj:

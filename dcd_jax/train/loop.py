@@ -152,7 +152,7 @@ def train(cfg: RunConfig, hooks: TrainHooks | None = None) -> TrainResult:
 
     student: Pretrained = load_pretrained(
         cfg.model.path, mesh=mesh, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
-        remat=cfg.model.remat, trust_remote_code=cfg.model.trust_remote_code,
+        remat=cfg.model.remat, attention=cfg.model.attention, trust_remote_code=cfg.model.trust_remote_code,
     )
     tokenizer = student.tokenizer(cfg.model.trust_remote_code)
     true_vocab = student.cfg.tokenizer_vocab_size
