@@ -5,6 +5,9 @@
 # Writes bench/results/{train_step,sampler}_<gpu>.json (the device named in the file and inside).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# A machine without internet: on a connected host, `pip download -d wheelhouse .` first, then carry
+# wheelhouse/ along; it is installed from there.
+if [ -d wheelhouse ]; then pip install -q --no-index --find-links wheelhouse -e .; fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python -c "import jax; print(jax.__version__, jax.devices())"
 python -m pytest -q tests/test_gpu.py tests/test_sampler.py tests/test_models.py
