@@ -33,11 +33,16 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def _load(name: str) -> dict | None:
+    """A results file's JSON, or None when that benchmark has not been run."""
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def demo_section() -> str | None:
-    path = RESULTS / "demo_small.json"
-    if not path.is_file():
+    d = _load("demo_small.json")
+    if d is None:
         return None
-    d = json.loads(path.read_text())
     cols = ["accuracy", "length_mean", "truncation_rate", "repetition_rate", "format_failure_rate", "weight_ess"]
     rows = [[r["method"], *[r.get(c) for c in cols]] for r in d["rows"]]
     return (
@@ -49,10 +54,9 @@ def demo_section() -> str | None:
 
 
 def experiment_section() -> str | None:
-    path = RESULTS / "experiment.json"
-    if not path.is_file():
+    d = _load("experiment.json")
+    if d is None:
         return None
-    d = json.loads(path.read_text())
     cols = ["accuracy", "avg@8", "length_mean", "truncation_rate", "repetition_rate", "exaccerr_pct"]
 
     def cell(m, c):
@@ -120,10 +124,9 @@ def sampler_section() -> str | None:
 
 
 def loss_memory_section() -> str | None:
-    path = RESULTS / "loss_memory_cpu.json"
-    if not path.is_file():
+    d = _load("loss_memory_cpu.json")
+    if d is None:
         return None
-    d = json.loads(path.read_text())
     rows = [[r["objective"], r["chunk_size"] or "none", r["peak_mib"], r["peak_vs_unchunked"]] for r in d["rows"]]
     c = d["config"]
     return (

@@ -33,7 +33,10 @@ SIDE_DIR = "hf"
 def write_model_meta(out_dir: str | Path, cfg: ModelConfig, hf_config: dict[str, Any], side_files_from: str | Path | None) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"model_config": to_dict(cfg), "hf_config": hf_config}
+    # The attention kernel is the running process's choice, not the model's: a model trained with
+    # cuDNN attention must load on a CPU, so it is not recorded.
+    arch = {k: v for k, v in to_dict(cfg).items() if k != "attention"}
+    meta = {"model_config": arch, "hf_config": hf_config}
     (out / MODEL_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
     if side_files_from is not None:
         (out / SIDE_DIR).mkdir(exist_ok=True)
@@ -56,8 +59,6 @@ def read_model_meta(model_dir: str | Path, **runtime: Any) -> tuple[ModelConfig,
     """(model config with ``runtime`` dtype/remat overrides, original HF config, dir holding model.json)."""
     d = find_model_meta(model_dir)
     meta = json.loads((d / MODEL_META).read_text())
-    # The attention kernel is this process's choice (a cuDNN-trained model must load on a CPU).
-    runtime = {"attention": "einsum", **runtime}
     cfg = from_dict(ModelConfig, {**meta["model_config"], **runtime})
     return cfg, meta["hf_config"], d
 
