@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
+
+from dcd_jax.errors import ConfigError, UserError  # a plain module: importing it costs nothing
 
 EPILOG = """\
 pipeline:  generate (teacher traces) -> score-teacher (cached teacher log-probs)
@@ -22,7 +27,7 @@ def _parse_mesh(text: str | None):
     try:
         data, fsdp, tensor = (int(x) for x in text.split(","))
     except ValueError:
-        raise SystemExit(f"--mesh expects three integers data,fsdp,tensor (e.g. 1,-1,1), got {text!r}") from None
+        raise ConfigError(f"--mesh expects three integers data,fsdp,tensor (e.g. 1,-1,1), got {text!r}") from None
     return make_mesh(data, fsdp, tensor)
 
 
@@ -112,7 +117,7 @@ def _key_values(pairs: Sequence[str] | None, what: str) -> dict[str, str]:
     out = {}
     for pair in pairs or ():
         if "=" not in pair:
-            raise SystemExit(f"{what} expects NAME=VALUE, got {pair!r}")
+            raise ConfigError(f"{what} expects NAME=VALUE, got {pair!r}")
         k, v = pair.split("=", 1)
         out[k] = v
     return out
@@ -124,7 +129,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     models = _key_values(args.model, "--model")
     if not models:
-        raise SystemExit("give at least one --model NAME=PATH")
+        raise ConfigError("give at least one --model NAME=PATH")
     cfg = from_dict(EvalConfig, {
         "benchmarks": args.benchmarks.split(","), "paths": _key_values(args.path, "--path"), "split": args.split,
         "limit": args.limit, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
@@ -175,14 +180,25 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=1e-5 data.seq_len=2048")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors end with a hint to the help text (argparse's own exit status 2 is kept)."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"error: {message}\nhint: `{self.prog} --help` lists the commands and options\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dcd-jax",
         description="Distribution-corrected offline distillation of reasoning into small LMs (JAX/Flax).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of user errors too (same as DCD_JAX_DEBUG=1)")
+    # Not required here: a missing command and an unknown option then get their own messages.
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     convert = sub.add_parser("convert", help="convert checkpoints between Hugging Face and dcd-jax formats")
     conv_sub = convert.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
@@ -249,20 +265,66 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("demo_out"), help="working directory (stages are cached here)")
     demo.add_argument("--scale", default="small", choices=["micro", "small", "full"], help="model/data sizes")
     demo.set_defaults(func=cmd_demo)
+    parser.command_names = list(sub.choices)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from dcd_jax.config import ConfigError
-    from dcd_jax.convert import CheckpointError
-    from dcd_jax.models.config import UnsupportedModelError
-
+@contextlib.contextmanager
+def _cli_logging(debug: bool):
+    """INFO lines of ``dcd_jax.*`` on stderr through our own handler, whatever absl did to the root
+    logger (it installs its own handler on import, so ``logging.basicConfig`` would do nothing).
+    Undone on exit, so an in-process ``main()`` leaves the caller's logging as it was."""
+    logger = logging.getLogger("dcd_jax")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    saved = (logger.level, logger.propagate)
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if debug else logging.INFO)
+    logger.propagate = False  # the root's (absl) handler would print each line a second time
     try:
-        return int(args.func(args) or 0)
-    except (ConfigError, CheckpointError, UnsupportedModelError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.level, logger.propagate = saved
+
+
+def _user_os_error(e: OSError) -> str | None:
+    """The message for an OSError on a user's path (it names the file); None for anything else."""
+    import errno
+
+    if e.errno == errno.ENOSPC:
+        return f"no space left on device{f': {e.filename}' if e.filename else ''}"
+    if e.filename is not None and e.errno in (errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR,
+                                              errno.ENOTDIR, errno.EEXIST, errno.ENOTEMPTY):
+        return f"{e.filename}: {e.strerror}"
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. User errors print ``error: ...`` (and a ``hint:``) and return 2; with
+    ``--debug`` or ``DCD_JAX_DEBUG=1`` they raise with their traceback. Bugs always raise."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.error(f"no command given; choose one of: {', '.join(parser.command_names)}")
+    debug = args.debug or os.environ.get("DCD_JAX_DEBUG", "").lower() in ("1", "true", "yes")
+
+    with _cli_logging(debug):
+        try:
+            return int(args.func(args) or 0)
+        except UserError as e:
+            if debug:
+                raise
+            print(f"error: {e}", file=sys.stderr)
+            if e.hint:
+                print(f"hint: {e.hint}", file=sys.stderr)
+            return 2
+        except OSError as e:
+            message = _user_os_error(e)
+            if message is None or debug:
+                raise
+            print(f"error: {message}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

@@ -17,11 +17,11 @@ from typing import Any, Mapping, Sequence, TypeVar
 
 import yaml
 
+from dcd_jax.errors import ConfigError
+
+__all__ = ["ConfigError", "deep_merge", "from_dict", "load_config", "read_yaml", "replace", "to_dict"]
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or of the wrong type."""
 
 
 def _type_name(tp: Any) -> str:

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from dcd_jax.atomic_files import atomic_write_text
 from dcd_jax.data.synthetic import SyntheticTaskConfig
 
 log = logging.getLogger("dcd_jax.demo")
@@ -81,7 +82,7 @@ def run_stage(out: Path, name: str, fn: Callable[[], dict[str, Any]]) -> dict[st
     start = time.time()
     log.info("[%s] running ...", name)
     result = {**fn(), "seconds": round(time.time() - start, 1)}
-    marker.write_text(json.dumps(result, indent=2))
+    atomic_write_text(marker, json.dumps(result, indent=2))  # a torn marker would poison the cache
     log.info("[%s] done in %.0fs", name, result["seconds"])
     return result
 
@@ -217,7 +218,7 @@ def report(out: Path, results: dict, trained: dict, teacher: dict, gen: dict, st
         "effective sample size of the token weights / tokens (1 = uniform, SFT); final_loss: mean training loss "
         "over the last 20% of steps (DCD's is weighted, so not comparable to SFT's).\n"
     )
-    (out / "report.md").write_text(text)
+    atomic_write_text(out / "report.md", text)
     import platform
 
     stage_seconds = sum(json.loads(p.read_text()).get("seconds", 0.0) for p in out.glob("*.done.json"))
@@ -226,7 +227,7 @@ def report(out: Path, results: dict, trained: dict, teacher: dict, gen: dict, st
         "wall_minutes": stage_seconds / 60, "traces_kept": gen["traces_in_file"], "traces_sampled": gen["generated"],
         "student_params": student["params"], "rows": rows,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
     _plot(out, rows, trained)
     print(text)
     return summary

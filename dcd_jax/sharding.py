@@ -21,6 +21,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from dcd_jax.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical axis -> mesh axis (or tuple of mesh axes, or None = replicated).
@@ -78,24 +80,42 @@ def logical_to_spec(
     return PartitionSpec(*spec)
 
 
+def check_mesh_sizes(sizes: Sequence[int]) -> None:
+    """Each size is >= 1, or -1 (= the rest) for at most one axis; raises :class:`ConfigError` naming the axis."""
+    for axis, size in zip(MESH_AXES, sizes):
+        if isinstance(size, bool) or not isinstance(size, int) or (size < 1 and size != -1):
+            raise ConfigError(f"mesh.{axis}={size!r}: each mesh size must be a positive integer, or -1 for 'the rest'")
+    if list(sizes).count(-1) > 1:
+        raise ConfigError(f"mesh {_describe(sizes)}: at most one mesh axis may be -1")
+
+
+def _describe(sizes: Sequence[int]) -> str:
+    return " x ".join(f"{axis}={size}" for axis, size in zip(MESH_AXES, sizes))
+
+
+def resolve_mesh_shape(sizes: Sequence[int], n_devices: int) -> list[int]:
+    """The mesh shape for ``n_devices`` (the -1 filled in); :class:`ConfigError` if it cannot hold them all."""
+    check_mesh_sizes(sizes)
+    sizes = list(sizes)
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if n_devices % known:
+            raise ConfigError(f"mesh {_describe(sizes)}: {n_devices} devices cannot be split into {known} x the rest")
+        sizes[sizes.index(-1)] = n_devices // known
+    if math.prod(sizes) != n_devices:
+        raise ConfigError(
+            f"mesh {_describe(sizes)} = {math.prod(sizes)} devices, but {n_devices} are available "
+            "(the product must equal the device count; set one axis to -1 for the rest)"
+        )
+    return sizes
+
+
 def make_mesh(
     data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
 ) -> Mesh:
     """A ``(data, fsdp, tensor)`` mesh over all devices (of all hosts); one size may be -1 (= the rest)."""
     devices = list(devices if devices is not None else jax.devices())
-    sizes = [data, fsdp, tensor]
-    if sizes.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
-    known = math.prod(s for s in sizes if s != -1)
-    if -1 in sizes:
-        if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices cannot be split into mesh {sizes}")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if math.prod(sizes) != len(devices):
-        raise ValueError(
-            f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {math.prod(sizes)} "
-            f"does not match the {len(devices)} available devices"
-        )
+    sizes = resolve_mesh_shape((data, fsdp, tensor), len(devices))
     if devices == list(jax.devices()):
         return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3)

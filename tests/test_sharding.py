@@ -9,16 +9,19 @@ from hf_fixtures import VOCAB, save_hf_model
 
 import dcd_jax
 from dcd_jax.models import bind
+from dcd_jax.errors import ConfigError
 from dcd_jax.sharding import logical_to_spec, make_mesh
 
 
 def test_mesh_sizes_and_errors():
     assert jax.device_count() == 8
     assert dict(make_mesh(2, -1, 2).shape) == {"data": 2, "fsdp": 2, "tensor": 2}
-    with pytest.raises(ValueError, match="does not match"):
+    with pytest.raises(ConfigError, match="= 3 devices, but 8 are available"):
         make_mesh(3, 1, 1)
-    with pytest.raises(ValueError, match="at most one"):
+    with pytest.raises(ConfigError, match="at most one"):
         make_mesh(-1, -1, 1)
+    with pytest.raises(ConfigError, match="mesh.fsdp=0"):  # was a ZeroDivisionError
+        make_mesh(-1, 0, 1)
 
 
 def test_logical_rules_replicate_what_does_not_divide():

@@ -16,9 +16,11 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from dcd_jax.atomic_files import atomic_directory
 from dcd_jax.convert.hf_to_flax import HF_SIDE_FILES
 from dcd_jax.convert.mapping import active_rules, get_path
 from dcd_jax.convert.safetensors_io import save_safetensors
+from dcd_jax.errors import CheckpointError
 from dcd_jax.models.config import ModelConfig
 
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
@@ -46,6 +48,10 @@ def hf_tensors(params: dict[str, Any], cfg: ModelConfig, dtype: str | None = Non
             yield rule.hf_name, np.ascontiguousarray(rule.to_hf(arr, cfg))
 
 
+def _is_hf_file(name: str) -> bool:
+    return name in HF_SIDE_FILES or name.endswith(".safetensors") or name == "model.safetensors.index.json"
+
+
 def save_hf(
     params: dict[str, Any],
     cfg: ModelConfig,
@@ -71,31 +77,38 @@ def save_hf(
         size += arr.nbytes
     if jax.process_index() != 0:
         return out
-    out.mkdir(parents=True, exist_ok=True)
-    if side_files_from is not None and Path(side_files_from).resolve() != out.resolve():
-        for fname in HF_SIDE_FILES:
-            src = Path(side_files_from) / fname
-            if src.is_file() and fname != "config.json":
-                shutil.copy2(src, out / fname)
-    weight_map = {}
-    total = 0
-    for k, shard in enumerate(shards, start=1):
-        fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        save_safetensors(shard, out / fname)
-        for name, arr in shard.items():
-            weight_map[name] = fname
-            total += arr.nbytes
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    foreign = sorted(p.name for p in out.iterdir() if not _is_hf_file(p.name)) if out.is_dir() else []
+    if foreign:  # the swap below replaces the whole directory: never take a user's other files with it
+        raise CheckpointError(f"{out}: refusing to replace a directory that holds files of no HF model "
+                              f"({', '.join(foreign[:5])}); export into a new or an earlier export's directory")
+    # Built under a temporary name and swapped in whole: a kill never leaves a half-exported model.
+    # Side files already in ``out`` (e.g. a tokenizer saved there first) are kept, as when writing
+    # into it; ``side_files_from`` overrides them.
+    with atomic_directory(out) as staging:
+        for source in (out, side_files_from):
+            for fname in HF_SIDE_FILES if source is not None else ():
+                src = Path(source) / fname
+                if src.is_file() and fname != "config.json":
+                    shutil.copy2(src, staging / fname)
+        weight_map = {}
+        total = 0
+        for k, shard in enumerate(shards, start=1):
+            fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+            save_safetensors(shard, staging / fname)
+            for name, arr in shard.items():
+                weight_map[name] = fname
+                total += arr.nbytes
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
-    config = dict(hf_config)
-    saved_dtype = dtype or cfg.param_dtype
-    config["dtype"] = saved_dtype
-    config.pop("torch_dtype", None)
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    if not (out / "generation_config.json").is_file():
-        gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None}
-        (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        config = dict(hf_config)
+        saved_dtype = dtype or cfg.param_dtype
+        config["dtype"] = saved_dtype
+        config.pop("torch_dtype", None)
+        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        if not (staging / "generation_config.json").is_file():
+            gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None}
+            (staging / "generation_config.json").write_text(json.dumps(gen, indent=2))
     return out
 
 

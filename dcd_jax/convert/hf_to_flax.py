@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,8 @@ from jax.sharding import Mesh, SingleDeviceSharding
 
 from dcd_jax.convert.mapping import Rule, expected_hf_names, get_path, set_path
 from dcd_jax.convert.safetensors_io import SafetensorsFile
+from dcd_jax.errors import CheckpointError
+from dcd_jax.paths import looks_like_hub_id
 from dcd_jax.models import Transformer, abstract_model, bind
 from dcd_jax.models.config import ModelConfig
 from dcd_jax.sharding import named_sharding
@@ -41,10 +42,6 @@ HF_SIDE_FILES = (
 )
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, or a tensor is missing, unexpected or of the wrong shape."""
-
-
 @dataclasses.dataclass
 class HFCheckpoint:
     """An opened HF model directory: its config and the safetensors file holding each tensor."""
@@ -57,9 +54,6 @@ class HFCheckpoint:
         return self.tensor_files[name].get(name)
 
 
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-
-
 def resolve_model_dir(path_or_hub_id: str | Path, *, revision: str | None = None) -> Path:
     """A local directory as is; ``org/name`` (not an existing path) is downloaded from the hub
     (config, safetensors and tokenizer files only: no pickles, no code)."""
@@ -68,16 +62,32 @@ def resolve_model_dir(path_or_hub_id: str | Path, *, revision: str | None = None
         if not path.is_dir():
             raise CheckpointError(f"{path}: expected a model directory (with config.json and *.safetensors)")
         return path
-    if not _HUB_ID.match(str(path_or_hub_id)):
+    if not looks_like_hub_id(path_or_hub_id):
         raise CheckpointError(f"{path_or_hub_id}: no such directory (and not a hub id like 'Qwen/Qwen2.5-0.5B')")
     from huggingface_hub import snapshot_download
 
-    local = snapshot_download(
-        str(path_or_hub_id),
-        revision=revision,
-        allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"],
-    )
+    try:
+        local = snapshot_download(
+            str(path_or_hub_id),
+            revision=revision,
+            allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"],
+        )
+    except Exception as e:  # offline, unknown repo, gated...: all mean "cannot get this model"
+        raise CheckpointError(
+            f"{path_or_hub_id}: not a local directory, and fetching it as a hub id failed: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
     return Path(local)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def open_hf_checkpoint(directory: str | Path) -> HFCheckpoint:
@@ -85,17 +95,24 @@ def open_hf_checkpoint(directory: str | Path) -> HFCheckpoint:
     cfg_path = directory / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{directory}: missing config.json")
-    hf_config = json.loads(cfg_path.read_text())
+    hf_config = _read_json(cfg_path)
     index_path = directory / "model.safetensors.index.json"
     files: dict[str, SafetensorsFile] = {}
     if index_path.is_file():
-        weight_map = json.loads(index_path.read_text()).get("weight_map")
+        weight_map = _read_json(index_path).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index_path}: no 'weight_map'")
         opened: dict[str, SafetensorsFile] = {}
+        inside = directory.resolve()
         for name, fname in weight_map.items():
             if fname not in opened:
-                fpath = directory / fname
+                fpath = directory / str(fname)
+                # An absolute or ../ name would open a file wherever it points: only files of this dir.
+                if Path(str(fname)).is_absolute() or not fpath.resolve().is_relative_to(inside):
+                    raise CheckpointError(
+                        f"{index_path}: weight_map entry for tensor {name!r} points outside the checkpoint "
+                        f"directory ({fname!r}); only file names inside {directory} are allowed"
+                    )
                 if not fpath.is_file():
                     raise CheckpointError(f"{index_path}: tensor {name!r} is in {fname}, which does not exist")
                 opened[fname] = SafetensorsFile(fpath)

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
+from dcd_jax.atomic_files import atomic_write_bytes, atomic_write_text
 from dcd_jax.config import from_dict, to_dict
 from dcd_jax.convert.hf_to_flax import HF_SIDE_FILES, CheckpointError, resolve_model_dir, true_vocab_size_of
 from dcd_jax.models import sharded_abstract_params
@@ -37,13 +37,13 @@ def write_model_meta(out_dir: str | Path, cfg: ModelConfig, hf_config: dict[str,
     # cuDNN attention must load on a CPU, so it is not recorded.
     arch = {k: v for k, v in to_dict(cfg).items() if k != "attention"}
     meta = {"model_config": arch, "hf_config": hf_config}
-    (out / MODEL_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    atomic_write_text(out / MODEL_META, json.dumps(meta, indent=2, sort_keys=True))
     if side_files_from is not None:
         (out / SIDE_DIR).mkdir(exist_ok=True)
         for fname in HF_SIDE_FILES:
             src = Path(side_files_from) / fname
             if src.is_file():
-                shutil.copy2(src, out / SIDE_DIR / fname)
+                atomic_write_bytes(out / SIDE_DIR / fname, src.read_bytes())
 
 
 def find_model_meta(start: str | Path) -> Path:
@@ -138,6 +138,17 @@ def load_pretrained(
     cfg = ModelConfig.from_hf_config(ckpt.hf_config, source=str(directory / "config.json"), **runtime)
     cfg = dataclasses.replace(cfg, true_vocab_size=true_vocab_size_of(directory, cfg, trust_remote_code))
     return Pretrained(cfg, ckpt.hf_config, load_hf_params(ckpt, cfg, mesh), directory)
+
+
+def peek_model_config(path: str | Path) -> ModelConfig | None:
+    """The architecture of a local model (HF dir, dcd-jax model dir or checkpoint) without reading
+    any weight; None for a hub id (not downloaded yet)."""
+    local = Path(path)
+    if not local.exists():
+        return None
+    if (local / "config.json").is_file() and not (local / MODEL_META).is_file():
+        return ModelConfig.from_pretrained_dir(local)
+    return read_model_meta(local)[0]
 
 
 def load_pretrained_tokenizer(path: str | Path, *, trust_remote_code: bool = False):

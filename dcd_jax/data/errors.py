@@ -11,6 +11,8 @@ import collections
 import dataclasses
 from typing import Literal
 
+from dcd_jax.errors import DataInputError
+
 # Why a record was rejected (keys of the skip counts).
 REASONS = (
     "malformed_json",
@@ -43,7 +45,7 @@ class Location:
         return self.file
 
 
-class DataError(ValueError):
+class DataError(DataInputError):
     """A record (or stored teacher score) is invalid.
 
     The message reads ``<file>:<line>: field '<field>': <what is wrong>`` (``<file> [record <i>]``

@@ -25,9 +25,11 @@ from typing import Any, Iterator, Mapping
 
 from dcd_jax.data.config import DataConfig
 from dcd_jax.data.errors import BadRecordPolicy, DataError, Location
+from dcd_jax.paths import looks_like_hub_id
 
 ROLES = ("system", "user", "assistant")
 _HF_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+_BOM = b"\xef\xbb\xbf"  # written by common Windows tools at the start of a UTF-8 file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,11 +93,11 @@ def _read_json_lines(
     index = 0
     for file in _jsonl_files(Path(cfg.path)):
         with open(file, "rb") as f:
-            head = f.read(4096).lstrip()
+            head = f.read(4096).removeprefix(_BOM).lstrip()
             f.seek(0)
             if head.startswith(b"["):
                 try:
-                    items = json.loads(f.read().decode("utf-8"))
+                    items = json.loads(f.read().decode("utf-8-sig"))
                 except (json.JSONDecodeError, UnicodeDecodeError) as e:
                     line = getattr(e, "lineno", None)
                     raise DataError(
@@ -109,6 +111,8 @@ def _read_json_lines(
                     index += 1
                 continue
             for line_no, raw in enumerate(f, start=1):
+                if line_no == 1:
+                    raw = raw.removeprefix(_BOM)
                 if not raw.strip():
                     continue
                 if cfg.max_records is not None and index >= cfg.max_records:
@@ -143,8 +147,9 @@ def _read_hf(cfg: DataConfig, process_index: int, process_count: int) -> Iterato
         else:
             ds = datasets.load_dataset(path, split=cfg.split, cache_dir=cfg.cache_dir)
     except Exception as e:  # datasets raises many types; all mean "cannot read this input"
+        tried = "" if os.path.exists(path) else "not a local path; tried as a hub dataset id: "
         raise DataError(
-            f"could not be loaded with datasets (split {cfg.split!r}): {type(e).__name__}: {e}",
+            f"{tried}could not be loaded with datasets (split {cfg.split!r}): {type(e).__name__}: {e}",
             location=Location(path),
             reason="unreadable",
         ) from e
@@ -164,6 +169,9 @@ def read_raw_records(
     if not cfg.path:
         raise DataError("data.path is empty: set it to a JSONL/Parquet file, a directory or a hub id",
                         location=Location("<config>"), reason="unreadable")
+    if not os.path.exists(os.path.expanduser(cfg.path)) and not looks_like_hub_id(cfg.path):
+        raise DataError("no such file or directory (the Hub is tried only for an id like org/name)",
+                        location=Location(cfg.path), field="data.path", reason="unreadable")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} is not in [0, process_count={process_count})")
     if _resolve_format(cfg) == "jsonl":

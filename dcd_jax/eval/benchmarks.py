@@ -26,6 +26,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from dcd_jax.errors import DataInputError
 from dcd_jax.eval.grading import extract_boxed
 
 __all__ = [
@@ -57,7 +58,7 @@ DEFAULT_PROMPT_TEMPLATE = "{problem}\nPlease reason step by step, and put your f
 VERBATIM_TEMPLATE = "{problem}"
 
 
-class BenchmarkLoadError(RuntimeError):
+class BenchmarkLoadError(DataInputError):
     """A benchmark could not be read (missing file, unknown column, hub unreachable...)."""
 
 
@@ -377,7 +378,7 @@ def _read_file(path: Path, split: str | None) -> list[dict[str, Any]]:
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
         rows = []
-        with path.open(encoding="utf-8") as f:
+        with path.open(encoding="utf-8-sig") as f:
             for lineno, line in enumerate(f, 1):
                 line = line.strip()
                 if not line:
@@ -388,7 +389,7 @@ def _read_file(path: Path, split: str | None) -> list[dict[str, Any]]:
                     raise BenchmarkLoadError(f"{path}:{lineno}: invalid JSON ({e})") from e
         return rows
     if suffix == ".json":
-        with path.open(encoding="utf-8") as f:
+        with path.open(encoding="utf-8-sig") as f:
             data = json.load(f)
         if isinstance(data, list):
             return list(data)
@@ -407,7 +408,7 @@ def _read_file(path: Path, split: str | None) -> list[dict[str, Any]]:
 
         return pq.read_table(path).to_pylist()
     if suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as f:
+        with path.open(encoding="utf-8-sig", newline="") as f:
             return list(csv.DictReader(f))
     raise BenchmarkLoadError(f"{path}: unsupported file type (use one of {', '.join(_EXTS)})")
 

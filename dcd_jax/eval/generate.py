@@ -9,7 +9,8 @@ are training-ready: ``{"id", "source_id", "prompt", "response", "answer", "corre
 Resumable: prompts are processed in chunks; after each chunk its kept traces are appended to
 ``out`` and then its prompt ids to ``out.done`` (both flushed and fsynced). A restarted run drops
 traces whose prompt is not in ``out.done`` (an interrupted chunk) and skips every finished
-prompt, so it never loses or duplicates a trace.
+prompt, so it never loses or duplicates a trace. That clean-up rewrites ``out`` atomically (a temp
+file renamed over it): a kill during the restart leaves the old file or the cleaned one, whole.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
+from dcd_jax.atomic_files import atomic_write_text
 from dcd_jax.config import ConfigError
 from dcd_jax.eval import benchmarks as bench_lib
 from dcd_jax.eval.grading import grade
@@ -108,7 +110,7 @@ def generate_traces(cfg: GenerateConfig, *, teacher=None, tokenizer=None, mesh=N
                     kept_lines.append(line)
             except (json.JSONDecodeError, KeyError):
                 continue
-        out.write_text("".join(line + "\n" for line in kept_lines))
+        atomic_write_text(out, "".join(line + "\n" for line in kept_lines))
     todo = [it for it in items if it.id not in done]
     stats = {"prompts": len(items), "skipped_done": len(items) - len(todo), "generated": 0, "kept": 0}
     if not todo:

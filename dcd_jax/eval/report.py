@@ -25,6 +25,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from dcd_jax.atomic_files import atomic_write_text
+
 __all__ = ["to_jsonable", "write_results", "summary_rows", "markdown_table", "bar_chart"]
 
 
@@ -61,13 +63,6 @@ def _safe_name(name: str) -> str:
     return safe
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Write then rename: an interrupted run never leaves a half-written summary behind."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_results(
     out_dir: str | Path,
     per_benchmark_generations: Mapping[str, Iterable[Mapping[str, Any]]],
@@ -96,10 +91,10 @@ def write_results(
         used[fname] = bench
         path = gen_dir / f"{fname}.jsonl"
         lines = [json.dumps(to_jsonable(r), ensure_ascii=False, allow_nan=False) for r in records]
-        _atomic_write(path, "".join(line + "\n" for line in lines))
+        atomic_write_text(path, "".join(line + "\n" for line in lines))
         written[f"generations/{bench}"] = path
     spath = out / "summary.json"
-    _atomic_write(spath, json.dumps(to_jsonable(summary), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+    atomic_write_text(spath, json.dumps(to_jsonable(summary), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
     written["summary"] = spath
     return written
 

@@ -13,12 +13,14 @@ import json
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
+from dcd_jax.errors import CheckpointError, ModelError
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_KERNELS = ("einsum", "xla", "cudnn")
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(ModelError):
     """The checkpoint uses an architecture or option this decoder does not implement."""
 
 
@@ -147,7 +149,7 @@ class ModelConfig:
     def from_pretrained_dir(cls, path: str | Path, **runtime: Any) -> "ModelConfig":
         cfg_path = Path(path) / "config.json"
         if not cfg_path.is_file():
-            raise FileNotFoundError(f"no config.json in {path}")
+            raise CheckpointError(f"{path}: no config.json (not a model directory)")
         return cls.from_hf_config(json.loads(cfg_path.read_text()), source=str(cfg_path), **runtime)
 
 

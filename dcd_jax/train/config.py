@@ -12,6 +12,7 @@ from typing import Literal
 from dcd_jax.config import ConfigError
 from dcd_jax.data.config import DataConfig
 from dcd_jax.objectives.config import ObjectiveConfig
+from dcd_jax.sharding import check_mesh_sizes
 from dcd_jax.train.checkpoint import CheckpointConfig
 from dcd_jax.train.distributed import DistributedConfig
 from dcd_jax.train.optimizer import OptimConfig
@@ -41,11 +42,17 @@ class ModelSourceConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh sizes (product = all devices of all hosts; one may be -1 = the rest)."""
+    """Device mesh sizes (product = all devices of all hosts; one may be -1 = the rest).
+
+    The sizes are checked here; that they fit the device count is checked before anything loads.
+    """
 
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+
+    def validate(self) -> None:
+        check_mesh_sizes((self.data, self.fsdp, self.tensor))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +90,10 @@ class LoopConfig:
       export_dtype: dtype of that export (null: the param dtype).
       tensorboard: also write TensorBoard event files.
       progress: show a progress bar (process 0).
+      break_lock: take over ``out_dir``'s lock even if it belongs to a run on another host (you
+        vouch that it is gone; a live run on this host is never overridden).
+      lock_stale_after_s: a lock from another host whose heartbeat is older than this is reported
+        as stale (0 = never).
     """
 
     steps: int = 100
@@ -94,10 +105,14 @@ class LoopConfig:
     export_dtype: Literal["float32", "bfloat16", "float16"] | None = None
     tensorboard: bool = True
     progress: bool = True
+    break_lock: bool = False
+    lock_stale_after_s: float = 3600.0
 
     def validate(self) -> None:
         if self.steps <= 0 or self.grad_accum <= 0 or self.log_every <= 0:
             raise ConfigError("train.steps, train.grad_accum and train.log_every must be positive")
+        if self.lock_stale_after_s < 0:
+            raise ConfigError(f"train.lock_stale_after_s must be >= 0, got {self.lock_stale_after_s}")
 
 
 @dataclasses.dataclass(frozen=True)

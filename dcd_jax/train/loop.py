@@ -1,9 +1,11 @@
 """The training loop: ``dcd-jax train --config X.yaml key=value ...``.
 
 Order of work, so that bad input fails before compute is spent: config -> distributed init ->
-mesh -> student + tokenizer -> objective/data field checks -> data validation and tokenization
--> train state (restored from the latest readable checkpoint of ``out_dir`` if there is one) ->
-jitted step. Each step: host batch -> global arrays -> step -> metrics (read one step late, so
+mesh (checked against the device count) -> ``out_dir`` claimed (lock, writable, room for a
+checkpoint; see ``run_dir.py``) -> student + tokenizer -> objective/data field checks -> data
+validation and tokenization -> train state (restored from the latest usable checkpoint of
+``out_dir`` if there is one; a non-finite loss on the first step after a restore falls back to the
+step before) -> jitted step. Each step: host batch -> global arrays -> step -> metrics (read one step late, so
 the host never stalls the device) -> checkpoint / eval / preemption at step boundaries.
 """
 
@@ -22,12 +24,14 @@ import numpy as np
 import yaml
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from dcd_jax.atomic_files import atomic_write_text
 from dcd_jax.config import ConfigError, to_dict
-from dcd_jax.convert.model_dir import SIDE_DIR, Pretrained, load_pretrained, write_model_meta
+from dcd_jax.convert.model_dir import SIDE_DIR, Pretrained, load_pretrained, peek_model_config, write_model_meta
 from dcd_jax.data import build_train_iterator
 from dcd_jax.data.config import DataConfig
 from dcd_jax.models import abstract_model
 from dcd_jax.objectives import check_batch_fields, validate_batch
+from dcd_jax.paths import require_local_or_hub
 from dcd_jax.sharding import make_mesh
 from dcd_jax.train.checkpoint import RunCheckpointer
 from dcd_jax.train.config import RunConfig
@@ -35,6 +39,7 @@ from dcd_jax.train.distributed import initialize_distributed
 from dcd_jax.train.flops import mfu
 from dcd_jax.train.metrics import MetricsWriter
 from dcd_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from dcd_jax.train.run_dir import RunLock, checkpoint_bytes, claim_run_dir
 from dcd_jax.train.state import init_train_state, state_shardings
 from dcd_jax.train.step import make_train_step
 
@@ -46,6 +51,14 @@ RESOLVED_CONFIG = "config.yaml"
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/Inf; the run stopped and the last good checkpoint was kept."""
+
+
+class _NonFiniteAfterRestore(Exception):
+    """The first step after restoring ``step`` had a non-finite loss: that checkpoint is not usable."""
+
+    def __init__(self, step: int, loss: float):
+        super().__init__(f"loss {loss} on the first step after restoring it")
+        self.step = step
 
 
 @dataclasses.dataclass
@@ -138,17 +151,45 @@ def _check_divisibility(cfg: RunConfig, mesh: Mesh) -> None:
         raise ConfigError(f"per-host rows {local} must be divisible by train.grad_accum={cfg.train.grad_accum}")
 
 
+def _claim_out_dir(cfg: RunConfig) -> RunLock | None:
+    """Process 0 locks ``out_dir`` and checks it is writable with room for one checkpoint (after the
+    model and data paths are known to exist: a typo must not leave a fresh out_dir behind)."""
+    require_local_or_hub(cfg.model.path, "model.path")
+    require_local_or_hub(cfg.data.path, "data.path")
+    if jax.process_index() != 0:
+        return None
+    model = peek_model_config(cfg.model.path)
+    needed = None if model is None else checkpoint_bytes(model.num_params, jax.numpy.dtype(cfg.model.param_dtype).itemsize)
+    return claim_run_dir(cfg.train.out_dir, needed_bytes=needed, stale_after_s=cfg.train.lock_stale_after_s,
+                         break_lock=cfg.train.break_lock)
+
+
 def train(cfg: RunConfig, hooks: TrainHooks | None = None) -> TrainResult:
     """Train (or resume) the run described by ``cfg``; see the module docstring for the order of work."""
     _setup_logging()
     cfg.require_model()
     hooks = hooks or TrainHooks()
     initialize_distributed(cfg.distributed)
-    is_main = jax.process_index() == 0
-    out_dir = Path(cfg.train.out_dir).absolute()
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     _check_divisibility(cfg, mesh)
     check_batch_fields(cfg.objective, data_fields(cfg.data))
+    lock = _claim_out_dir(cfg)
+    bad_steps: dict[int, str] = {}
+    try:
+        while True:
+            try:
+                return _train(cfg, hooks, mesh, bad_steps)
+            except _NonFiniteAfterRestore as e:
+                log.warning("checkpoint step %d is unusable (%s); falling back to the previous one", e.step, e)
+                bad_steps[e.step] = str(e)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: RunConfig, hooks: TrainHooks, mesh: Mesh, bad_steps: dict[int, str]) -> TrainResult:
+    is_main = jax.process_index() == 0
+    out_dir = Path(cfg.train.out_dir).absolute()
 
     student: Pretrained = load_pretrained(
         cfg.model.path, mesh=mesh, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
@@ -163,7 +204,7 @@ def train(cfg: RunConfig, hooks: TrainHooks | None = None) -> TrainResult:
 
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / RESOLVED_CONFIG).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        atomic_write_text(out_dir / RESOLVED_CONFIG, yaml.safe_dump(to_dict(cfg), sort_keys=False))
         write_model_meta(out_dir, student.cfg, student.hf_config, student.files_dir)
 
     graphdef, _, param_axes = abstract_model(student.cfg)
@@ -178,7 +219,7 @@ def train(cfg: RunConfig, hooks: TrainHooks | None = None) -> TrainResult:
     del student.params
 
     checkpointer = RunCheckpointer(out_dir / "checkpoints", cfg.checkpoint)
-    restored = checkpointer.restore_latest(state)
+    restored = checkpointer.restore_latest(state, skip=bad_steps)
     if restored is not None:
         state, data_state = restored
         data_iter.set_state(data_state)
@@ -214,6 +255,8 @@ def train(cfg: RunConfig, hooks: TrainHooks | None = None) -> TrainResult:
         step_no, metrics, _ = pending
         pending = None
         loss = float(metrics["loss"])
+        if not math.isfinite(loss) and restored is not None and step_no == start_step + 1:
+            raise _NonFiniteAfterRestore(start_step, loss)
         if not math.isfinite(loss):
             raise NonFiniteLossError(
                 f"loss is {loss} at step {step_no}; stopping. The last good checkpoint "
