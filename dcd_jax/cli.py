@@ -104,7 +104,8 @@ def cmd_score_teacher(args: argparse.Namespace) -> int:
         "dtype": args.dtype,
     })
     out = score_teacher(cfg.data, score, mesh=_parse_mesh(args.mesh))
-    print(f"teacher scores -> {out}  (train with data.teacher_scores={out} data.topk={args.topk})")
+    print(f"teacher scores -> {out}  (train with data.teacher_scores={out} data.topk={args.topk} "
+          f"data.teacher={args.teacher})")
     return 0
 
 

@@ -72,6 +72,9 @@ class DataConfig:
       teacher_fingerprint_field: Inline field holding the scoring tokenizer's fingerprint.
       teacher_fingerprint: Fingerprint for inline scores whose records do not carry one. Scores are
         refused unless a fingerprint is known and equals the student tokenizer's.
+      teacher: The teacher stored Parquet scores must come from: its name as given to
+        ``score-teacher`` (path or hub id) or its weights fingerprint (``w-...``); ``null``
+        accepts the file's teacher. A file scored by another teacher is refused.
     """
 
     path: str = ""
@@ -110,6 +113,7 @@ class DataConfig:
     teacher_topk_logprobs_field: str = "teacher_topk_logprobs"
     teacher_fingerprint_field: str = "tokenizer_fingerprint"
     teacher_fingerprint: str | None = None
+    teacher: str | None = None
 
     def __hash__(self) -> int:
         # Frozen, but `role_map` is a dict: hash its items so the config stays usable as a key.

@@ -24,7 +24,7 @@ REASONS = (
     "teacher_scores",
 )
 # Problems with the whole input rather than one record: never skipped, whatever the policy.
-FATAL_REASONS = ("unreadable", "teacher_fingerprint")
+FATAL_REASONS = ("unreadable", "teacher_fingerprint", "stale_teacher_scores")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,7 +39,13 @@ from dcd_jax.config import to_dict
 from dcd_jax.data.config import DataConfig
 from dcd_jax.data.errors import BadRecordPolicy, DataError, Location
 from dcd_jax.data.records import load_records
-from dcd_jax.data.teacher_scores import ParquetScores, check_scores, open_teacher_scores, tokenizer_fingerprint
+from dcd_jax.data.teacher_scores import (
+    ParquetScores,
+    check_scores,
+    content_hash,
+    open_teacher_scores,
+    tokenizer_fingerprint,
+)
 from dcd_jax.data.tokenization import TokenizedExample, fit_to_length, tokenize_records
 
 logger = logging.getLogger("dcd_jax.data")
@@ -120,6 +126,8 @@ def _examples(
             checked = check_scores(
                 scores.get(record), record, num_response_tokens=result.num_response_tokens,
                 student_fingerprint=student_fp, cfg=cfg, vocab_size=len(tokenizer),
+                example_hash=content_hash(result.input_ids, result.response_mask)
+                if isinstance(scores, ParquetScores) else None,
             )
             result = dataclasses.replace(result, teacher=checked)
         if not apply_length:

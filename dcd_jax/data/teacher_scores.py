@@ -10,6 +10,13 @@ or the count does not equal the record's response-token count.
 They come either inline in the records (``data.teacher_scores: inline``) or from a Parquet file
 with columns :data:`COLUMNS`, joined on the record id (written by ``dcd-jax score-teacher``
 through :func:`write_teacher_scores`).
+
+Content addressing (Parquet scores). Each row stores :func:`content_hash` of exactly what it was
+computed from (the example's token ids and response mask, untruncated), and the file stores its
+:class:`ScoresProvenance` (teacher name and weights fingerprint, dtype, top-k, tokenizer
+fingerprint) in the Parquet key-value metadata. A record whose tokens changed after scoring (an
+edited or swapped response, even of the same length), a file from another teacher than
+``data.teacher`` or with fewer than ``data.topk`` entries is refused, naming the record.
 """
 
 from __future__ import annotations
@@ -26,7 +33,11 @@ from dcd_jax.data.config import DataConfig
 from dcd_jax.data.errors import DataError, Location
 from dcd_jax.data.records import Record
 
-COLUMNS = ("id", "teacher_logprobs", "teacher_topk_ids", "teacher_topk_logprobs", "tokenizer_fingerprint")
+COLUMNS = ("id", "content_hash", "teacher_logprobs", "teacher_topk_ids", "teacher_topk_logprobs",
+           "tokenizer_fingerprint")
+# Parquet key-value metadata key holding the file's ScoresProvenance (JSON).
+PROVENANCE_KEY = b"dcd_jax.teacher_scores"
+SCORES_FORMAT = 2  # 1: no content hashes / provenance (refused: cannot be checked)
 # A stored log-prob may exceed 0 only by float noise.
 _MAX_LOGPROB = 1e-3
 
@@ -48,6 +59,50 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     parts["special"] = {k: getattr(tokenizer, k, None) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
     return f"tok1-{digest[:32]}"
+
+
+def content_hash(input_ids: np.ndarray, response_mask: np.ndarray) -> str:
+    """What a row of scores was computed from: ``h = BLAKE2b-128(int32_le(input_ids) || uint8(response_mask))``.
+
+    Any change of a token, of the loss mask, or of the length changes ``h`` (up to 2^-128 collisions).
+    Computed on the untruncated example, so it does not depend on ``seq_len``.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    h.update(np.asarray(input_ids, "<i4").tobytes())
+    h.update(np.asarray(response_mask, np.uint8).tobytes())
+    return h.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoresProvenance:
+    """Who computed a file of scores and how: stored once per file (Parquet key-value metadata).
+
+    ``teacher`` is the name given to ``score-teacher`` (path or hub id), ``teacher_weights`` an
+    exact fingerprint of its parameters as scored (see ``dcd_jax.eval.scoring.weights_fingerprint``).
+    """
+
+    teacher: str
+    teacher_weights: str
+    dtype: str
+    topk: int
+    tokenizer_fingerprint: str
+    format: int = SCORES_FORMAT
+
+    def to_metadata(self) -> dict[bytes, bytes]:
+        return {PROVENANCE_KEY: json.dumps(dataclasses.asdict(self), sort_keys=True).encode()}
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[bytes, bytes] | None) -> "ScoresProvenance | None":
+        raw = (metadata or {}).get(PROVENANCE_KEY)
+        if raw is None:
+            return None
+        fields = json.loads(raw)
+        return cls(**{f.name: fields[f.name] for f in dataclasses.fields(cls) if f.name in fields})
+
+    def differences(self, other: "ScoresProvenance") -> list[str]:
+        """``name: mine != other's`` for every field that differs."""
+        return [f"{f.name} {getattr(self, f.name)!r} != {getattr(other, f.name)!r}"
+                for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(other, f.name)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +134,7 @@ class RawScores:
     topk_logprobs: Any
     fingerprint: str | None
     where: str
+    content_hash: str | None = None  # of the tokens they were computed from (Parquet scores); None: inline
 
 
 def _array(value: Any, dtype: Any, ndim: int, name: str, record: Record, where: str) -> np.ndarray:
@@ -94,13 +150,14 @@ def _array(value: Any, dtype: Any, ndim: int, name: str, record: Record, where: 
 
 def check_scores(
     raw: RawScores, record: Record, *, num_response_tokens: int, student_fingerprint: str, cfg: DataConfig,
-    vocab_size: int,
+    vocab_size: int, example_hash: str | None = None,
 ) -> TeacherScores:
     """Validate stored scores against the student tokenization of ``record``; refuse on mismatch.
 
     Raises :class:`DataError` with reason ``teacher_fingerprint`` (never skipped) when the scoring
-    tokenizer is unknown or is not the student's, and ``teacher_scores`` for a wrong count,
-    shape, or value in this record.
+    tokenizer is unknown or is not the student's, ``stale_teacher_scores`` (never skipped) when
+    the scores were computed from other tokens than ``example_hash`` (:func:`content_hash` of the
+    record's untruncated tokenization), and ``teacher_scores`` for a wrong count, shape, or value.
     """
     if raw.fingerprint is None:
         raise DataError(
@@ -115,6 +172,13 @@ def check_scores(
             f"than the student's ({student_fingerprint}); per-token scores would be misaligned, so they are refused. "
             "Re-score the traces with the student tokenizer (dcd-jax score-teacher) or train without stored scores",
             location=record.location, field=cfg.teacher_fingerprint_field, reason="teacher_fingerprint",
+        )
+    if raw.content_hash is not None and example_hash is not None and raw.content_hash != example_hash:
+        raise DataError(
+            f"the teacher scores ({raw.where}) were computed from other tokens than this record has now (content hash "
+            f"{raw.content_hash[:12]}... != {example_hash[:12]}...): the record was edited after scoring, or the scores "
+            f"belong to another record. Rescore: dcd-jax score-teacher (writes {raw.where.split(' row ')[0]} anew)",
+            location=record.location, field="content_hash", reason="stale_teacher_scores",
         )
     name = cfg.teacher_logprobs_field
     if raw.logprobs is None:
@@ -193,7 +257,9 @@ def _ragged(column: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 class ParquetScores:
     """Scores in a columnar Parquet file (columns :data:`COLUMNS`), joined on the record id.
 
-    The file is read once into flat NumPy arrays; a record's scores are slices of them.
+    The file is read once into flat NumPy arrays; a record's scores are slices of them. Before any
+    row is used, the file's :class:`ScoresProvenance` is checked against ``data.teacher`` and
+    ``data.topk`` (refused naming the file and its first record).
     """
 
     def __init__(self, path: str | Path, cfg: DataConfig):
@@ -204,11 +270,17 @@ class ParquetScores:
         location = Location(self.path)
         if not Path(path).is_file():
             raise DataError("teacher scores file not found (data.teacher_scores)", location=location, reason="unreadable")
-        needed = ["id", "teacher_logprobs", "tokenizer_fingerprint"]
+        needed = ["id", "content_hash", "teacher_logprobs", "tokenizer_fingerprint"]
         if cfg.topk:
             needed += ["teacher_topk_ids", "teacher_topk_logprobs"]
         try:
             schema = pq.read_schema(path)
+            self.provenance = ScoresProvenance.from_metadata(schema.metadata)
+            if self.provenance is None or "content_hash" not in schema.names:
+                raise DataError(
+                    "holds no provenance or per-row content hashes (written by an older dcd-jax), so it cannot be "
+                    "checked that its scores belong to these records and this teacher; rescore with "
+                    "dcd-jax score-teacher", location=location, field="content_hash", reason="unreadable")
             missing = [c for c in needed if c not in schema.names]
             if missing:
                 raise DataError(f"missing column(s) {missing}; it has {schema.names}", location=location,
@@ -219,6 +291,8 @@ class ParquetScores:
         except Exception as e:  # pyarrow raises several types for a file that is not Parquet
             raise DataError(f"cannot be read as Parquet: {e}", location=location, reason="unreadable") from e
         ids = [str(i) for i in table.column("id").to_pylist()]
+        self._check_provenance(ids[0] if ids else None)
+        self._hashes = table.column("content_hash").to_pylist()
         self._row = {}
         for row, record_id in enumerate(ids):
             if record_id in self._row:
@@ -234,6 +308,21 @@ class ParquetScores:
                 inner, offsets, null = _ragged(table.column(name))  # rows -> positions
                 values, inner_offsets, _ = _ragged(inner)  # positions -> K entries
                 self._topk[name] = (values.to_numpy(zero_copy_only=False), offsets, null, inner_offsets)
+
+    def _check_provenance(self, first_id: str | None) -> None:
+        """File-level checks (cheap, before compute): the teacher ``data.teacher`` names, enough top-k."""
+        prov, cfg = self.provenance, self.cfg
+        where = Location(self.path, index=0)
+        first = f" (first record {first_id!r})" if first_id is not None else ""
+        if cfg.teacher is not None and cfg.teacher not in (prov.teacher, prov.teacher_weights):
+            raise DataError(
+                f"scores were computed by teacher {prov.teacher!r} (weights {prov.teacher_weights}), not by "
+                f"data.teacher={cfg.teacher!r}{first}; rescore: dcd-jax score-teacher --teacher {cfg.teacher}",
+                location=where, field="teacher", reason="stale_teacher_scores")
+        if prov.topk < cfg.topk:
+            raise DataError(
+                f"scores store top-{prov.topk} but data.topk={cfg.topk}{first}; rescore: dcd-jax score-teacher "
+                f"--topk {cfg.topk}", location=where, field="topk", reason="stale_teacher_scores")
 
     def _topk_rows(self, name: str, row: int) -> Any:
         values, offsets, null, inner = self._topk[name]
@@ -257,6 +346,7 @@ class ParquetScores:
             topk_logprobs=self._topk_rows("teacher_topk_logprobs", row) if self.cfg.topk else None,
             fingerprint=self._fingerprints[row],
             where=f"{self.path} row {row}",
+            content_hash=self._hashes[row],
         )
 
 
@@ -269,12 +359,13 @@ def open_teacher_scores(cfg: DataConfig) -> InlineScores | ParquetScores | None:
     return ParquetScores(cfg.teacher_scores, cfg)
 
 
-def write_teacher_scores(path: str | Path, rows: Iterable[Mapping[str, Any]], fingerprint: str) -> int:
+def write_teacher_scores(path: str | Path, rows: Iterable[Mapping[str, Any]], provenance: ScoresProvenance) -> int:
     """Write scores as the Parquet file ``data.teacher_scores`` reads; returns the row count.
 
-    Each row: ``id``, ``teacher_logprobs`` ``[n]`` and optionally ``teacher_topk_ids`` /
-    ``teacher_topk_logprobs`` ``[n][K]``, aligned with the response tokens of
-    :func:`dcd_jax.data.tokenize_example` under the tokenizer whose ``fingerprint`` is given.
+    Each row: ``id``, ``content_hash`` (:func:`content_hash` of the example scored),
+    ``teacher_logprobs`` ``[n]`` and optionally ``teacher_topk_ids`` / ``teacher_topk_logprobs``
+    ``[n][K]``, aligned with the response tokens of :func:`dcd_jax.data.tokenize_example` under
+    the tokenizer of ``provenance.tokenizer_fingerprint``.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -300,6 +391,7 @@ def write_teacher_scores(path: str | Path, rows: Iterable[Mapping[str, Any]], fi
 
     columns: dict[str, Any] = {
         "id": pa.array([str(r["id"]) for r in rows], pa.string()),
+        "content_hash": pa.array([str(r["content_hash"]) for r in rows], pa.string()),
         "teacher_logprobs": nested([r["teacher_logprobs"] for r in rows], np.float32, pa.float32()),
     }
     if has_topk:
@@ -307,7 +399,7 @@ def write_teacher_scores(path: str | Path, rows: Iterable[Mapping[str, Any]], fi
         columns["teacher_topk_logprobs"] = nested(
             [r["teacher_topk_logprobs"] for r in rows], np.float32, pa.float32()
         )
-    columns["tokenizer_fingerprint"] = pa.array([fingerprint] * len(rows), pa.string())
+    columns["tokenizer_fingerprint"] = pa.array([provenance.tokenizer_fingerprint] * len(rows), pa.string())
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table(columns), path)
+    pq.write_table(pa.table(columns).replace_schema_metadata(provenance.to_metadata()), path)
     return len(rows)

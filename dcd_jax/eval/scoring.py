@@ -10,6 +10,12 @@ process ``i % process_count``) in chunks of ``chunk_examples``; each finished ch
 atomically to ``<out>.parts/``, a restarted run skips the chunks already there, and process 0
 merges the parts in a fixed order into ``<out>``. An interrupted-and-resumed run therefore
 writes the same file as an uninterrupted one.
+
+Content addressing: every row carries the :func:`~dcd_jax.data.content_hash` of the example it
+was computed from, and every file (parts included) the :class:`~dcd_jax.data.ScoresProvenance`
+of the run (teacher name, :func:`weights_fingerprint`, dtype, top-k, tokenizer fingerprint). A
+resumed run reuses a part only if its provenance and its rows' ids and hashes equal what it
+would compute now; otherwise it stops, naming the first record that differs.
 """
 
 from __future__ import annotations
@@ -26,7 +32,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from dcd_jax.config import ConfigError
-from dcd_jax.data import DataConfig, iter_examples, tokenizer_fingerprint, write_teacher_scores
+from dcd_jax.data import (
+    DataConfig,
+    DataError,
+    ScoresProvenance,
+    content_hash,
+    iter_examples,
+    tokenizer_fingerprint,
+    write_teacher_scores,
+)
 from dcd_jax.models import bind
 from dcd_jax.objectives import token_logprobs_chunked
 
@@ -69,6 +83,30 @@ def default_scores_path(data_path: str) -> Path:
     return p.with_name(p.stem + ".teacher.parquet")
 
 
+def weights_fingerprint(params: Any) -> str:
+    """Exact, mesh-independent fingerprint of parameter values: ``w-`` + SHA-256 over the arrays of
+    ``(path, shape, dtype, c)`` with ``c = sum_i bits(x_i) * (2 i + 1) mod 2^32``.
+
+    ``bits`` is each element's bit pattern as an unsigned integer; integer sums are exact, so ``c``
+    does not depend on how the array is sharded or reduced. Computed on device (one pass over the
+    weights, one scalar per array back to the host).
+    """
+    import hashlib
+
+    def checksum(x):
+        unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[jnp.dtype(x.dtype).itemsize]
+        bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).reshape(-1)
+        odd = jnp.arange(bits.shape[0], dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)
+        return jnp.sum(bits * odd, dtype=jnp.uint32)
+
+    leaves, _ = jax.tree_util.tree_flatten_with_path(params)
+    sums = jax.device_get(jax.jit(lambda xs: [checksum(x) for x in xs])([x for _, x in leaves]))
+    h = hashlib.sha256()
+    for (path, x), c in zip(leaves, sums):
+        h.update(f"{jax.tree_util.keystr(path)}|{tuple(x.shape)}|{x.dtype}|{int(c)};".encode())
+    return "w-" + h.hexdigest()[:32]
+
+
 def make_scorer(graphdef: Any, true_vocab_size: int, topk: int, chunk_size: int):
     """Jitted ``(params, input_ids [B, L], segment_ids [B, L]) -> (logp [B, L], topk_lp, topk_ids)``:
     position t scores token t+1 under the model (the log-prob of ``input_ids[:, t + 1]``)."""
@@ -107,7 +145,8 @@ def score_examples(scorer, params, examples: list, cfg: ScoreConfig) -> list[dic
         logp, topk_lp, topk_ids = jax.device_get(scorer(params, ids, seg))
         for row, ex in enumerate(group):
             at = ex.response_positions - 1  # the position whose next-token distribution scores it
-            out = {"id": ex.id, "teacher_logprobs": logp[row, at]}
+            out = {"id": ex.id, "content_hash": content_hash(ex.input_ids, ex.response_mask),
+                   "teacher_logprobs": logp[row, at]}
             if cfg.topk:
                 out["teacher_topk_ids"] = topk_ids[row, at]
                 out["teacher_topk_logprobs"] = topk_lp[row, at]
@@ -115,10 +154,39 @@ def score_examples(scorer, params, examples: list, cfg: ScoreConfig) -> list[dic
     return rows
 
 
-def _atomic_write(path: Path, rows: list, fingerprint: str) -> None:
+def _atomic_write(path: Path, rows: list, provenance: ScoresProvenance) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    write_teacher_scores(tmp, rows, fingerprint)
+    write_teacher_scores(tmp, rows, provenance)
     os.replace(tmp, path)
+
+
+def check_part(part: Path, chunk: list, provenance: ScoresProvenance, parts: Path) -> None:
+    """Refuse to reuse a part file made by another teacher / top-k / tokenizer or from other tokens.
+
+    Raises :class:`DataError` naming the first record of ``chunk`` whose stored id or content hash
+    differs, and how to rescore.
+    """
+    import pyarrow.parquet as pq
+
+    how = f"rescore: delete {parts} and rerun"
+    stored = ScoresProvenance.from_metadata(pq.read_schema(part).metadata)
+    if stored != provenance:
+        diff = "; ".join(provenance.differences(stored)) if stored else "no provenance (older dcd-jax)"
+        raise DataError(f"part {part.name} was scored differently (now vs then: {diff}); {how}",
+                        location=chunk[0].location, field="teacher", reason="stale_teacher_scores")
+    table = pq.read_table(part, columns=["id", "content_hash"])
+    ids, hashes = table.column("id").to_pylist(), table.column("content_hash").to_pylist()
+    for row, ex in enumerate(chunk):
+        now = content_hash(ex.input_ids, ex.response_mask)
+        if row >= len(ids) or ids[row] != ex.id or hashes[row] != now:
+            then = f"id {ids[row]!r}, hash {hashes[row][:12]}..." if row < len(ids) else "no row"
+            raise DataError(
+                f"the traces changed since part {part.name} was scored (row {row}: then {then}; now id {ex.id!r}, "
+                f"hash {now[:12]}...); {how}", location=ex.location, field="content_hash",
+                reason="stale_teacher_scores")
+    if len(ids) != len(chunk):
+        raise DataError(f"part {part.name} has {len(ids)} rows but the chunk now has {len(chunk)} records; {how}",
+                        location=chunk[-1].location, field="id", reason="stale_teacher_scores")
 
 
 def score_teacher(data_cfg: DataConfig, cfg: ScoreConfig, *, mesh=None, progress: bool = True) -> Path:
@@ -133,7 +201,10 @@ def score_teacher(data_cfg: DataConfig, cfg: ScoreConfig, *, mesh=None, progress
     parts = out.with_name(out.name + ".parts")
     teacher = load_pretrained(cfg.teacher, mesh=mesh, dtype=cfg.dtype, param_dtype=cfg.dtype)
     tokenizer = teacher.tokenizer()
-    fingerprint = tokenizer_fingerprint(tokenizer)
+    provenance = ScoresProvenance(
+        teacher=cfg.teacher, teacher_weights=weights_fingerprint(teacher.params), dtype=cfg.dtype, topk=cfg.topk,
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+    )
     # Scores must cover whole responses, whatever seq_len training later uses.
     data_cfg = dataclasses.replace(data_cfg, teacher_scores=None, topk=0)
     pid, nproc = jax.process_index(), jax.process_count()
@@ -148,8 +219,10 @@ def score_teacher(data_cfg: DataConfig, cfg: ScoreConfig, *, mesh=None, progress
         bar = tqdm(total=len(examples), desc="score-teacher", unit="trace", dynamic_ncols=True)
     for index, chunk in enumerate(chunks):
         part = parts / f"part-p{pid:05d}-of-{nproc:05d}-c{index:06d}.parquet"
-        if not part.is_file():
-            _atomic_write(part, score_examples(scorer, teacher.params, chunk, cfg), fingerprint)
+        if part.is_file():
+            check_part(part, chunk, provenance, parts)
+        else:
+            _atomic_write(part, score_examples(scorer, teacher.params, chunk, cfg), provenance)
         if bar is not None:
             bar.update(len(chunk))
     if bar is not None:
@@ -160,7 +233,7 @@ def score_teacher(data_cfg: DataConfig, cfg: ScoreConfig, *, mesh=None, progress
         multihost_utils.sync_global_devices("score-teacher parts written")
     if pid == 0:
         files = sorted(parts.glob(f"part-p*-of-{nproc:05d}-c*.parquet"))
-        table = pa.concat_tables([pq.read_table(f) for f in files])
+        table = pa.concat_tables([pq.read_table(f) for f in files]).replace_schema_metadata(provenance.to_metadata())
         tmp = out.with_name(out.name + ".tmp")
         pq.write_table(table, tmp)
         os.replace(tmp, out)
