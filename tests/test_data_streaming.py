@@ -166,3 +166,21 @@ def test_block_scores_line_up_and_stale_or_missing_ones_are_refused(tok, corpus,
     with pytest.raises(DataError, match=rf"^{grown}:{-(-N // BLOCK) * BLOCK + 1}: field 'id': no teacher scores "
                        "for this record and the rest of block"):
         build_train_iterator(dataclasses.replace(cfg, path=str(grown)), tok)
+
+
+def test_inspect_streams_a_limited_look_and_reports_bytes_per_process(tok, corpus):
+    import re
+
+    from dcd_jax.data import inspect_data
+
+    root, jsonl, parquet = corpus
+    eager = inspect_data(stream_cfg(jsonl, streaming=False), tok).splitlines()
+    streamed = inspect_data(stream_cfg(jsonl), tok, processes=2).splitlines()
+    for key in (f"{N} records read, {N} examples kept", "  example   p50", "  response  p50"):
+        assert [line for line in eager if key in line] == [line for line in streamed if key in line] != []
+    report = inspect_data(stream_cfg(jsonl, streaming=False), tok, limit=20, processes=2)
+    assert "20 records read, 20 examples kept" in report
+    read = [(int(p), int(b.replace(",", "")), int(r))
+            for p, b, r in re.findall(r"process (\d): ([\d,]+) bytes, (\d+) records", report)]
+    assert [(p, r) for p, _, r in read] == [(0, 12), (1, 8)]  # blocks 0 and 2 (8 + 4 records), block 1
+    assert all(0 < b < jsonl.stat().st_size / 2 for _, b, _ in read)  # the first 20 records, not the file

@@ -318,6 +318,7 @@ class BlockStream(grain.IterDataset):
         super().__init__()
         self.blocks, self.kind, self.validator, self.scores, self.topk = blocks, plan.kind, validator, scores, topk
         self._footers = plan.footers
+        self.observer: Any = None  # called with each block's examples as it is loaded (data inspect)
 
     def __iter__(self) -> "_BlockStreamIterator":
         return _BlockStreamIterator(self)
@@ -333,7 +334,10 @@ class BlockStream(grain.IterDataset):
             scores, nbytes = scores.block(block.index)
             stats.bytes_read += nbytes
         validator.seen_ids = {}
-        return validator.examples(records, scores)
+        examples = validator.examples(records, scores)
+        if self.observer is not None:
+            self.observer(examples)
+        return examples
 
 
 class _BlockStreamIterator(grain.DatasetIterator):
@@ -433,6 +437,7 @@ class TrainIterator:
             self._dataset = _grain_dataset(examples, cfg, self.local_batch_size, self.topk)
         else:
             source, blocks_digest = stream
+            self.source = source
             self._identity.update(num_blocks=len(source.blocks), blocks_digest=blocks_digest)
             self._dataset = _pack_and_batch(source, cfg, self.local_batch_size, self.topk,
                                             scored=cfg.teacher_scores is not None)
@@ -507,7 +512,7 @@ def build_train_iterator(
     """
     cfg.local_batch_size(process_count)  # a global batch that does not split fails before any work
     if cfg.streaming:
-        return _streamed_iterator(cfg, tokenizer, process_index=process_index, process_count=process_count)
+        return streamed_iterator(cfg, tokenizer, process_index=process_index, process_count=process_count)
     examples, stats = prepare_examples(cfg, tokenizer, process_index=process_index, process_count=process_count)
     return TrainIterator(
         cfg, examples, stats, process_index=process_index, process_count=process_count,
@@ -540,7 +545,7 @@ def open_block_stream(
     return plan, blocks, BlockStream(plan, blocks, validator, scores, topk)
 
 
-def _streamed_iterator(cfg: DataConfig, tokenizer: Any, *, process_index: int, process_count: int) -> TrainIterator:
+def streamed_iterator(cfg: DataConfig, tokenizer: Any, *, process_index: int, process_count: int) -> TrainIterator:
     stats = DataStats(process_index=process_index, process_count=process_count)
     plan, blocks, source = open_block_stream(cfg, tokenizer, process_index=process_index,
                                              process_count=process_count, stats=stats)

@@ -31,8 +31,8 @@ PLAN_FORMAT = 1
 class Block:
     """Records ``[start_record, start_record + num_records)`` of the input, all in ``file``.
 
-    JSONL: ``byte_start`` is the offset of the first record's line, ``first_line`` its 1-based
-    line number. Parquet: ``file_row`` is the first record's row within ``file``.
+    JSONL: ``byte_start`` / ``byte_end`` delimit the block's lines, ``first_line`` is the first
+    one's 1-based line number. Parquet: ``file_row`` is the first record's row within ``file``.
     """
 
     index: int
@@ -42,6 +42,7 @@ class Block:
     byte_start: int = 0
     first_line: int = 1
     file_row: int = 0
+    byte_end: int = 0  # JSONL: the offset just past the last record's line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +149,8 @@ def plan_blocks(cfg: DataConfig, block_records: int, stored: BlockPlan | None = 
         total += n
 
     for file in files:
+        if total >= limit:
+            break
         if kind == "parquet":
             import pyarrow.parquet as pq
 
@@ -166,19 +169,21 @@ def plan_blocks(cfg: DataConfig, block_records: int, stored: BlockPlan | None = 
                 raise DataError("a JSON array file cannot be streamed; write one record per line (JSONL)",
                                 location=Location(str(file)), reason="unreadable")
             f.seek(0)
-            offset, n, start, first_line = 0, 0, 0, 1
+            offset, n, start, first_line, end = 0, 0, 0, 1, 0
             for line_no, raw in enumerate(f, start=1):
+                if total + n >= limit:  # data.max_records reached: the rest is not read
+                    break
                 scanned += len(raw)
-                if raw.strip() and total + n < limit:
+                if raw.strip():
                     if n == 0:
                         start, first_line = offset, line_no
-                    n += 1
+                    n, end = n + 1, offset + len(raw)
                     if n == block_records:
-                        add(file, n, byte_start=start, first_line=first_line)
+                        add(file, n, byte_start=start, first_line=first_line, byte_end=end)
                         n = 0
                 offset += len(raw)
             if n:
-                add(file, n, byte_start=start, first_line=first_line)
+                add(file, n, byte_start=start, first_line=first_line, byte_end=end)
     return BlockPlan(kind, block_records, tuple(blocks), stamps, cfg.max_records, bytes_read=scanned, footers=footers)
 
 
@@ -216,16 +221,20 @@ def read_block(
             if raw_file.read(1) != b"\n":  # a stale plan: the file changed under it
                 raise DataError(f"byte {block.byte_start} is not the start of a line: the file changed since its "
                                 "blocks were planned", location=Location(block.file), reason="unreadable")
-        reader = io.BufferedReader(raw_file, buffer_size=1 << 16)
+        raw_file.seek(block.byte_start)
+        data = raw_file.read(block.byte_end - block.byte_start)  # exactly the block's lines
+        lines = data.split(b"\n")  # lines end at "\n" only, as when the file was planned
+        if not lines[-1]:
+            lines.pop()
         line_no = block.first_line - 1
-        for raw in reader:
+        for raw in lines:
             line_no += 1
             if not raw.strip():
                 continue
             location = Location(block.file, line=line_no)
             out.append((block.start_record + len(out), location, decode_json_line(raw, location)))
-            if len(out) == block.num_records:
-                break
+        if len(out) != block.num_records:
+            raise DataError(f"lines {block.first_line}-{line_no} hold {len(out)} records, {block.num_records} were "
+                            "planned: the file changed since its blocks were planned", location=Location(block.file),
+                            reason="unreadable")
         return out, raw_file.bytes_read
-
-
