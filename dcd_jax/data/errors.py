@@ -58,6 +58,13 @@ class DataError(ValueError):
         where = f"field {field!r}: " if field else ""
         super().__init__(f"{location}: {where}{message}")
 
+    def __reduce__(self):  # keyword-only arguments: rebuild explicitly (errors cross read-worker processes)
+        return _rebuild_data_error, (type(self), self.detail, self.location, self.field, self.reason)
+
+
+def _rebuild_data_error(cls: type, message: str, location: Location, field: str | None, reason: str) -> DataError:
+    return cls(message, location=location, field=field, reason=reason)
+
 
 class BadRecordPolicy:
     """Applies ``on_bad_record``: re-raise the error, or count it by reason and keep going."""

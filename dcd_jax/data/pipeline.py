@@ -65,7 +65,7 @@ logger = logging.getLogger("dcd_jax.data")
 STATE_VERSION = 1
 _CHUNK = 512  # records rendered and tokenized per tokenizer call
 # Options that may change between a save and a restore without changing the batch order.
-_RESUMABLE_CHANGES = ("num_epochs",)
+_RESUMABLE_CHANGES = ("num_epochs", "read_workers")
 
 
 @dataclasses.dataclass
@@ -311,7 +311,9 @@ class BlockStream(grain.IterDataset):
     Epoch ``e`` visits the blocks in the order of a permutation seeded by ``(seed, e)`` and each
     block's examples in a permutation seeded by ``(seed, e, block)`` (identity without shuffle).
     The iterator's state is ``(epoch, position in the block order, examples taken from the block)``;
-    restoring it re-reads that one block and skips what was taken, so resume is exact.
+    restoring it re-reads that one block and skips what was taken, so resume is exact. With
+    ``data.read_workers`` > 0, that many worker processes read, validate and tokenize the next
+    blocks of this fixed order ahead of time (a cache: the output and the state do not change).
     """
 
     def __init__(self, plan: BlockPlan, blocks: list[Block], validator: "_Validator", scores: Any, topk: int):
@@ -334,10 +336,33 @@ class BlockStream(grain.IterDataset):
             scores, nbytes = scores.block(block.index)
             stats.bytes_read += nbytes
         validator.seen_ids = {}
-        examples = validator.examples(records, scores)
-        if self.observer is not None:
-            self.observer(examples)
-        return examples
+        return validator.examples(records, scores)
+
+    def worker_args(self) -> tuple:
+        """What a read worker needs to rebuild this stream (see :func:`_init_read_worker`)."""
+        scores = self.scores.path if isinstance(self.scores, BlockScores) else self.scores
+        return self.validator.cfg, self.validator.tokenizer, self.kind, scores, self.topk, self.validator.apply_length
+
+
+_WORKER_STREAM: BlockStream | None = None  # in a read worker process
+
+
+def _init_read_worker(cfg: DataConfig, tokenizer: Any, kind: str, scores: Any, topk: int, apply_length: bool) -> None:
+    global _WORKER_STREAM
+    if isinstance(scores, str):
+        scores = BlockScores(scores, cfg)
+    plan = BlockPlan(kind, cfg.block_records, (), {})
+    _WORKER_STREAM = BlockStream(plan, [], _Validator(cfg, tokenizer, DataStats(), apply_length=apply_length),
+                                 scores, topk)
+
+
+def _read_in_worker(block: Block) -> tuple[list[TokenizedExample], DataStats, BadRecordPolicy]:
+    """One block's examples, with the counts and skips of reading it (merged by the caller)."""
+    stream = _WORKER_STREAM
+    stream.validator.stats = DataStats()
+    stream.validator.policy = BadRecordPolicy(stream.validator.cfg.on_bad_record)
+    examples = stream.block_examples(block)
+    return examples, stream.validator.stats, stream.validator.policy
 
 
 class _BlockStreamIterator(grain.DatasetIterator):
@@ -346,16 +371,58 @@ class _BlockStreamIterator(grain.DatasetIterator):
         self._ds = ds
         self._epoch, self._position, self._taken = 0, 0, 0
         self._examples: list[TokenizedExample] | None = None
+        self._pool: Any = None
+        self._pending: dict[tuple[int, int], Any] = {}  # (epoch, position) -> future of its block
 
-    def _order(self) -> np.ndarray:
+    def _order(self, epoch: int) -> np.ndarray:
         cfg, n = self._ds.validator.cfg, len(self._ds.blocks)
-        return np.random.default_rng([cfg.seed, self._epoch]).permutation(n) if cfg.shuffle else np.arange(n)
+        return np.random.default_rng([cfg.seed, epoch]).permutation(n) if cfg.shuffle else np.arange(n)
+
+    def _prefetch(self) -> None:
+        """Keep ``read_workers`` upcoming blocks in flight (the order is known, so this is only a cache)."""
+        ds = self._ds
+        cfg = ds.validator.cfg
+        if self._pool is None:
+            import concurrent.futures
+            import multiprocessing
+
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                cfg.read_workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_read_worker,
+                initargs=ds.worker_args())
+        epoch, position = self._epoch, self._position
+        for _ in range(cfg.read_workers + 1):
+            if cfg.num_epochs is not None and epoch >= cfg.num_epochs:
+                break
+            if (epoch, position) not in self._pending:
+                block = ds.blocks[int(self._order(epoch)[position])]
+                self._pending[(epoch, position)] = self._pool.submit(_read_in_worker, block)
+            position += 1
+            if position == len(ds.blocks):
+                epoch, position = epoch + 1, 0
+
+    def _read(self, block: Block) -> list[TokenizedExample]:
+        ds = self._ds
+        if not ds.validator.cfg.read_workers:
+            return ds.block_examples(block)
+        self._prefetch()
+        examples, stats, policy = self._pending.pop((self._epoch, self._position)).result()
+        main = ds.validator.stats
+        for f in ("bytes_read", "examples", "tokens", "response_tokens", "truncated", "dropped_too_long"):
+            setattr(main, f, getattr(main, f) + getattr(stats, f))
+        ds.validator.policy.counts.update(policy.counts)
+        for reason, where in policy.examples.items():
+            kept = ds.validator.policy.examples[reason]
+            kept.extend(where[: BadRecordPolicy.MAX_EXAMPLES - len(kept)])
+        ds.validator.sync()
+        return examples
 
     def _load(self) -> list[TokenizedExample]:
         ds = self._ds
         cfg = ds.validator.cfg
-        block = ds.blocks[int(self._order()[self._position])]
-        examples = ds.block_examples(block)
+        block = ds.blocks[int(self._order(self._epoch)[self._position])]
+        examples = self._read(block)
+        if ds.observer is not None:
+            ds.observer(examples)
         if cfg.shuffle:
             order = np.random.default_rng([cfg.seed, self._epoch, block.index]).permutation(len(examples))
             examples = [examples[i] for i in order]
@@ -381,6 +448,9 @@ class _BlockStreamIterator(grain.DatasetIterator):
     def set_state(self, state: dict[str, Any]) -> None:
         self._epoch, self._position, self._taken = state["epoch"], state["position"], state["taken"]
         self._examples = None
+        for future in self._pending.values():
+            future.cancel()
+        self._pending = {}
 
 
 def _check_block_scores(plan: BlockPlan, scores: BlockScores, blocks: list[Block]) -> None:
