@@ -135,8 +135,42 @@ def loss_memory_section() -> str | None:
     )
 
 
+def data_scale_section() -> str | None:
+    d = _load("data_scale_cpu.json")
+    if d is None:
+        return None
+    rows = []
+    for r in d["rows"]:
+        full = r.get("stream_full_4")
+        shares = [m["bytes_read"] / r["stream_full_1"]["bytes_read"] for m in full] if full else r["planned_share_4"]
+        rows.append([r["traces"], f"{r['corpus_bytes'] / 2**20:.0f}", f"{r['bounded']['data_rss_mib']:.0f}",
+                     f"{r['stream_full_1']['data_rss_mib']:.0f}" if full else "n/a",
+                     f"{r['eager_full']['data_rss_mib']:.0f}" if full else "n/a",
+                     " / ".join(f"{x:.2f}" for x in shares) + ("" if full else " (plan)")])
+    long, h = d["long"], d["hash_cost"]
+    ratios = ", ".join(f"{k} {v:.2f}x" for k, v in d["summary"]["pipeline_over_consumption"].items())
+    return (
+        f"### Data at corpus scale (`{d['command']}`, {d['machine']}, {d['wall_minutes']:.0f} min)\n\n"
+        f"Streamed data path (`data.streaming: true`), traces + top-{d['config']['topk']} scores. Host memory held "
+        "by the data path (peak resident memory during the pass minus before it, MiB): for the same first "
+        f"{d['config']['bounded_blocks']} blocks of a growing corpus, and for whole passes, streamed vs eager "
+        "(`data.streaming: false`, the reference). Byte shares: bytes each of 4 processes read over the bytes one "
+        "process reads for the whole corpus (measured; from the block plan where no full pass was run).\n\n"
+        + _table(["traces", "corpus MiB", "RSS, same work", "RSS full pass, streamed", "RSS full pass, eager",
+                  "4-process byte shares"], rows)
+        + f"\n\nPipeline throughput (one process, one core of this machine; traces of "
+        f"{long['mean_tokens_per_trace']:.0f} tokens, top-20, seq_len 4096): "
+        f"{long['tokens_per_s']:,.0f} tokens/s; with 2 read workers "
+        f"{long['read_workers_2']['steady_tokens_per_s']:,.0f}. Over what one v5e-8 host consumes at 100% MFU "
+        f"(8 x 197 TFLOP/s over the training FLOPs per token, an upper bound): {ratios}. "
+        f"Content hashing of {h['examples']} demo traces costs {h['hash_over_forward']:.1e} of the teacher's "
+        "forward pass over them.\n"
+    )
+
+
 def render() -> str:
-    sections = [f() for f in (demo_section, experiment_section, train_step_section, sampler_section, loss_memory_section)]
+    sections = [f() for f in (demo_section, experiment_section, train_step_section, sampler_section, loss_memory_section,
+                              data_scale_section)]
     body = "\n".join(s for s in sections if s)
     header = ("Regenerated from `bench/results/*.json` by `python bench/update_readme.py`; "
               "each subsection names the command that wrote its data.\n\n")

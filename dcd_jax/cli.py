@@ -93,7 +93,7 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     cfg = _load_run_config(args)
     cfg.require_model()
     tokenizer = load_pretrained_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    print(inspect_data(cfg.data, tokenizer))
+    print(inspect_data(cfg.data, tokenizer, limit=args.limit, processes=args.processes))
     return 0
 
 
@@ -109,7 +109,8 @@ def cmd_score_teacher(args: argparse.Namespace) -> int:
         "dtype": args.dtype,
     })
     out = score_teacher(cfg.data, score, mesh=_parse_mesh(args.mesh))
-    print(f"teacher scores -> {out}  (train with data.teacher_scores={out} data.topk={args.topk})")
+    print(f"teacher scores -> {out}  (train with data.teacher_scores={out} data.topk={args.topk} "
+          f"data.teacher={args.teacher})")
     return 0
 
 
@@ -258,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="inspect the training data the way the student will see it")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     inspect = data_sub.add_parser("inspect", help="counts, token-length percentiles, packing, rendered examples with the loss mask")
+    inspect.add_argument("--limit", type=int, default=None, help="stream only the first N records (a quick look)")
+    inspect.add_argument("--processes", type=int, default=1,
+                         help="read as P processes would (streamed; reports the bytes each reads)")
     _add_config_args(inspect)
     inspect.set_defaults(func=cmd_data_inspect)
 

@@ -11,7 +11,9 @@ from transformers import AutoTokenizer
 from dcd_jax.data import (
     DataConfig,
     DataError,
+    ScoresProvenance,
     build_train_iterator,
+    content_hash,
     iter_examples,
     tokenizer_fingerprint,
     write_teacher_scores,
@@ -20,6 +22,12 @@ from dcd_jax.data.synthetic import SyntheticTaskConfig, generate_problems, write
 
 TOKENIZER_DIR = Path(__file__).parent / "fixtures" / "data" / "synthetic_tokenizer"
 K_STORED, K = 5, 3
+
+
+def provenance(tok_or_fp, teacher="teacher-a", topk=K_STORED):
+    fp = tok_or_fp if isinstance(tok_or_fp, str) else tokenizer_fingerprint(tok_or_fp)
+    return ScoresProvenance(teacher=teacher, teacher_weights=f"w-{teacher}", dtype="float32", topk=topk,
+                            tokenizer_fingerprint=fp)
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +47,7 @@ def data(tmp_path_factory, tok):
         n = ex.num_response_tokens
         scores[ex.id] = {
             "id": ex.id,
+            "content_hash": content_hash(ex.input_ids, ex.response_mask),
             "teacher_logprobs": -(i + 1 + np.arange(n)) / 1000.0,
             # Stored unsorted, K_STORED wide: the loader must keep the K best per position.
             "teacher_topk_ids": rng.integers(0, len(tok), (n, K_STORED)),
@@ -78,7 +87,7 @@ def check_alignment(it, scores):
 def test_parquet_scores_line_up_with_targets(tok, data):
     cfg, scores, root = data
     path = root / "scores.parquet"
-    write_teacher_scores(path, scores.values(), tokenizer_fingerprint(tok))
+    write_teacher_scores(path, scores.values(), provenance(tok))
     it = build_train_iterator(dataclasses.replace(cfg, teacher_scores=str(path), topk=K), tok)
     check_alignment(it, scores)
 
@@ -97,7 +106,7 @@ def test_inline_scores_line_up_with_targets(tok, data):
 def test_truncated_response_keeps_the_head_of_its_scores(tok, data):
     cfg, scores, root = data
     path = root / "scores.parquet"
-    write_teacher_scores(path, scores.values(), tokenizer_fingerprint(tok))
+    write_teacher_scores(path, scores.values(), provenance(tok))
     it = build_train_iterator(dataclasses.replace(cfg, teacher_scores=str(path), seq_len=80,
                                                   truncation="truncate_response"), tok)
     assert it.stats.truncated > 0
@@ -109,7 +118,7 @@ def test_truncated_response_keeps_the_head_of_its_scores(tok, data):
 def test_other_tokenizer_is_refused_even_when_skipping(tok, data):
     cfg, scores, root = data
     path = root / "other.parquet"
-    write_teacher_scores(path, scores.values(), "tok1-someone-elses-tokenizer")
+    write_teacher_scores(path, scores.values(), provenance("tok1-someone-elses-tokenizer"))
     for policy in ("error", "skip"):
         with pytest.raises(DataError, match=rf"^{cfg.path}:1: .*different tokenizer.*refused") as err:
             build_train_iterator(dataclasses.replace(cfg, teacher_scores=str(path), on_bad_record=policy), tok)
@@ -134,7 +143,7 @@ def test_count_mismatch_names_record_and_field(tok, data):
     rows = [dict(r) for r in scores.values()]
     rows[2]["teacher_logprobs"] = rows[2]["teacher_logprobs"][:-1]
     path = root / "short.parquet"
-    write_teacher_scores(path, rows, tokenizer_fingerprint(tok))
+    write_teacher_scores(path, rows, provenance(tok))
     scored = dataclasses.replace(cfg, teacher_scores=str(path))
     with pytest.raises(DataError, match=rf"^{cfg.path}:3: field 'teacher_logprobs': has \d+ entries but the response"):
         build_train_iterator(scored, tok)
@@ -146,16 +155,16 @@ def test_missing_id_and_bad_values(tok, data):
     cfg, scores, root = data
     rows = [dict(r) for r in scores.values()]
     missing = root / "missing.parquet"
-    write_teacher_scores(missing, rows[:-1], tokenizer_fingerprint(tok))
+    write_teacher_scores(missing, rows[:-1], provenance(tok))
     with pytest.raises(DataError, match=rf"^{cfg.path}:{len(rows)}: .*no teacher scores for id"):
         build_train_iterator(dataclasses.replace(cfg, teacher_scores=str(missing)), tok)
     rows[0]["teacher_logprobs"] = -rows[0]["teacher_logprobs"]  # positive: not log-probabilities
     bad = root / "bad.parquet"
-    write_teacher_scores(bad, rows, tokenizer_fingerprint(tok))
+    write_teacher_scores(bad, rows, provenance(tok))
     with pytest.raises(DataError, match=rf"^{cfg.path}:1: field 'teacher_logprobs': .*log-probabilities"):
         build_train_iterator(dataclasses.replace(cfg, teacher_scores=str(bad)), tok)
-    with pytest.raises(DataError, match="stores top-5 but data.topk=8"):
-        write_teacher_scores(bad, scores.values(), tokenizer_fingerprint(tok))
+    with pytest.raises(DataError, match=r"field 'topk': scores store top-5 but data.topk=8 \(first record"):
+        write_teacher_scores(bad, scores.values(), provenance(tok))
         build_train_iterator(dataclasses.replace(cfg, teacher_scores=str(bad), topk=8), tok)
 
 
@@ -168,3 +177,52 @@ def test_fingerprint_is_stable_and_sensitive(tok):
     grown = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     grown.add_tokens(["<|new|>"])
     assert tokenizer_fingerprint(grown) != tokenizer_fingerprint(tok)
+
+
+def test_swapped_same_length_responses_are_refused_naming_the_record(tok, data, tmp_path):
+    """Counts still match after the swap; only the content hash can tell the scores are someone else's."""
+    cfg, scores, root = data
+    path = root / "scores.parquet"
+    write_teacher_scores(path, scores.values(), provenance(tok))
+    records = [json.loads(line) for line in open(cfg.path)]
+    lengths = {}
+    for i, ex in enumerate(iter_examples(cfg, tok, apply_length=False)):
+        lengths.setdefault(ex.num_response_tokens, []).append(i)
+    i, j = next(v for v in lengths.values() if len(v) >= 2 and records[v[0]]["response"] != records[v[1]]["response"])[:2]
+    records[i]["response"], records[j]["response"] = records[j]["response"], records[i]["response"]
+    swapped = write_jsonl(records, tmp_path / "swapped.jsonl")
+    for policy in ("error", "skip"):  # stale scores are never skipped
+        with pytest.raises(DataError, match=rf"^{swapped}:{i + 1}: field 'content_hash': the teacher scores "
+                           rf"\({path} row {i}\) were computed from other tokens.*Rescore") as err:
+            build_train_iterator(dataclasses.replace(cfg, path=str(swapped), teacher_scores=str(path), topk=K,
+                                                     on_bad_record=policy), tok)
+        assert err.value.reason == "stale_teacher_scores"
+
+
+def test_scores_of_another_teacher_or_topk_or_without_hashes_are_refused(tok, data):
+    cfg, scores, root = data
+    path = root / "teacher_a.parquet"
+    write_teacher_scores(path, scores.values(), provenance(tok, teacher="teacher-a", topk=2))
+    first = next(iter(scores))
+    scored = dataclasses.replace(cfg, teacher_scores=str(path), topk=2)
+    with pytest.raises(DataError, match=rf"^{path} \[record 0\]: field 'teacher': scores were computed by teacher "
+                       rf"'teacher-a'.*not by data.teacher='teacher-b' \(first record '{first}'\); rescore"):
+        build_train_iterator(dataclasses.replace(scored, teacher="teacher-b"), tok)
+    for name in ("teacher-a", "w-teacher-a"):  # the name or the weights fingerprint
+        build_train_iterator(dataclasses.replace(scored, teacher=name), tok)
+    # The file says top-2 even though its rows are 5 wide: the provenance is what is trusted.
+    with pytest.raises(DataError, match=r"field 'topk': scores store top-2 but data.topk=3"):
+        build_train_iterator(dataclasses.replace(scored, topk=3), tok)
+    import pyarrow.parquet as pq
+
+    old = root / "old.parquet"
+    pq.write_table(pq.read_table(path).drop(["content_hash"]).replace_schema_metadata({}), old)
+    with pytest.raises(DataError, match=r"field 'content_hash': holds no provenance or per-row content hashes"):
+        build_train_iterator(dataclasses.replace(cfg, teacher_scores=str(old)), tok)
+
+
+def test_content_hash_sees_every_token_and_the_mask():
+    ids, mask = np.arange(6, dtype=np.int32), np.array([0, 0, 1, 1, 1, 1], bool)
+    h = content_hash(ids, mask)
+    assert h == content_hash(ids.astype(np.int64), mask.astype(np.int8))  # same values, any dtype
+    assert len({h, content_hash(ids[::-1], mask), content_hash(ids, ~mask), content_hash(ids[:-1], mask[:-1])}) == 4

@@ -9,7 +9,7 @@ import pytest
 from train_fixtures import make_assets
 
 import dcd_jax
-from dcd_jax.data import DataConfig, build_train_iterator, iter_examples
+from dcd_jax.data import DataConfig, DataError, build_train_iterator, iter_examples
 from dcd_jax.eval import scoring
 from dcd_jax.eval.scoring import ScoreConfig, score_teacher
 
@@ -54,10 +54,10 @@ def test_killed_scoring_resumes_to_the_same_file(assets, tmp_path, monkeypatch):
     written = []
     real_write = scoring._atomic_write
 
-    def dying_write(path, rows, fingerprint):
+    def dying_write(path, rows, provenance):
         if len(written) == 2:
             raise KeyboardInterrupt("killed")  # the process dies after two finished parts
-        real_write(path, rows, fingerprint)
+        real_write(path, rows, provenance)
         written.append(path)
 
     monkeypatch.setattr(scoring, "_atomic_write", dying_write)
@@ -69,3 +69,49 @@ def test_killed_scoring_resumes_to_the_same_file(assets, tmp_path, monkeypatch):
     resumed = score_teacher(data, dataclasses.replace(cfg, out=str(target)), progress=False)
     assert resumed.read_bytes() == straight.read_bytes()
     assert not (tmp_path / "b" / "s.parquet.parts").exists()
+
+
+def test_resume_refuses_parts_of_edited_traces_or_another_topk(assets, tmp_path, monkeypatch):
+    import json
+
+    traces = tmp_path / "train.jsonl"
+    lines = open(assets["train"]).read().splitlines()[:8]
+    traces.write_text("\n".join(lines) + "\n")
+    data = DataConfig(path=str(traces), seq_len=256)
+    cfg = ScoreConfig(teacher=str(assets["student"]), out=str(tmp_path / "s.parquet"), topk=3, batch_size=4,
+                      chunk_examples=4, chunk_size=32)
+    real_write = scoring._atomic_write
+
+    def dying_write(path, rows, provenance):
+        real_write(path, rows, provenance)
+        raise KeyboardInterrupt("killed after the first part")
+
+    monkeypatch.setattr(scoring, "_atomic_write", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        score_teacher(data, cfg, progress=False)
+    monkeypatch.setattr(scoring, "_atomic_write", real_write)
+    with pytest.raises(DataError, match=r"field 'teacher': part .* was scored differently \(now vs then: topk 2 != 3\); "
+                       r"rescore: delete .*s.parquet.parts and rerun"):
+        score_teacher(data, dataclasses.replace(cfg, topk=2), progress=False)
+    edited = json.loads(lines[2])
+    edited["response"] = edited["response"].replace("The answer is", "So the answer is")
+    traces.write_text("\n".join(lines[:2] + [json.dumps(edited)] + lines[3:]) + "\n")
+    with pytest.raises(DataError, match=rf"^{traces}:3: field 'content_hash': the traces changed since part "
+                       r"\S+ was scored \(row 2: then id"):
+        score_teacher(data, cfg, progress=False)
+
+
+def test_weights_fingerprint_is_exact_and_mesh_independent(assets):
+    from dcd_jax.convert.model_dir import load_pretrained
+    from dcd_jax.eval.scoring import weights_fingerprint
+    from dcd_jax.sharding import make_mesh
+
+    params = load_pretrained(str(assets["student"])).params
+    sharded = load_pretrained(str(assets["student"]), mesh=make_mesh(data=1, fsdp=-1, tensor=1)).params
+    assert jax.tree.leaves(sharded)[0].sharding.num_devices == 8
+    fp = weights_fingerprint(params)
+    assert fp.startswith("w-") and weights_fingerprint(sharded) == fp
+    leaves, treedef = jax.tree.flatten(params)
+    leaves[0] = np.asarray(leaves[0]).copy()
+    leaves[0].reshape(-1)[7] = np.nextafter(leaves[0].reshape(-1)[7], np.float32(np.inf))  # one ulp
+    assert weights_fingerprint(jax.tree.unflatten(treedef, leaves)) != fp

@@ -27,7 +27,9 @@ from dcd_jax.data.pipeline import (
 )
 from dcd_jax.data.records import Message, Record, load_records, parse_record
 from dcd_jax.data.teacher_scores import (
+    ScoresProvenance,
     TeacherScores,
+    content_hash,
     open_teacher_scores,
     tokenizer_fingerprint,
     write_teacher_scores,
@@ -49,10 +51,12 @@ __all__ = [
     "Location",
     "Message",
     "Record",
+    "ScoresProvenance",
     "TeacherScores",
     "TokenizedExample",
     "TrainIterator",
     "build_train_iterator",
+    "content_hash",
     "fit_to_length",
     "inspect_data",
     "iter_examples",

@@ -72,6 +72,18 @@ class DataConfig:
       teacher_fingerprint_field: Inline field holding the scoring tokenizer's fingerprint.
       teacher_fingerprint: Fingerprint for inline scores whose records do not carry one. Scores are
         refused unless a fingerprint is known and equals the student tokenizer's.
+      streaming: Stream the data block by block instead of reading and validating this process's
+        whole share up front: host memory stays flat in corpus size and each process reads only
+        its blocks (local JSONL or Parquet inputs). Records are validated as they stream.
+      block_records: Records per block when streaming without stored scores (with them, the
+        block size ``score-teacher`` wrote is used). Block ``b`` belongs to process
+        ``b % process_count``.
+      read_workers: Streaming: worker processes that read, validate and tokenize the next blocks
+        ahead of the training loop (0: in the training process). Output and resume state do not
+        depend on it.
+      teacher: The teacher stored Parquet scores must come from: its name as given to
+        ``score-teacher`` (path or hub id) or its weights fingerprint (``w-...``); ``null``
+        accepts the file's teacher. A file scored by another teacher is refused.
     """
 
     path: str = ""
@@ -110,6 +122,10 @@ class DataConfig:
     teacher_topk_logprobs_field: str = "teacher_topk_logprobs"
     teacher_fingerprint_field: str = "tokenizer_fingerprint"
     teacher_fingerprint: str | None = None
+    teacher: str | None = None
+    streaming: bool = False
+    block_records: int = 1024
+    read_workers: int = 0
 
     def __hash__(self) -> int:
         # Frozen, but `role_map` is a dict: hash its items so the config stays usable as a key.
@@ -130,6 +146,10 @@ class DataConfig:
             raise ConfigError(f"data.max_records must be >= 1 or null, got {self.max_records}")
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"data.seed must be in [0, 2**32), got {self.seed}")
+        if self.read_workers < 0:
+            raise ConfigError(f"data.read_workers must be >= 0, got {self.read_workers}")
+        if self.block_records < 1:
+            raise ConfigError(f"data.block_records must be >= 1, got {self.block_records}")
         if self.topk < 0:
             raise ConfigError(f"data.topk must be >= 0, got {self.topk}")
         if self.topk > 0 and self.teacher_scores is None:

@@ -26,7 +26,7 @@ REASONS = (
     "teacher_scores",
 )
 # Problems with the whole input rather than one record: never skipped, whatever the policy.
-FATAL_REASONS = ("unreadable", "teacher_fingerprint")
+FATAL_REASONS = ("unreadable", "teacher_fingerprint", "stale_teacher_scores")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +59,13 @@ class DataError(DataInputError):
         self.detail = message
         where = f"field {field!r}: " if field else ""
         super().__init__(f"{location}: {where}{message}")
+
+    def __reduce__(self):  # keyword-only arguments: rebuild explicitly (errors cross read-worker processes)
+        return _rebuild_data_error, (type(self), self.detail, self.location, self.field, self.reason)
+
+
+def _rebuild_data_error(cls: type, message: str, location: Location, field: str | None, reason: str) -> DataError:
+    return cls(message, location=location, field=field, reason=reason)
 
 
 class BadRecordPolicy:

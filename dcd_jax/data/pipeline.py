@@ -14,6 +14,14 @@ fingerprint of everything that decides the order (config, process layout, exampl
 tokenizer). Restoring it in a fresh iterator built from the same inputs yields exactly the batch
 that would have come next.
 
+Streamed (``data.streaming: true``, corpus scale): the input is cut into blocks
+(:mod:`dcd_jax.data.shards`); a process reads only its blocks, one at a time, joins each with the
+same block of the scores file, and validates records as they stream. Only the cheap checks run
+before compute (scores provenance and layout, every block of the share covered). The graph is
+``blocks (a new block order and in-block order each epoch) -> features -> pack or pad -> batch``;
+its state is ``(epoch, block position, examples taken)`` plus the packer's, so resume is exact
+and host memory is one block, whatever the corpus size.
+
 Batches (``B`` = this host's rows, ``T`` = ``seq_len``): ``input_ids``, ``positions`` (restart at 0
 in every packed segment, 0 on padding), ``segment_ids`` (1..n per row, 0 = padding), ``targets``
 (next token within the segment, else 0), ``loss_mask`` (1.0 iff the target is a response token)
@@ -29,6 +37,7 @@ import collections
 import dataclasses
 import functools
 import hashlib
+import json
 import logging
 from typing import Any, Iterator
 
@@ -38,8 +47,17 @@ import numpy as np
 from dcd_jax.config import to_dict
 from dcd_jax.data.config import DataConfig
 from dcd_jax.data.errors import BadRecordPolicy, DataError, Location
-from dcd_jax.data.records import load_records
-from dcd_jax.data.teacher_scores import ParquetScores, check_scores, open_teacher_scores, tokenizer_fingerprint
+from dcd_jax.data.records import load_records, parse_record
+from dcd_jax.data.shards import Block, BlockPlan, plan_blocks, read_block
+from dcd_jax.data.teacher_scores import (
+    BlockScores,
+    InlineScores,
+    ScoreRows,
+    check_scores,
+    content_hash,
+    open_teacher_scores,
+    tokenizer_fingerprint,
+)
 from dcd_jax.data.tokenization import TokenizedExample, fit_to_length, tokenize_records
 
 logger = logging.getLogger("dcd_jax.data")
@@ -47,7 +65,7 @@ logger = logging.getLogger("dcd_jax.data")
 STATE_VERSION = 1
 _CHUNK = 512  # records rendered and tokenized per tokenizer call
 # Options that may change between a save and a restore without changing the batch order.
-_RESUMABLE_CHANGES = ("num_epochs",)
+_RESUMABLE_CHANGES = ("num_epochs", "read_workers")
 
 
 @dataclasses.dataclass
@@ -72,6 +90,7 @@ class DataStats:
     batches: int = 0
     token_slots: int = 0  # rows * seq_len of emitted batches
     real_tokens: int = 0  # non-padding tokens of emitted batches
+    bytes_read: int = 0  # streamed: bytes this process read from the traces and scores files
 
     @property
     def packing_efficiency(self) -> float | None:
@@ -97,67 +116,99 @@ class DataStats:
         return "\n".join(lines)
 
 
+class _Validator:
+    """Records -> validated, tokenized (scored, length-fitted) examples, counting into ``stats``.
+
+    Shared by the eager path (chunks of the whole share) and the streamed one (one block at a time).
+    ``seen_ids`` spans what one scores join covers: the whole file (eager) or one block (streamed).
+    """
+
+    def __init__(self, cfg: DataConfig, tokenizer: Any, stats: DataStats, *, apply_length: bool,
+                 policy: BadRecordPolicy | None = None):
+        self.cfg, self.tokenizer, self.stats, self.apply_length = cfg, tokenizer, stats, apply_length
+        self.policy = policy or BadRecordPolicy(cfg.on_bad_record)
+        self.student_fp = tokenizer_fingerprint(tokenizer) if cfg.teacher_scores is not None else ""
+        self.seen_ids: dict[str, Location] = {}
+
+    def _finish(self, record: Any, result: Any, scores: Any) -> TokenizedExample | None:
+        cfg = self.cfg
+        if isinstance(result, DataError):
+            raise result
+        if isinstance(scores, ScoreRows):  # the join needs unique ids
+            if record.id in self.seen_ids:
+                raise DataError(f"duplicate id {record.id!r} (first at {self.seen_ids[record.id]}): teacher scores "
+                                "are joined on ids", location=record.location, field=cfg.id_field, reason="wrong_type")
+            self.seen_ids[record.id] = record.location
+        if scores is not None:
+            checked = check_scores(
+                scores.get(record), record, num_response_tokens=result.num_response_tokens,
+                student_fingerprint=self.student_fp, cfg=cfg, vocab_size=len(self.tokenizer),
+                example_hash=content_hash(result.input_ids, result.response_mask)
+                if isinstance(scores, ScoreRows) else None,
+            )
+            result = dataclasses.replace(result, teacher=checked)
+        if not self.apply_length:
+            return result
+        fitted = fit_to_length(result, cfg)
+        if fitted is None:
+            self.stats.dropped_too_long += 1
+        elif fitted.truncated:
+            self.stats.truncated += 1
+        return fitted
+
+    def examples(self, records: list, scores: Any) -> list[TokenizedExample]:
+        """The kept examples of ``records`` (already parsed), in order; bad ones go through the policy."""
+        out = []
+        for record, result in zip(records, tokenize_records(records, self.tokenizer, self.cfg)):
+            try:
+                example = self._finish(record, result, scores)
+            except DataError as e:
+                self.policy.handle(e)
+                continue
+            if example is not None:
+                self.stats.examples += 1
+                self.stats.tokens += example.num_tokens
+                self.stats.response_tokens += example.num_response_tokens
+                out.append(example)
+        self.sync()
+        return out
+
+    def parse(self, raw_records: list) -> list:
+        """:class:`Record` s of ``(index, location, raw)`` triples; bad ones go through the policy."""
+        records = []
+        for index, location, raw in raw_records:
+            try:
+                records.append(parse_record(raw, index, location, self.cfg))
+            except DataError as e:
+                self.policy.handle(e)
+        return records
+
+    def sync(self) -> None:
+        stats, policy = self.stats, self.policy
+        stats.skipped = collections.Counter(policy.counts)
+        stats.skip_examples = {k: list(v) for k, v in policy.examples.items()}
+        stats.records_read = stats.examples + stats.dropped_too_long + sum(policy.counts.values())
+
+
 def _examples(
     cfg: DataConfig, tokenizer: Any, *, process_index: int, process_count: int, stats: DataStats,
     apply_length: bool = True,
 ) -> Iterator[TokenizedExample]:
     """Validated, tokenized examples of this process's share in record order (see module doc)."""
-    policy = BadRecordPolicy(cfg.on_bad_record)
+    validator = _Validator(cfg, tokenizer, stats, apply_length=apply_length)
     scores = open_teacher_scores(cfg)
-    student_fp = tokenizer_fingerprint(tokenizer) if scores is not None else ""
-    seen_ids: dict[str, Location] = {}
-    records = load_records(cfg, process_index=process_index, process_count=process_count, policy=policy)
-
-    def finish(record, result) -> TokenizedExample | None:
-        if isinstance(result, DataError):
-            raise result
-        if isinstance(scores, ParquetScores):  # the join needs unique ids
-            if record.id in seen_ids:
-                raise DataError(f"duplicate id {record.id!r} (first at {seen_ids[record.id]}): teacher scores are "
-                                "joined on ids", location=record.location, field=cfg.id_field, reason="wrong_type")
-            seen_ids[record.id] = record.location
-        if scores is not None:
-            checked = check_scores(
-                scores.get(record), record, num_response_tokens=result.num_response_tokens,
-                student_fingerprint=student_fp, cfg=cfg, vocab_size=len(tokenizer),
-            )
-            result = dataclasses.replace(result, teacher=checked)
-        if not apply_length:
-            return result
-        fitted = fit_to_length(result, cfg)
-        if fitted is None:
-            stats.dropped_too_long += 1
-        elif fitted.truncated:
-            stats.truncated += 1
-        return fitted
-
-    def chunks() -> Iterator[list]:
-        chunk = []
+    records = load_records(cfg, process_index=process_index, process_count=process_count, policy=validator.policy)
+    chunk: list = []
+    try:
         for record in records:
             chunk.append(record)
             if len(chunk) == _CHUNK:
-                yield chunk
+                yield from validator.examples(chunk, scores)
                 chunk = []
         if chunk:
-            yield chunk
-
-    try:
-        for chunk in chunks():
-            for record, result in zip(chunk, tokenize_records(chunk, tokenizer, cfg)):
-                try:
-                    example = finish(record, result)
-                except DataError as e:
-                    policy.handle(e)
-                    continue
-                if example is not None:
-                    stats.examples += 1
-                    stats.tokens += example.num_tokens
-                    stats.response_tokens += example.num_response_tokens
-                    yield example
+            yield from validator.examples(chunk, scores)
     finally:
-        stats.skipped = collections.Counter(policy.counts)
-        stats.skip_examples = {k: list(v) for k, v in policy.examples.items()}
-        stats.records_read = stats.examples + stats.dropped_too_long + sum(policy.counts.values())
+        validator.sync()
 
 
 def prepare_examples(
@@ -226,15 +277,12 @@ def _padded_row(features: dict[str, np.ndarray], seq_len: int) -> dict[str, np.n
     return out
 
 
-def _grain_dataset(examples: list[TokenizedExample], cfg: DataConfig, local_batch: int, topk: int) -> grain.IterDataset:
-    ds = grain.MapDataset.source(examples)
-    if cfg.shuffle:
-        ds = ds.shuffle(seed=cfg.seed)  # before repeat: a different permutation in every epoch
-    ds = ds.repeat(cfg.num_epochs).map(functools.partial(_features, topk=topk))
-    # Examples are in memory: no reader threads (grain's advice; also keeps the order trivial).
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+def _pack_and_batch(it: grain.IterDataset, cfg: DataConfig, local_batch: int, topk: int,
+                    scored: bool) -> grain.IterDataset:
+    """Feature dicts -> packed (or padded) rows of ``seq_len`` -> batches of ``local_batch`` rows."""
     if cfg.packing:
-        keys = list(examples[0].features(topk))
+        keys = ["input_ids", "targets", "loss_mask"] + (["teacher_logprobs"] if scored else [])
+        keys += ["teacher_topk_ids", "teacher_topk_logprobs"] if scored and topk else []
         it = _PACK_CLASSES[cfg.pack_strategy](
             it,
             length_struct={k: cfg.seq_len for k in keys},
@@ -245,6 +293,182 @@ def _grain_dataset(examples: list[TokenizedExample], cfg: DataConfig, local_batc
     else:
         it = it.map(functools.partial(_padded_row, seq_len=cfg.seq_len))
     return it.batch(local_batch, drop_remainder=False)
+
+
+def _grain_dataset(examples: list[TokenizedExample], cfg: DataConfig, local_batch: int, topk: int) -> grain.IterDataset:
+    ds = grain.MapDataset.source(examples)
+    if cfg.shuffle:
+        ds = ds.shuffle(seed=cfg.seed)  # before repeat: a different permutation in every epoch
+    ds = ds.repeat(cfg.num_epochs).map(functools.partial(_features, topk=topk))
+    # Examples are in memory: no reader threads (grain's advice; also keeps the order trivial).
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    return _pack_and_batch(it, cfg, local_batch, topk, scored=cfg.teacher_scores is not None)
+
+
+class BlockStream(grain.IterDataset):
+    """Feature dicts of this process's blocks, streamed: one block of examples in memory at a time.
+
+    Epoch ``e`` visits the blocks in the order of a permutation seeded by ``(seed, e)`` and each
+    block's examples in a permutation seeded by ``(seed, e, block)`` (identity without shuffle).
+    The iterator's state is ``(epoch, position in the block order, examples taken from the block)``;
+    restoring it re-reads that one block and skips what was taken, so resume is exact. With
+    ``data.read_workers`` > 0, that many worker processes read, validate and tokenize the next
+    blocks of this fixed order ahead of time (a cache: the output and the state do not change).
+    """
+
+    def __init__(self, plan: BlockPlan, blocks: list[Block], validator: "_Validator", scores: Any, topk: int):
+        super().__init__()
+        self.blocks, self.kind, self.validator, self.scores, self.topk = blocks, plan.kind, validator, scores, topk
+        self._footers = plan.footers
+        self.observer: Any = None  # called with each block's examples as it is loaded (data inspect)
+
+    def __iter__(self) -> "_BlockStreamIterator":
+        return _BlockStreamIterator(self)
+
+    def block_examples(self, block: Block) -> list[TokenizedExample]:
+        """The kept examples of ``block`` in record order, joined with its scores; counts bytes read."""
+        validator, stats = self.validator, self.validator.stats
+        raw, nbytes = read_block(block, validator.cfg, self.kind, self._footers)
+        stats.bytes_read += nbytes
+        records = validator.parse(raw)
+        scores = self.scores
+        if isinstance(scores, BlockScores):
+            scores, nbytes = scores.block(block.index)
+            stats.bytes_read += nbytes
+        validator.seen_ids = {}
+        return validator.examples(records, scores)
+
+    def worker_args(self) -> tuple:
+        """What a read worker needs to rebuild this stream (see :func:`_init_read_worker`)."""
+        scores = self.scores.path if isinstance(self.scores, BlockScores) else self.scores
+        return self.validator.cfg, self.validator.tokenizer, self.kind, scores, self.topk, self.validator.apply_length
+
+
+_WORKER_STREAM: BlockStream | None = None  # in a read worker process
+
+
+def _init_read_worker(cfg: DataConfig, tokenizer: Any, kind: str, scores: Any, topk: int, apply_length: bool) -> None:
+    global _WORKER_STREAM
+    if isinstance(scores, str):
+        scores = BlockScores(scores, cfg)
+    plan = BlockPlan(kind, cfg.block_records, (), {})
+    _WORKER_STREAM = BlockStream(plan, [], _Validator(cfg, tokenizer, DataStats(), apply_length=apply_length),
+                                 scores, topk)
+
+
+def _read_in_worker(block: Block) -> tuple[list[TokenizedExample], DataStats, BadRecordPolicy]:
+    """One block's examples, with the counts and skips of reading it (merged by the caller)."""
+    stream = _WORKER_STREAM
+    stream.validator.stats = DataStats()
+    stream.validator.policy = BadRecordPolicy(stream.validator.cfg.on_bad_record)
+    examples = stream.block_examples(block)
+    return examples, stream.validator.stats, stream.validator.policy
+
+
+class _BlockStreamIterator(grain.DatasetIterator):
+    def __init__(self, ds: BlockStream):
+        super().__init__()
+        self._ds = ds
+        self._epoch, self._position, self._taken = 0, 0, 0
+        self._examples: list[TokenizedExample] | None = None
+        self._pool: Any = None
+        self._pending: dict[tuple[int, int], Any] = {}  # (epoch, position) -> future of its block
+
+    def _order(self, epoch: int) -> np.ndarray:
+        cfg, n = self._ds.validator.cfg, len(self._ds.blocks)
+        return np.random.default_rng([cfg.seed, epoch]).permutation(n) if cfg.shuffle else np.arange(n)
+
+    def _prefetch(self) -> None:
+        """Keep ``read_workers`` upcoming blocks in flight (the order is known, so this is only a cache)."""
+        ds = self._ds
+        cfg = ds.validator.cfg
+        if self._pool is None:
+            import concurrent.futures
+            import multiprocessing
+
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                cfg.read_workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_read_worker,
+                initargs=ds.worker_args())
+        epoch, position = self._epoch, self._position
+        for _ in range(cfg.read_workers + 1):
+            if cfg.num_epochs is not None and epoch >= cfg.num_epochs:
+                break
+            if (epoch, position) not in self._pending:
+                block = ds.blocks[int(self._order(epoch)[position])]
+                self._pending[(epoch, position)] = self._pool.submit(_read_in_worker, block)
+            position += 1
+            if position == len(ds.blocks):
+                epoch, position = epoch + 1, 0
+
+    def _read(self, block: Block) -> list[TokenizedExample]:
+        ds = self._ds
+        if not ds.validator.cfg.read_workers:
+            return ds.block_examples(block)
+        self._prefetch()
+        examples, stats, policy = self._pending.pop((self._epoch, self._position)).result()
+        main = ds.validator.stats
+        for f in ("bytes_read", "examples", "tokens", "response_tokens", "truncated", "dropped_too_long"):
+            setattr(main, f, getattr(main, f) + getattr(stats, f))
+        ds.validator.policy.counts.update(policy.counts)
+        for reason, where in policy.examples.items():
+            kept = ds.validator.policy.examples[reason]
+            kept.extend(where[: BadRecordPolicy.MAX_EXAMPLES - len(kept)])
+        ds.validator.sync()
+        return examples
+
+    def _load(self) -> list[TokenizedExample]:
+        ds = self._ds
+        cfg = ds.validator.cfg
+        block = ds.blocks[int(self._order(self._epoch)[self._position])]
+        examples = self._read(block)
+        if ds.observer is not None:
+            ds.observer(examples)
+        if cfg.shuffle:
+            order = np.random.default_rng([cfg.seed, self._epoch, block.index]).permutation(len(examples))
+            examples = [examples[i] for i in order]
+        return examples
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        ds = self._ds
+        num_epochs = ds.validator.cfg.num_epochs
+        while ds.blocks and (num_epochs is None or self._epoch < num_epochs):
+            if self._examples is None:
+                self._examples = self._load()
+            if self._taken < len(self._examples):
+                self._taken += 1
+                return self._examples[self._taken - 1].features(ds.topk)
+            self._examples, self._taken, self._position = None, 0, self._position + 1
+            if self._position == len(ds.blocks):
+                self._epoch, self._position = self._epoch + 1, 0
+        raise StopIteration
+
+    def get_state(self) -> dict[str, Any]:
+        return {"epoch": self._epoch, "position": self._position, "taken": self._taken}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._epoch, self._position, self._taken = state["epoch"], state["position"], state["taken"]
+        self._examples = None
+        for future in self._pending.values():
+            future.cancel()
+        self._pending = {}
+
+
+def _check_block_scores(plan: BlockPlan, scores: BlockScores, blocks: list[Block]) -> None:
+    """Before compute: every block of this share has its scores, and no more rows than records."""
+    for block in blocks:
+        first = Location(block.file, line=block.first_line) if plan.kind == "jsonl" else \
+            Location(block.file, index=block.file_row)
+        if block.index >= scores.num_blocks:
+            raise DataError(
+                f"no teacher scores for this record and the rest of block {block.index} ({scores.path} has "
+                f"{scores.num_blocks} blocks of {scores.block_records} records, the traces {len(plan.blocks)}): the "
+                "traces grew since scoring; rescore with dcd-jax score-teacher", location=first, field="id",
+                reason="stale_teacher_scores")
+        if scores.block_rows[block.index] > block.num_records:
+            raise DataError(
+                f"block {block.index} has {scores.block_rows[block.index]} rows of scores in {scores.path} but "
+                f"{block.num_records} records: the traces changed since scoring; rescore with dcd-jax score-teacher",
+                location=first, field="id", reason="stale_teacher_scores")
 
 
 _DTYPES = {
@@ -264,11 +488,11 @@ class TrainIterator:
     """
 
     def __init__(
-        self, cfg: DataConfig, examples: list[TokenizedExample], stats: DataStats, *, process_index: int,
-        process_count: int, tokenizer_fp: str,
+        self, cfg: DataConfig, examples: list[TokenizedExample] | None, stats: DataStats, *, process_index: int,
+        process_count: int, tokenizer_fp: str, stream: tuple[BlockStream, str] | None = None,
     ):
         self.cfg = cfg
-        self.examples = examples
+        self.examples = examples  # None when streamed
         self.stats = stats
         self.local_batch_size = cfg.local_batch_size(process_count)
         self.topk = cfg.topk if cfg.teacher_scores is not None else 0
@@ -276,11 +500,17 @@ class TrainIterator:
             "config": {k: v for k, v in to_dict(cfg).items() if k not in _RESUMABLE_CHANGES},
             "process_index": process_index,
             "process_count": process_count,
-            "num_examples": len(examples),
-            "examples_digest": _digest(examples),
             "tokenizer": tokenizer_fp,
         }
-        self._dataset = _grain_dataset(examples, cfg, self.local_batch_size, self.topk)
+        if stream is None:
+            self._identity.update(num_examples=len(examples), examples_digest=_digest(examples))
+            self._dataset = _grain_dataset(examples, cfg, self.local_batch_size, self.topk)
+        else:
+            source, blocks_digest = stream
+            self.source = source
+            self._identity.update(num_blocks=len(source.blocks), blocks_digest=blocks_digest)
+            self._dataset = _pack_and_batch(source, cfg, self.local_batch_size, self.topk,
+                                            scored=cfg.teacher_scores is not None)
         self._iter = iter(self._dataset)
 
     def __iter__(self) -> "TrainIterator":
@@ -351,9 +581,48 @@ def build_train_iterator(
     and field), then iterates ``batch_size // process_count`` rows of ``seq_len`` tokens per batch.
     """
     cfg.local_batch_size(process_count)  # a global batch that does not split fails before any work
+    if cfg.streaming:
+        return streamed_iterator(cfg, tokenizer, process_index=process_index, process_count=process_count)
     examples, stats = prepare_examples(cfg, tokenizer, process_index=process_index, process_count=process_count)
     return TrainIterator(
         cfg, examples, stats, process_index=process_index, process_count=process_count,
         tokenizer_fp=tokenizer_fingerprint(tokenizer),
     )
 
+
+
+def open_block_stream(
+    cfg: DataConfig, tokenizer: Any, *, process_index: int, process_count: int, stats: DataStats,
+    apply_length: bool = True,
+) -> tuple[BlockPlan, list[Block], BlockStream]:
+    """Plan the blocks, check what is cheap to check (scores provenance, layout, coverage), and
+    return the plan, this process's blocks and their (lazy) example stream."""
+    scores: Any = None
+    stored = None
+    block_records = cfg.block_records
+    if cfg.teacher_scores == "inline":
+        scores = InlineScores(cfg)
+    elif cfg.teacher_scores is not None:
+        scores = BlockScores(cfg.teacher_scores, cfg)
+        block_records, stored = scores.block_records, BlockPlan.from_json(scores.plan_json)
+    plan = plan_blocks(cfg, block_records, stored)
+    stats.bytes_read += plan.bytes_read
+    blocks = plan.share(process_index, process_count)
+    if isinstance(scores, BlockScores):
+        _check_block_scores(plan, scores, blocks)
+    validator = _Validator(cfg, tokenizer, stats, apply_length=apply_length)
+    topk = cfg.topk if cfg.teacher_scores is not None else 0
+    return plan, blocks, BlockStream(plan, blocks, validator, scores, topk)
+
+
+def streamed_iterator(cfg: DataConfig, tokenizer: Any, *, process_index: int, process_count: int) -> TrainIterator:
+    stats = DataStats(process_index=process_index, process_count=process_count)
+    plan, blocks, source = open_block_stream(cfg, tokenizer, process_index=process_index,
+                                             process_count=process_count, stats=stats)
+    if not blocks:
+        raise DataError(f"no records for process {process_index} of {process_count}: the input has "
+                        f"{len(plan.blocks)} block(s) of {plan.block_records} records; lower data.block_records",
+                        location=Location(cfg.path), reason="unreadable")
+    digest = hashlib.sha256(json.dumps([dataclasses.astuple(b) for b in blocks]).encode()).hexdigest()[:24]
+    return TrainIterator(cfg, None, stats, process_index=process_index, process_count=process_count,
+                         tokenizer_fp=tokenizer_fingerprint(tokenizer), stream=(source, digest))

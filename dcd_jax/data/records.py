@@ -74,7 +74,8 @@ def _resolve_format(cfg: DataConfig) -> str:
     return "hf"
 
 
-def _jsonl_files(path: Path) -> list[Path]:
+def jsonl_files(path: Path) -> list[Path]:
+    """The JSONL files of ``path`` (itself, or the ``*.jsonl`` of a directory, sorted)."""
     if path.is_dir():
         return sorted(path.glob("*.jsonl"))
     if path.is_file():
@@ -91,7 +92,7 @@ def _read_json_lines(
     (records then have indices, not lines). Lines of other processes are not parsed.
     """
     index = 0
-    for file in _jsonl_files(Path(cfg.path)):
+    for file in jsonl_files(Path(cfg.path)):
         with open(file, "rb") as f:
             head = f.read(4096).removeprefix(_BOM).lstrip()
             f.seek(0)
@@ -122,13 +123,16 @@ def _read_json_lines(
                 if not mine:
                     continue
                 location = Location(str(file), line=line_no)
-                try:
-                    yield index - 1, location, json.loads(raw.decode("utf-8"))
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    detail = f"{e.msg} (column {e.colno})" if isinstance(e, json.JSONDecodeError) else str(e)
-                    yield index - 1, location, DataError(
-                        f"malformed JSON: {detail}", location=location, reason="malformed_json"
-                    )
+                yield index - 1, location, decode_json_line(raw, location)
+
+
+def decode_json_line(raw: bytes, location: Location) -> Any:
+    """One JSONL line parsed, or the :class:`DataError` (reason ``malformed_json``) saying why it is not JSON."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        detail = f"{e.msg} (column {e.colno})" if isinstance(e, json.JSONDecodeError) else str(e)
+        return DataError(f"malformed JSON: {detail}", location=location, reason="malformed_json")
 
 
 def _read_hf(cfg: DataConfig, process_index: int, process_count: int) -> Iterator[tuple[int, Location, Any]]:

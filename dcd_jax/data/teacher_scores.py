@@ -10,6 +10,13 @@ or the count does not equal the record's response-token count.
 They come either inline in the records (``data.teacher_scores: inline``) or from a Parquet file
 with columns :data:`COLUMNS`, joined on the record id (written by ``dcd-jax score-teacher``
 through :func:`write_teacher_scores`).
+
+Content addressing (Parquet scores). Each row stores :func:`content_hash` of exactly what it was
+computed from (the example's token ids and response mask, untruncated), and the file stores its
+:class:`ScoresProvenance` (teacher name and weights fingerprint, dtype, top-k, tokenizer
+fingerprint) in the Parquet key-value metadata. A record whose tokens changed after scoring (an
+edited or swapped response, even of the same length), a file from another teacher than
+``data.teacher`` or with fewer than ``data.topk`` entries is refused, naming the record.
 """
 
 from __future__ import annotations
@@ -26,7 +33,13 @@ from dcd_jax.data.config import DataConfig
 from dcd_jax.data.errors import DataError, Location
 from dcd_jax.data.records import Record
 
-COLUMNS = ("id", "teacher_logprobs", "teacher_topk_ids", "teacher_topk_logprobs", "tokenizer_fingerprint")
+COLUMNS = ("id", "content_hash", "teacher_logprobs", "teacher_topk_ids", "teacher_topk_logprobs",
+           "tokenizer_fingerprint")
+# Parquet key-value metadata key holding the file's ScoresProvenance (JSON).
+PROVENANCE_KEY = b"dcd_jax.teacher_scores"
+# ... and the block layout of a file written block by block (see BlockScores).
+LAYOUT_KEY = b"dcd_jax.blocks"
+SCORES_FORMAT = 2  # 1: no content hashes / provenance (refused: cannot be checked)
 # A stored log-prob may exceed 0 only by float noise.
 _MAX_LOGPROB = 1e-3
 
@@ -48,6 +61,50 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     parts["special"] = {k: getattr(tokenizer, k, None) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
     return f"tok1-{digest[:32]}"
+
+
+def content_hash(input_ids: np.ndarray, response_mask: np.ndarray) -> str:
+    """What a row of scores was computed from: ``h = BLAKE2b-128(int32_le(input_ids) || uint8(response_mask))``.
+
+    Any change of a token, of the loss mask, or of the length changes ``h`` (up to 2^-128 collisions).
+    Computed on the untruncated example, so it does not depend on ``seq_len``.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    h.update(np.asarray(input_ids, "<i4").tobytes())
+    h.update(np.asarray(response_mask, np.uint8).tobytes())
+    return h.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoresProvenance:
+    """Who computed a file of scores and how: stored once per file (Parquet key-value metadata).
+
+    ``teacher`` is the name given to ``score-teacher`` (path or hub id), ``teacher_weights`` an
+    exact fingerprint of its parameters as scored (see ``dcd_jax.eval.scoring.weights_fingerprint``).
+    """
+
+    teacher: str
+    teacher_weights: str
+    dtype: str
+    topk: int
+    tokenizer_fingerprint: str
+    format: int = SCORES_FORMAT
+
+    def to_metadata(self) -> dict[bytes, bytes]:
+        return {PROVENANCE_KEY: json.dumps(dataclasses.asdict(self), sort_keys=True).encode()}
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[bytes, bytes] | None) -> "ScoresProvenance | None":
+        raw = (metadata or {}).get(PROVENANCE_KEY)
+        if raw is None:
+            return None
+        fields = json.loads(raw)
+        return cls(**{f.name: fields[f.name] for f in dataclasses.fields(cls) if f.name in fields})
+
+    def differences(self, other: "ScoresProvenance") -> list[str]:
+        """``name: mine != other's`` for every field that differs."""
+        return [f"{f.name} {getattr(self, f.name)!r} != {getattr(other, f.name)!r}"
+                for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(other, f.name)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +136,7 @@ class RawScores:
     topk_logprobs: Any
     fingerprint: str | None
     where: str
+    content_hash: str | None = None  # of the tokens they were computed from (Parquet scores); None: inline
 
 
 def _array(value: Any, dtype: Any, ndim: int, name: str, record: Record, where: str) -> np.ndarray:
@@ -94,13 +152,14 @@ def _array(value: Any, dtype: Any, ndim: int, name: str, record: Record, where: 
 
 def check_scores(
     raw: RawScores, record: Record, *, num_response_tokens: int, student_fingerprint: str, cfg: DataConfig,
-    vocab_size: int,
+    vocab_size: int, example_hash: str | None = None,
 ) -> TeacherScores:
     """Validate stored scores against the student tokenization of ``record``; refuse on mismatch.
 
     Raises :class:`DataError` with reason ``teacher_fingerprint`` (never skipped) when the scoring
-    tokenizer is unknown or is not the student's, and ``teacher_scores`` for a wrong count,
-    shape, or value in this record.
+    tokenizer is unknown or is not the student's, ``stale_teacher_scores`` (never skipped) when
+    the scores were computed from other tokens than ``example_hash`` (:func:`content_hash` of the
+    record's untruncated tokenization), and ``teacher_scores`` for a wrong count, shape, or value.
     """
     if raw.fingerprint is None:
         raise DataError(
@@ -115,6 +174,13 @@ def check_scores(
             f"than the student's ({student_fingerprint}); per-token scores would be misaligned, so they are refused. "
             "Re-score the traces with the student tokenizer (dcd-jax score-teacher) or train without stored scores",
             location=record.location, field=cfg.teacher_fingerprint_field, reason="teacher_fingerprint",
+        )
+    if raw.content_hash is not None and example_hash is not None and raw.content_hash != example_hash:
+        raise DataError(
+            f"the teacher scores ({raw.where}) were computed from other tokens than this record has now (content hash "
+            f"{raw.content_hash[:12]}... != {example_hash[:12]}...): the record was edited after scoring, or the scores "
+            f"belong to another record. Rescore: dcd-jax score-teacher (writes {raw.where.split(' row ')[0]} anew)",
+            location=record.location, field="content_hash", reason="stale_teacher_scores",
         )
     name = cfg.teacher_logprobs_field
     if raw.logprobs is None:
@@ -190,40 +256,63 @@ def _ragged(column: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return pc.list_flatten(arr), offsets, null
 
 
-class ParquetScores:
-    """Scores in a columnar Parquet file (columns :data:`COLUMNS`), joined on the record id.
+def _open_scores_file(path: str | Path, cfg: DataConfig) -> tuple[Any, "ScoresProvenance", list[str]]:
+    """``(pyarrow schema, provenance, columns to read)`` of a scores file; refuses what cannot be checked."""
+    import pyarrow.parquet as pq
 
-    The file is read once into flat NumPy arrays; a record's scores are slices of them.
+    location = Location(str(path))
+    if not Path(path).is_file():
+        raise DataError("teacher scores file not found (data.teacher_scores)", location=location, reason="unreadable")
+    needed = ["id", "content_hash", "teacher_logprobs", "tokenizer_fingerprint"]
+    if cfg.topk:
+        needed += ["teacher_topk_ids", "teacher_topk_logprobs"]
+    try:
+        schema = pq.read_schema(path)
+    except Exception as e:  # pyarrow raises several types for a file that is not Parquet
+        raise DataError(f"cannot be read as Parquet: {e}", location=location, reason="unreadable") from e
+    provenance = ScoresProvenance.from_metadata(schema.metadata)
+    if provenance is None or "content_hash" not in schema.names:
+        raise DataError(
+            "holds no provenance or per-row content hashes (written by an older dcd-jax), so it cannot be "
+            "checked that its scores belong to these records and this teacher; rescore with "
+            "dcd-jax score-teacher", location=location, field="content_hash", reason="unreadable")
+    missing = [c for c in needed if c not in schema.names]
+    if missing:
+        raise DataError(f"missing column(s) {missing}; it has {schema.names}", location=location, reason="unreadable")
+    return schema, provenance, needed
+
+
+def check_provenance(provenance: "ScoresProvenance", cfg: DataConfig, path: str, first_id: str | None) -> None:
+    """File-level checks (cheap, before compute): the teacher ``data.teacher`` names, enough top-k."""
+    where = Location(path, index=0)
+    first = f" (first record {first_id!r})" if first_id is not None else ""
+    if cfg.teacher is not None and cfg.teacher not in (provenance.teacher, provenance.teacher_weights):
+        raise DataError(
+            f"scores were computed by teacher {provenance.teacher!r} (weights {provenance.teacher_weights}), not by "
+            f"data.teacher={cfg.teacher!r}{first}; rescore: dcd-jax score-teacher --teacher {cfg.teacher}",
+            location=where, field="teacher", reason="stale_teacher_scores")
+    if provenance.topk < cfg.topk:
+        raise DataError(
+            f"scores store top-{provenance.topk} but data.topk={cfg.topk}{first}; rescore: dcd-jax score-teacher "
+            f"--topk {cfg.topk}", location=where, field="topk", reason="stale_teacher_scores")
+
+
+class ScoreRows:
+    """Rows of a scores table as flat NumPy arrays, joined on the record id (ids unique within it).
+
+    ``first_row`` is the table's first row within ``path`` (for messages).
     """
 
-    def __init__(self, path: str | Path, cfg: DataConfig):
-        import pyarrow.parquet as pq
-
-        self.path = str(path)
-        self.cfg = cfg
-        location = Location(self.path)
-        if not Path(path).is_file():
-            raise DataError("teacher scores file not found (data.teacher_scores)", location=location, reason="unreadable")
-        needed = ["id", "teacher_logprobs", "tokenizer_fingerprint"]
-        if cfg.topk:
-            needed += ["teacher_topk_ids", "teacher_topk_logprobs"]
-        try:
-            schema = pq.read_schema(path)
-            missing = [c for c in needed if c not in schema.names]
-            if missing:
-                raise DataError(f"missing column(s) {missing}; it has {schema.names}", location=location,
-                                reason="unreadable")
-            table = pq.read_table(path, columns=needed)
-        except DataError:
-            raise
-        except Exception as e:  # pyarrow raises several types for a file that is not Parquet
-            raise DataError(f"cannot be read as Parquet: {e}", location=location, reason="unreadable") from e
+    def __init__(self, table: Any, cfg: DataConfig, path: str, first_row: int = 0):
+        self.path, self.cfg = path, cfg
         ids = [str(i) for i in table.column("id").to_pylist()]
-        self._row = {}
+        self.first_row = first_row
+        self._hashes = table.column("content_hash").to_pylist()
+        self._row: dict[str, int] = {}
         for row, record_id in enumerate(ids):
             if record_id in self._row:
-                raise DataError(f"id {record_id!r} appears twice (rows {self._row[record_id]} and {row})",
-                                location=location, field="id", reason="unreadable")
+                raise DataError(f"id {record_id!r} appears twice (rows {first_row + self._row[record_id]} and "
+                                f"{first_row + row})", location=Location(path), field="id", reason="unreadable")
             self._row[record_id] = row
         self._fingerprints = table.column("tokenizer_fingerprint").to_pylist()
         flat, self._lp_offsets, self._lp_null = _ragged(table.column("teacher_logprobs"))
@@ -234,6 +323,9 @@ class ParquetScores:
                 inner, offsets, null = _ragged(table.column(name))  # rows -> positions
                 values, inner_offsets, _ = _ragged(inner)  # positions -> K entries
                 self._topk[name] = (values.to_numpy(zero_copy_only=False), offsets, null, inner_offsets)
+
+    def __len__(self) -> int:
+        return len(self._row)
 
     def _topk_rows(self, name: str, row: int) -> Any:
         values, offsets, null, inner = self._topk[name]
@@ -256,8 +348,83 @@ class ParquetScores:
             topk_ids=self._topk_rows("teacher_topk_ids", row) if self.cfg.topk else None,
             topk_logprobs=self._topk_rows("teacher_topk_logprobs", row) if self.cfg.topk else None,
             fingerprint=self._fingerprints[row],
-            where=f"{self.path} row {row}",
+            where=f"{self.path} row {self.first_row + row}",
+            content_hash=self._hashes[row],
         )
+
+
+
+
+class ParquetScores(ScoreRows):
+    """Scores in a columnar Parquet file (columns :data:`COLUMNS`), joined on the record id.
+
+    The whole file is read once into flat NumPy arrays (``data.streaming: false``; the streamed
+    path reads :class:`BlockScores` instead). Before any row is used, the file's
+    :class:`ScoresProvenance` is checked against ``data.teacher`` and ``data.topk``.
+    """
+
+    def __init__(self, path: str | Path, cfg: DataConfig):
+        import pyarrow.parquet as pq
+
+        _, self.provenance, needed = _open_scores_file(path, cfg)
+        try:
+            table = pq.read_table(path, columns=needed)
+        except Exception as e:  # pyarrow raises several types for a damaged file
+            raise DataError(f"cannot be read as Parquet: {e}", location=Location(str(path)), reason="unreadable") from e
+        check_provenance(self.provenance, cfg, str(path), str(table.column("id")[0]) if table.num_rows else None)
+        super().__init__(table, cfg, str(path))
+
+
+class BlockScores:
+    """A scores file written block by block (``score-teacher``): reads only the rows of one block at a time.
+
+    The file's layout metadata (:data:`LAYOUT_KEY`) holds the row count of every block and the
+    block plan of the traces it was scored from; block ``b``'s rows follow block ``b - 1``'s.
+    Opening reads the footer only; :meth:`block` reads the row groups overlapping one block.
+    """
+
+    def __init__(self, path: str | Path, cfg: DataConfig):
+        import pyarrow.parquet as pq
+
+        self.path, self.cfg = str(path), cfg
+        schema, self.provenance, self._columns = _open_scores_file(path, cfg)
+        layout = (schema.metadata or {}).get(LAYOUT_KEY)
+        if layout is None:
+            raise DataError("has no block layout (not written by dcd-jax score-teacher), so it cannot be streamed; "
+                            "set data.streaming=false or rescore", location=Location(self.path), reason="unreadable")
+        layout = json.loads(layout)
+        self.block_records: int = layout["block_records"]
+        self.plan_json: str = layout["plan"]
+        self.block_rows: list[int] = layout["block_rows"]
+        self.row_offsets = np.concatenate([[0], np.cumsum(self.block_rows)]).astype(np.int64)
+        self._footer = meta = pq.ParquetFile(self.path).metadata
+        self._groups = np.concatenate([[0], np.cumsum([meta.row_group(g).num_rows for g in range(meta.num_row_groups)])])
+        if self._groups[-1] != self.row_offsets[-1]:
+            raise DataError(f"holds {self._groups[-1]} rows but its layout says {self.row_offsets[-1]}",
+                            location=Location(self.path), reason="unreadable")
+        check_provenance(self.provenance, cfg, self.path, None)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_rows)
+
+    def block(self, index: int) -> tuple[ScoreRows, int]:
+        """The rows of block ``index`` and the bytes read to get them."""
+        import pyarrow.parquet as pq
+
+        from dcd_jax.data.shards import CountingFile
+
+        lo, hi = int(self.row_offsets[index]), int(self.row_offsets[index + 1])
+        groups = [g for g in range(len(self._groups) - 1) if self._groups[g] < hi and self._groups[g + 1] > lo]
+        with CountingFile(self.path) as f:
+            pf = pq.ParquetFile(f, metadata=self._footer)
+            if groups:
+                table = pf.read_row_groups(groups, columns=self._columns)
+                table = table.slice(lo - int(self._groups[groups[0]]), hi - lo)
+            else:
+                table = pf.schema_arrow.empty_table().select(self._columns)
+            rows = ScoreRows(table, self.cfg, self.path, first_row=lo)
+            return rows, f.bytes_read
 
 
 def open_teacher_scores(cfg: DataConfig) -> InlineScores | ParquetScores | None:
@@ -269,18 +436,19 @@ def open_teacher_scores(cfg: DataConfig) -> InlineScores | ParquetScores | None:
     return ParquetScores(cfg.teacher_scores, cfg)
 
 
-def write_teacher_scores(path: str | Path, rows: Iterable[Mapping[str, Any]], fingerprint: str) -> int:
+def write_teacher_scores(path: str | Path, rows: Iterable[Mapping[str, Any]], provenance: ScoresProvenance) -> int:
     """Write scores as the Parquet file ``data.teacher_scores`` reads; returns the row count.
 
-    Each row: ``id``, ``teacher_logprobs`` ``[n]`` and optionally ``teacher_topk_ids`` /
-    ``teacher_topk_logprobs`` ``[n][K]``, aligned with the response tokens of
-    :func:`dcd_jax.data.tokenize_example` under the tokenizer whose ``fingerprint`` is given.
+    Each row: ``id``, ``content_hash`` (:func:`content_hash` of the example scored),
+    ``teacher_logprobs`` ``[n]`` and optionally ``teacher_topk_ids`` / ``teacher_topk_logprobs``
+    ``[n][K]``, aligned with the response tokens of :func:`dcd_jax.data.tokenize_example` under
+    the tokenizer of ``provenance.tokenizer_fingerprint``.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     rows = list(rows)
-    has_topk = any(r.get("teacher_topk_ids") is not None for r in rows)
+    has_topk = provenance.topk > 0
 
     def nested(values: list[np.ndarray], dtype: Any, value_type: Any) -> Any:
         # list<value> (1-d rows) or list<list<value>> (2-d rows) built from flat buffers, no Python loops.
@@ -300,6 +468,7 @@ def write_teacher_scores(path: str | Path, rows: Iterable[Mapping[str, Any]], fi
 
     columns: dict[str, Any] = {
         "id": pa.array([str(r["id"]) for r in rows], pa.string()),
+        "content_hash": pa.array([str(r["content_hash"]) for r in rows], pa.string()),
         "teacher_logprobs": nested([r["teacher_logprobs"] for r in rows], np.float32, pa.float32()),
     }
     if has_topk:
@@ -307,7 +476,7 @@ def write_teacher_scores(path: str | Path, rows: Iterable[Mapping[str, Any]], fi
         columns["teacher_topk_logprobs"] = nested(
             [r["teacher_topk_logprobs"] for r in rows], np.float32, pa.float32()
         )
-    columns["tokenizer_fingerprint"] = pa.array([fingerprint] * len(rows), pa.string())
+    columns["tokenizer_fingerprint"] = pa.array([provenance.tokenizer_fingerprint] * len(rows), pa.string())
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table(columns), path)
+    pq.write_table(pa.table(columns).replace_schema_metadata(provenance.to_metadata()), path)
     return len(rows)
