@@ -247,7 +247,7 @@ def _grain_dataset(examples: list[TokenizedExample], cfg: DataConfig, local_batc
     return it.batch(local_batch, drop_remainder=False)
 
 
-_DTYPES = {
+BATCH_DTYPES = {  # dtype of every batch field (the planner builds abstract batches from it)
     "input_ids": np.int32, "targets": np.int32, "positions": np.int32, "segment_ids": np.int32,
     "loss_mask": np.float32, "teacher_logprobs": np.float32, "teacher_topk_ids": np.int32,
     "teacher_topk_logprobs": np.float32,
@@ -291,7 +291,7 @@ class TrainIterator:
         rows = batch["input_ids"].shape[0]
         out = {}
         for k, v in batch.items():
-            v = np.asarray(v, _DTYPES.get(k, v.dtype))
+            v = np.asarray(v, BATCH_DTYPES.get(k, v.dtype))
             if rows < self.local_batch_size:  # last batch of a finite run
                 v = np.concatenate([v, np.zeros((self.local_batch_size - rows, *v.shape[1:]), v.dtype)])
             out[k] = v
