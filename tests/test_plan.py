@@ -75,6 +75,16 @@ def test_cpu_plan_params_and_optimizer_bytes_are_the_sharded_sizes(cpu_plan):
     assert report["tokens_per_step"] == 16 * 128
 
 
+@pytest.mark.parametrize("what", ["sample", "score"])
+def test_sampler_and_scorer_plans(run_config, what):
+    """The sampler's generate loop and the teacher scorer compile for cpu:2 with the weights split in two."""
+    cfg = load_config(RunConfig, run_config, ["eval.max_new_tokens=16", "eval.batch_size=4"])
+    report = plan.compile_plan(cfg, plan.topology_target("cpu:2"), what, prompt_len=16)
+    assert report.compiled and report.fits and report.bytes_per_chip["params"] == _hand_sharded_param_bytes(2)
+    assert report.tokens_per_step == (4 * 16 if what == "sample" else 8 * 128)
+    assert report.bytes_per_chip["argument"] >= report.bytes_per_chip["params"]
+
+
 def test_plan_errors_are_one_line(run_config, capsys):
     assert main(["plan", "--config", str(run_config), "--topology", "v9:2x2"]) == 2
     assert "error: --topology 'v9:2x2'" in capsys.readouterr().err

@@ -295,12 +295,13 @@ class PlanReport:
     # output, alias, temp, code, peak (XLA)
     memory_budget: float  # HBM per chip (CPU: host RAM / N)
     model_flops_per_token: float  # 6N + attention (ModelConfig.flops_per_token); 2N + attention for inference
-    xla_flops_per_chip: float  # XLA cost analysis: loop bodies counted once
-    bytes_accessed_per_chip: float  # likewise
+    xla_flops_per_chip: float | None  # XLA cost analysis: loop bodies counted once (None: did not compile)
+    bytes_accessed_per_chip: float | None  # likewise
     weight_bytes_per_step: float  # HBM reads of the weights a step cannot avoid (per chip)
     peak_flops: float | None
     hbm_bandwidth: float | None
     overrides: tuple[str, ...] = ()
+    compiled: bool = True  # False: the TPU compiler refused it (temporaries > HBM); sizes from its message
 
     @property
     def peak(self) -> int:
@@ -312,14 +313,16 @@ class PlanReport:
 
     @property
     def fits(self) -> bool:
-        return self.peak <= self.memory_budget
+        return self.compiled and self.peak <= self.memory_budget
 
     @property
     def flops_per_chip(self) -> float:
         return self.model_flops_per_token * self.tokens_per_step / self.chips
 
     @property
-    def arithmetic_intensity(self) -> float:
+    def arithmetic_intensity(self) -> float | None:
+        if self.xla_flops_per_chip is None:
+            return None
         return self.xla_flops_per_chip / max(self.bytes_accessed_per_chip, 1.0)
 
     @property
@@ -327,7 +330,7 @@ class PlanReport:
         """max(compute time, HBM time) at the chip's peaks: no step can be faster."""
         if self.peak_flops is None or self.hbm_bandwidth is None:
             return None
-        traffic = max(self.bytes_accessed_per_chip, self.weight_bytes_per_step)
+        traffic = max(self.bytes_accessed_per_chip or 0.0, self.weight_bytes_per_step)
         return max(self.flops_per_chip / self.peak_flops, traffic / self.hbm_bandwidth)
 
     def to_dict(self) -> dict[str, Any]:
@@ -367,15 +370,26 @@ def compile_plan(cfg: RunConfig, target: Target, what: str = "train", *, batch_s
             batch = batch_size or ScoreConfig().batch_size
             fn, args, parts, tokens = _score_program(cfg, model_cfg, mesh, batch)
     with jax.set_mesh(mesh):
-        compiled = fn.lower(*args).compile()
-    mem = compiled.memory_analysis()
-    sizes = {
-        "argument": mem.argument_size_in_bytes, "output": mem.output_size_in_bytes, "alias": mem.alias_size_in_bytes,
-        "temp": mem.temp_size_in_bytes, "code": mem.generated_code_size_in_bytes,
-    }
-    sizes["peak"] = sizes["argument"] + sizes["output"] - sizes["alias"] + sizes["temp"] + sizes["code"]
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        lowered = fn.lower(*args)
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        # The TPU compiler refuses a program whose temporaries exceed HBM; its message has the size.
+        temp = _refused_temporaries(str(e))
+        if temp is None:
+            raise
+        arguments = sum(parts.values())
+        sizes = {"argument": arguments, "output": 0, "alias": 0, "temp": temp, "code": 0, "peak": arguments + temp}
+        cost = {}
+    else:
+        mem = compiled.memory_analysis()
+        sizes = {
+            "argument": mem.argument_size_in_bytes, "output": mem.output_size_in_bytes,
+            "alias": mem.alias_size_in_bytes, "temp": mem.temp_size_in_bytes, "code": mem.generated_code_size_in_bytes,
+        }
+        sizes["peak"] = sizes["argument"] + sizes["output"] - sizes["alias"] + sizes["temp"] + sizes["code"]
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return PlanReport(
         what=what, topology=target.name, chips=len(target.devices), model=model_path or cfg.model.path,
         attention=model_cfg.attention, remat=model_cfg.remat, grad_accum=cfg.train.grad_accum,
@@ -383,12 +397,24 @@ def compile_plan(cfg: RunConfig, target: Target, what: str = "train", *, batch_s
         tokens_per_step=tokens, bytes_per_chip={**parts, **{k: int(v) for k, v in sizes.items()}},
         memory_budget=float(target.memory_budget),
         model_flops_per_token=_model_flops_per_token(model_cfg, what, cfg.data.seq_len, prompt_len, cfg.eval.max_new_tokens),
-        xla_flops_per_chip=float(cost.get("flops", 0.0)), bytes_accessed_per_chip=float(cost.get("bytes accessed", 0.0)),
+        xla_flops_per_chip=cost.get("flops"), bytes_accessed_per_chip=cost.get("bytes accessed"),
         # every decoded token streams the weights once; other programs read them at least once
         weight_bytes_per_step=float(parts["params"] * (cfg.eval.max_new_tokens if what == "sample" else 1)),
         peak_flops=peak_flops_per_device(target.devices[0]) if target.chip else None,
         hbm_bandwidth=target.chip.hbm_bandwidth if target.chip else None, overrides=tuple(overrides),
+        compiled=bool(cost),
     )
+
+
+_REFUSED = re.compile(r"required for HLO temporaries \(([\d.]+)([KMGT])\) exceeds available HBM")
+
+
+def _refused_temporaries(message: str) -> int | None:
+    """Bytes of temporaries from the TPU compiler's out-of-memory refusal, or None if not one."""
+    m = _REFUSED.search(message)
+    if not m:
+        return None
+    return int(float(m[1]) * 1024 ** ("KMGT".index(m[2]) + 1))
 
 
 def _model_flops_per_token(model_cfg: ModelConfig, what: str, seq_len: int, prompt_len: int, max_new: int) -> float:
@@ -483,7 +509,7 @@ def check_fits_before_training(cfg: RunConfig, log=None) -> None:
 
 
 def _gib(x: float) -> str:
-    return f"{x / GIB:8.2f} GiB"
+    return f"{x / GIB:9.3f} GiB"
 
 
 def format_plan(report: PlanReport) -> str:
@@ -506,9 +532,13 @@ def format_plan(report: PlanReport) -> str:
         f"({'fits' if report.fits else 'DOES NOT FIT'}, headroom {report.headroom:+.1%})",
         f"  flops: {report.model_flops_per_token:.3e} per token (model: {'6N' if report.what == 'train' else '2N'} "
         f"+ attention), {report.flops_per_chip:.3e} per chip per step",
-        f"  XLA cost analysis (each loop body once): {report.xla_flops_per_chip:.3e} FLOPs, "
-        f"{report.bytes_accessed_per_chip:.3e} bytes per chip; intensity {report.arithmetic_intensity:.1f} FLOP/byte",
     ]
+    if not report.compiled:
+        lines.append("  the TPU compiler refused the program (temporaries exceed HBM): no cost analysis")
+    else:
+        lines.append(f"  XLA cost analysis (each loop body once): {report.xla_flops_per_chip:.3e} FLOPs, "
+                     f"{report.bytes_accessed_per_chip:.3e} bytes per chip; intensity "
+                     f"{report.arithmetic_intensity:.1f} FLOP/byte")
     roof = report.roofline_seconds
     if roof is not None:
         lines.append(
