@@ -168,9 +168,36 @@ def data_scale_section() -> str | None:
     )
 
 
+def plan_section() -> str | None:
+    files = sorted(RESULTS.glob("plan_*.json"))
+    if not files:
+        return None
+    gib = 2**30
+    rows = []
+    for path in files:
+        d = json.loads(path.read_text())
+        p, ref = d["plan"], d["reference_einsum"]
+        rows.append([
+            f"`{d['config']}`", d["topology"], f"{p['attention']}, remat {p['remat']}, accum {p['grad_accum']}",
+            p["peak_bytes"] / gib, p["memory_budget"] / gib, f"{p['headroom']:.1%}", ref["peak_bytes"] / gib,
+            d["peak_vs_einsum"], p["roofline_step_seconds"], p["roofline_tokens_per_second_per_chip"],
+        ])
+    return (
+        "### TPU plans of the ready configs (`JAX_PLATFORMS=cpu python bench/plan.py`: `dcd-jax plan`, "
+        "compiled ahead of time for each slice on a CPU host)\n\n"
+        "Per-chip peak memory of the compiled train step (arguments + outputs + temporaries, GiB) against "
+        "the chip's HBM, next to the same step with the einsum attention kernel compiled in the same run "
+        "(a peak from the TPU compiler's refusal when it does not fit). Roofline: the step-time lower bound "
+        "from model FLOPs at peak bf16 FLOP/s and HBM traffic at peak bandwidth, and the tokens/s per chip "
+        "it allows.\n\n"
+        + _table(["config", "slice", "step", "peak GiB", "HBM GiB", "headroom", "einsum peak GiB", "peak ratio",
+                  "roofline s/step", "roofline tok/s/chip"], rows) + "\n"
+    )
+
+
 def render() -> str:
     sections = [f() for f in (demo_section, experiment_section, train_step_section, sampler_section, loss_memory_section,
-                              data_scale_section)]
+                              data_scale_section, plan_section)]
     body = "\n".join(s for s in sections if s)
     header = ("Regenerated from `bench/results/*.json` by `python bench/update_readme.py`; "
               "each subsection names the command that wrote its data.\n\n")

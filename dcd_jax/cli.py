@@ -86,6 +86,44 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Compile the config's step for a topology (no TPU, no weights) and report what it needs per chip."""
+    import json
+    import os
+
+    if args.topology.startswith("cpu:") and args.topology[4:].isdigit():
+        # Fake host devices: XLA reads the count when the CPU backend starts (not yet at this point).
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={args.topology[4:]}")
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")  # compile-only: a TPU topology needs libtpu, not a TPU
+    from dcd_jax.train.plan import compile_plan, format_plan, suggest_fit, topology_target
+
+    cfg = _load_run_config(args)
+    target = topology_target(args.topology)
+    report = compile_plan(cfg, target, args.what, batch_size=args.batch_size, prompt_len=args.prompt_len,
+                          model_path=args.model)
+    candidates, suggestion = [], None
+    if not args.json:
+        print(format_plan(report))
+    if args.what == "train" and report.headroom < args.min_headroom and not args.no_suggest:
+        def log(candidate):
+            candidates.append(candidate)
+            if not args.json:
+                print(f"  try {' '.join(candidate.overrides)}: peak {candidate.peak / 2**30:.2f} GiB "
+                      f"(headroom {candidate.headroom:+.1%})")
+
+        suggestion = suggest_fit(cfg, target, min_headroom=args.min_headroom, log=log)
+        if not args.json:
+            print(f"smallest change with >= {args.min_headroom:.0%} headroom: "
+                  + (" ".join(suggestion.overrides) if suggestion else "none found"))
+    if args.json:
+        print(json.dumps({"plan": report.to_dict(), "candidates": [c.to_dict() for c in candidates],
+                          "suggestion": suggestion.to_dict() if suggestion else None}, indent=1))
+    return 0 if report.fits else 1
+
+
 def cmd_data_inspect(args: argparse.Namespace) -> int:
     from dcd_jax.convert.model_dir import load_pretrained_tokenizer
     from dcd_jax.data import inspect_data
@@ -255,6 +293,27 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     _add_generation_args(ev, temperature=1.0)
     ev.set_defaults(func=cmd_eval)
+
+    pl = sub.add_parser(
+        "plan", help="will this config fit that TPU slice? compile its step ahead of time (no TPU, no weights)",
+        description="Compile the config's exact train step (or sampler / teacher scorer) for a TPU topology "
+        "from abstract shapes and print per-chip memory against HBM, FLOPs, arithmetic intensity and a roofline "
+        "step-time bound; when it does not fit, the smallest remat / accumulation / mesh change that does. "
+        "Exit status 1 when it does not fit.",
+    )
+    pl.add_argument("--topology", required=True, help="v4:2x2x1, v5e:2x4, v5p:2x2x1, v6e:2x2, ... (libtpu: the "
+                    "tpu extra) or cpu:N (N host devices)")
+    pl.add_argument("--what", default="train", choices=["train", "sample", "score"],
+                    help="train step, sampler (eval.batch_size x eval.max_new_tokens) or teacher scoring")
+    pl.add_argument("--model", default=None, help="plan another model than model.path (e.g. the teacher to score with)")
+    pl.add_argument("--batch-size", type=int, default=None, help="rows for --what sample/score "
+                    "(default: eval.batch_size / score-teacher's default)")
+    pl.add_argument("--prompt-len", type=int, default=512, help="prompt tokens per row for --what sample")
+    pl.add_argument("--min-headroom", type=float, default=0.10, help="HBM fraction a suggestion must leave free")
+    pl.add_argument("--no-suggest", action="store_true", help="do not search for a change that fits")
+    pl.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_config_args(pl)
+    pl.set_defaults(func=cmd_plan)
 
     data = sub.add_parser("data", help="inspect the training data the way the student will see it")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")

@@ -220,7 +220,7 @@ def load_hf(
     param_dtype: str | None = None,
     mesh: Mesh | None = None,
     remat: str = "none",
-    attention: str = "einsum",
+    attention: str = "auto",
     trust_remote_code: bool = False,
 ) -> Transformer:
     """Load a Llama 3 / Qwen2.5 / Qwen3 HF checkpoint (or a dcd-jax model dir) as a callable Flax model.

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
@@ -24,7 +25,7 @@ from dcd_jax.atomic_files import atomic_write_bytes, atomic_write_text
 from dcd_jax.config import from_dict, to_dict
 from dcd_jax.convert.hf_to_flax import HF_SIDE_FILES, CheckpointError, resolve_model_dir, true_vocab_size_of
 from dcd_jax.models import sharded_abstract_params
-from dcd_jax.models.config import ModelConfig
+from dcd_jax.models.config import ModelConfig, resolve_attention
 
 MODEL_META = "model.json"
 SIDE_DIR = "hf"
@@ -120,11 +121,13 @@ class Pretrained:
 
 def load_pretrained(
     path: str | Path, *, mesh: Mesh | None = None, dtype: str = "float32", param_dtype: str = "float32",
-    remat: str = "none", attention: str = "einsum", trust_remote_code: bool = False,
+    remat: str = "none", attention: str = "auto", trust_remote_code: bool = False,
 ) -> Pretrained:
-    """Load a HF directory / hub id, or a dcd-jax model dir or checkpoint, onto ``mesh``."""
+    """Load a HF directory / hub id, or a dcd-jax model dir or checkpoint, onto ``mesh``
+    (``attention="auto"``: splash on TPU, einsum elsewhere)."""
     from dcd_jax.convert.hf_to_flax import load_hf_params, open_hf_checkpoint
 
+    attention = resolve_attention(attention, jax.default_backend())
     runtime = dict(dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention)
     local = Path(path)
     if local.exists() and (local / "config.json").is_file() and not (local / MODEL_META).is_file():

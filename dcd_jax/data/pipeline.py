@@ -471,7 +471,7 @@ def _check_block_scores(plan: BlockPlan, scores: BlockScores, blocks: list[Block
                 location=first, field="id", reason="stale_teacher_scores")
 
 
-_DTYPES = {
+BATCH_DTYPES = {  # dtype of every batch field (the planner builds abstract batches from it)
     "input_ids": np.int32, "targets": np.int32, "positions": np.int32, "segment_ids": np.int32,
     "loss_mask": np.float32, "teacher_logprobs": np.float32, "teacher_topk_ids": np.int32,
     "teacher_topk_logprobs": np.float32,
@@ -521,7 +521,7 @@ class TrainIterator:
         rows = batch["input_ids"].shape[0]
         out = {}
         for k, v in batch.items():
-            v = np.asarray(v, _DTYPES.get(k, v.dtype))
+            v = np.asarray(v, BATCH_DTYPES.get(k, v.dtype))
             if rows < self.local_batch_size:  # last batch of a finite run
                 v = np.concatenate([v, np.zeros((self.local_batch_size - rows, *v.shape[1:]), v.dtype)])
             out[k] = v

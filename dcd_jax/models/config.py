@@ -17,7 +17,17 @@ from dcd_jax.errors import CheckpointError, ModelError
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_KERNELS = ("einsum", "xla", "cudnn")
+ATTENTION_KERNELS = ("einsum", "xla", "cudnn", "splash")
+# What users may write: a kernel, or "auto" = splash on TPU, einsum elsewhere (see resolve_attention).
+ATTENTION_CHOICES = ATTENTION_KERNELS + ("auto",)
+
+
+def resolve_attention(choice: str, platform: str) -> str:
+    """The kernel for ``choice`` on ``platform`` ("tpu", "gpu", "cpu"): "auto" picks splash on TPU
+    (long traces need attention that never materializes [T, T] scores) and einsum elsewhere."""
+    if choice == "auto":
+        return "splash" if platform == "tpu" else "einsum"
+    return choice
 
 
 class UnsupportedModelError(ModelError):
@@ -60,11 +70,12 @@ class ModelConfig:
     # Runtime options (not part of the checkpoint): compute/param dtypes, rematerialization, and
     # the attention kernel of full-sequence passes (training, scoring): "einsum" (our own, any
     # backend), "xla" / "cudnn" (jax.nn.dot_product_attention; "cudnn" = cuDNN flash attention on
-    # NVIDIA GPUs). Cached decoding always uses the einsum path.
+    # NVIDIA GPUs), "splash" (Pallas splash attention on TPU; interpreted elsewhere). Cached decoding
+    # always uses the einsum path.
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: Literal["none", "full", "dots_saveable"] = "none"
-    attention: Literal["einsum", "xla", "cudnn"] = "einsum"
+    attention: Literal["einsum", "xla", "cudnn", "splash"] = "einsum"
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:

@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from dcd_jax.models.config import ModelConfig, RopeConfig
+from dcd_jax.models.splash_attention import splash_attention
 from dcd_jax.sharding import constrain
 
 _NEG_INF = -1e30  # finite: a fully-masked (padding) query row stays NaN-free
@@ -148,13 +149,16 @@ class Attention(nnx.Module):
             keys, values = keys.astype(x.dtype), values.astype(x.dtype)
             kv_slot = jnp.broadcast_to(jnp.arange(keys.shape[1], dtype=jnp.int32), kv_segment.shape)
 
-        mask = attention_mask(q_segment, q_slot, kv_segment, kv_slot)
-        if kv_cache is None and cfg.attention != "einsum":
+        if kv_cache is None and cfg.attention == "splash":
+            out = splash_attention(q, keys, values, q_segment)  # causal + segments, no [T, T] mask
+        elif kv_cache is None and cfg.attention != "einsum":
+            mask = attention_mask(q_segment, q_slot, kv_segment, kv_slot)
             # Slots are 0..T-1 here, so is_causal is exact and lets cuDNN skip the upper triangle;
             # the mask adds the packed-segment (and padding) restriction.
             out = jax.nn.dot_product_attention(q, keys, values, mask=mask[:, 0], is_causal=True,
                                                implementation=cfg.attention)
         else:
+            mask = attention_mask(q_segment, q_slot, kv_segment, kv_slot)
             out = _einsum_attention(q, keys, values, mask, x.dtype)
         out = constrain(out, ("batch", "length", "act_heads", "head_dim"))
         y = jnp.einsum("bthk,hkd->btd", out, self.o_proj["kernel"][...].astype(x.dtype))

@@ -27,8 +27,9 @@ class ModelSourceConfig:
       dtype: compute dtype (bf16 matmuls on accelerators; float32 for exactness tests on CPU).
       param_dtype: master-weight dtype (fp32 keeps small updates).
       remat: rematerialization of each layer in the backward pass: none | full | dots_saveable.
-      attention: attention kernel of the train step: einsum (any backend) | xla | cudnn (cuDNN
-        flash attention, NVIDIA GPUs; both through ``jax.nn.dot_product_attention``).
+      attention: attention kernel of the train step: auto (splash on TPU, einsum elsewhere) |
+        einsum (any backend) | xla | cudnn (cuDNN flash attention, NVIDIA GPUs; both through
+        ``jax.nn.dot_product_attention``) | splash (Pallas splash attention, TPU).
       trust_remote_code: allow a tokenizer's custom code (off by default: nothing runs from what you load).
     """
 
@@ -36,7 +37,7 @@ class ModelSourceConfig:
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     remat: Literal["none", "full", "dots_saveable"] = "none"
-    attention: Literal["einsum", "xla", "cudnn"] = "einsum"
+    attention: Literal["auto", "einsum", "xla", "cudnn", "splash"] = "auto"
     trust_remote_code: bool = False
 
 

@@ -173,6 +173,8 @@ def train(cfg: RunConfig, hooks: TrainHooks | None = None) -> TrainResult:
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     _check_divisibility(cfg, mesh)
     check_batch_fields(cfg.objective, data_fields(cfg.data))
+    from dcd_jax.train.plan import check_fits_before_training  # (plan imports this module)
+    check_fits_before_training(cfg)  # on a TPU: refuse what cannot fit before loading any weight
     lock = _claim_out_dir(cfg)
     bad_steps: dict[int, str] = {}
     try:
