@@ -258,3 +258,81 @@ def test_gkd_config_loads_and_refuses_a_missing_teacher():
         load_config(RunConfig, files, [])
     with pytest.raises(ConfigError, match=r"objective.gkd.lmbda must be in \[0, 1\]"):
         load_config(RunConfig, files, ["objective.gkd.teacher_path=t", "objective.gkd.lmbda=1.5"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the training loop: a GKD run, SIGKILL and resume
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gkd_assets(tmp_path_factory):
+    from train_fixtures import make_assets
+
+    from dcd_jax.data.synthetic import build_tokenizer, make_tiny_student
+
+    assets = make_assets(tmp_path_factory.mktemp("gkd_assets"), n_examples=64)
+    assets["teacher"] = make_tiny_student(assets["student"].parent / "teacher", build_tokenizer(), size="tiny", seed=7,
+                                          max_position_embeddings=512)
+    return assets
+
+
+def gkd_overrides(assets, **extra):
+    return {"objective.loss": "gkd", "objective.gkd.teacher_path": assets["teacher"], "objective.gkd.teacher_dtype": "float32",
+            "objective.gkd.max_new_tokens": 16, "objective.gkd.lmbda": 0.5, "objective.gkd.beta": 0.5, **extra}
+
+
+def test_gkd_run_resumes_bitwise_after_sigkill_rollouts_included(gkd_assets, tmp_path):
+    import signal
+
+    from test_train import _worker, final_params, run
+    from train_fixtures import base_overrides
+
+    from dcd_jax.train.checkpoint import CheckpointConfig, RunCheckpointer
+    from dcd_jax.train.metrics import read_metrics
+
+    common = gkd_overrides(gkd_assets, **{"train.steps": 4, "checkpoint.every_steps": 2})
+    straight_result, straight = run(gkd_assets, tmp_path / "straight", **common)
+    assert straight_result.step == 4
+    # The coin is drawn from the run key: steps 1..4 of seed 0 mix rollouts and data, on both sides of the kill.
+    on_policy = [r["on_policy"] for r in straight]
+    assert 1.0 in on_policy[:2] and 1.0 in on_policy[2:] and 0.0 in on_policy, on_policy
+    for r in straight:
+        assert (r["generated_tokens"] > 0) == (r["on_policy"] == 1.0)
+        assert r["teacher_forward_flops"] > 0 and r["cost/wall_seconds"] > 0
+    assert straight[-1]["cost/generated_tokens"] == sum(r["generated_tokens"] for r in straight)
+
+    killed = tmp_path / "killed"
+    proc = _worker(2, base_overrides(gkd_assets, killed, **common))
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == -signal.SIGKILL, out
+    run(gkd_assets, killed, **common)  # resumes at step 2
+    resumed = read_metrics(killed / "metrics.jsonl")
+    for key in ("loss", "jsd", "on_policy", "generated_tokens", "cost/generated_tokens"):
+        assert [r[key] for r in resumed] == [r[key] for r in straight], key  # bitwise, every step
+    a = RunCheckpointer(tmp_path / "straight" / "checkpoints", CheckpointConfig())
+    b = RunCheckpointer(killed / "checkpoints", CheckpointConfig())
+    raw_a, raw_b = a.manager.restore(4), b.manager.restore(4)
+    for item in ("params", "opt_state"):
+        for x, y in zip(jax.tree.leaves(raw_a[item]), jax.tree.leaves(raw_b[item])):
+            assert np.array_equal(np.asarray(x), np.asarray(y)), item
+    a.close(), b.close()
+    del final_params
+
+
+def test_cost_totals_resume_and_wall_budget(tmp_path):
+    from dcd_jax.train.cost import RunCost, run_cost, steps_within_wall_budget
+    from dcd_jax.train.metrics import MetricsWriter
+
+    cost = RunCost(teacher_flops_per_step=10.0)
+    writer = MetricsWriter(tmp_path, tensorboard=False)
+    for step, (generated, seconds) in enumerate([(5, 1.0), (0, 0.5), (7, 2.0)], start=1):
+        cost.add_step(generated, seconds)
+        writer.write(step, cost.step_metrics(generated))
+    writer.close()
+    assert run_cost(tmp_path / "metrics.jsonl") == {"generated_tokens": 12.0, "teacher_forward_flops": 30.0,
+                                                    "wall_seconds": 3.5, "steps": 3.0, "step_seconds_mean": 3.5 / 3}
+    assert [steps_within_wall_budget(tmp_path / "metrics.jsonl", s) for s in (0.9, 1.5, 3.4, 9.0)] == [0, 2, 2, 3]
+    resumed = RunCost(teacher_flops_per_step=10.0)
+    resumed.resume_from(tmp_path / "metrics.jsonl", step=2)  # a checkpoint at step 2: continue its totals
+    assert (resumed.generated_tokens, resumed.teacher_forward_flops, resumed.wall_seconds) == (5.0, 20.0, 1.5)

@@ -158,13 +158,6 @@ def generalized_jsd_chunked(
         _, out = jax.lax.scan(body, None, (to_chunks(hs), to_chunks(ht), to_chunks(tgt)))
         return tuple(from_chunks(x) for x in out)
 
-    @jax.custom_vjp
-    def run(hs, ws, ht, tgt):
-        return forward(hs, ws, ht, tgt)
-
-    def run_fwd(hs, ws, ht, tgt):
-        return forward(hs, ws, ht, tgt), (hs, ws, ht, tgt)
-
     def run_bwd(res, cts):
         hs, ws, ht, tgt = res
         ct = to_chunks(jnp.asarray(cts[0], jnp.float32))  # only the JSD is differentiable
@@ -182,7 +175,8 @@ def generalized_jsd_chunked(
         dh = jnp.moveaxis(dh, 0, 1).reshape(b, n * chunk, -1)[:, :t]
         return dh, dw.astype(ws.dtype), None, None
 
-    run.defvjp(run_fwd, run_bwd)
+    run = jax.custom_vjp(forward)
+    run.defvjp(lambda *args: (forward(*args), args), run_bwd)  # residuals: the inputs (recompute per chunk)
     jsd, s_lp, s_ent, t_lp = run(student_hidden, w_s, h_t, targets)
     sg = jax.lax.stop_gradient
     return GKDStats(jsd=jsd, student_target_logprobs=sg(s_lp), student_entropy=sg(s_ent), teacher_target_logprobs=sg(t_lp))

@@ -60,3 +60,23 @@ class RunCost:
         if rows:
             last = rows[-1]
             self.generated_tokens, self.teacher_forward_flops, self.wall_seconds = (float(last[k]) for k in TOTAL_KEYS)
+
+
+def run_cost(metrics_path: str | Path) -> dict[str, float]:
+    """A finished run's spending from its ``metrics.jsonl`` (the study's cost columns): the totals
+    of the last row, the number of steps, and the mean wall time per step."""
+    rows = [r for r in read_metrics(metrics_path) if TOTAL_KEYS[0] in r]
+    if not rows:
+        raise ValueError(f"{metrics_path}: no cost columns (a run from before cost accounting?)")
+    last = rows[-1]
+    out = {key.split("/", 1)[1]: float(last[key]) for key in TOTAL_KEYS}
+    out["steps"] = float(last["step"])
+    out["step_seconds_mean"] = out["wall_seconds"] / max(out["steps"], 1.0)
+    return out
+
+
+def steps_within_wall_budget(metrics_path: str | Path, wall_seconds: float) -> int:
+    """The last logged step whose cumulative wall time is within ``wall_seconds`` (0 if none):
+    where to read a run's checkpoint / eval for a comparison at matched wall time."""
+    within = [r["step"] for r in read_metrics(metrics_path) if TOTAL_KEYS[0] in r and r["cost/wall_seconds"] <= wall_seconds]
+    return int(within[-1]) if within else 0
