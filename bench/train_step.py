@@ -94,6 +94,20 @@ OBJECTIVES = {
     "DCD-KL": dict(loss="kl", weighting="dcd"),
 }
 
+# Online GKD (dcd_jax.train.online): not in the default objectives; ``--objectives SFT,DCD-KL,GKD-l0,GKD-l1``.
+# GKD-l0: every step's batch is the data's, scored by the live teacher (full-vocabulary JSD, beta 0.5);
+# GKD-l1: every step first regenerates the batch with the student (T/4 new tokens per row, no EOS,
+# temperature 1), then the teacher scores it. A run with lmbda costs about (1 - lmbda) GKD-l0 + lmbda GKD-l1.
+GKD_LMBDA = {"GKD-l0": 0.0, "GKD-l1": 1.0}
+# The live teacher per student shape (same vocabulary, larger): tiny -> the synthetic "tiny" size,
+# 25m -> ~90M, Qwen2.5-0.5B -> Qwen2.5-1.5B, Qwen2.5-1.5B -> itself (self-distillation shape).
+GKD_TEACHERS = {
+    "tiny": _qwen2(512, 128, 4, 4, 2, 384),
+    "25m": _qwen2(8192, 768, 12, 12, 4, 2048),
+    "qwen2.5-0.5b": MODELS["qwen2.5-1.5b"][0],
+    "qwen2.5-1.5b": MODELS["qwen2.5-1.5b"][0],
+}
+
 
 # --------------------------------------------------------------------------------------------
 # shared helpers (no jax / torch import)
@@ -212,7 +226,8 @@ def jax_worker(spec: dict) -> dict:
         for name in spec["objectives"]:
             # lam constant: the DCD weights are fully on from step 0 (the default linear warm-up
             # starts at lam = 0, which costs the same compute but reads oddly).
-            objective = ObjectiveConfig(**OBJECTIVES[name], lam=LamSchedule(kind="constant"))
+            objective = (ObjectiveConfig(**OBJECTIVES[name], lam=LamSchedule(kind="constant")) if name in OBJECTIVES
+                         else gkd_objective(name, t))
             objective.validate()
             init = lambda p, o=objective: init_train_state(p, tx, 0, o.needs_reference_model)  # noqa: E731
             abstract_state = jax.eval_shape(init, params)
@@ -224,6 +239,8 @@ def jax_worker(spec: dict) -> dict:
                 make_train_step(graphdef, objective, tx, schedule, true_vocab),
                 in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0,
             )
+            if name in GKD_LMBDA:
+                step_fn, batch = gkd_step(spec, cfg, graphdef, objective, tx, schedule, shardings, mesh, batch)
             out: dict = {"batch_fields": sorted(fields), "dtype": cfg.dtype, "param_dtype": cfg.param_dtype,
                          "remat": cfg.remat, "attention": cfg.attention, "chunk_size": objective.chunk_size}
             t0 = time.perf_counter()
@@ -268,6 +285,46 @@ def jax_worker(spec: dict) -> dict:
     if not gpu:
         _add_rss(result["process"], rss0, rss_marks)
     return result
+
+
+def gkd_objective(name: str, seq: int):
+    """The GKD objective of a bench row (``GKD_LMBDA``): beta 0.5, T/4 rollout tokens."""
+    from dcd_jax.objectives import ObjectiveConfig
+    from dcd_jax.objectives.config import GKDConfig
+
+    gkd = GKDConfig(lmbda=GKD_LMBDA[name], beta=0.5, max_new_tokens=seq // 4, teacher_path="(random weights)")
+    return ObjectiveConfig(loss="gkd", weighting="none", gkd=gkd)
+
+
+def gkd_step(spec, cfg, graphdef, objective, tx, schedule, shardings, mesh, batch):
+    """The jitted GKD step and its batch for the timing loop: ``step(state, batch)`` with the frozen
+    teacher's params (random, the student's dtypes, on the same mesh) carried in ``batch`` so that
+    they are arguments of the compiled step (counted in its memory), not constants."""
+    import dataclasses
+
+    import jax
+
+    from dcd_jax.models import ModelConfig, abstract_model, init_params
+    from dcd_jax.train.online import make_gkd_train_step
+
+    _, true_vocab, _ = MODELS[spec["model"]]
+    teacher_cfg = ModelConfig.from_hf_config(GKD_TEACHERS[spec["model"]], source="teacher", true_vocab_size=true_vocab)
+    teacher_cfg = dataclasses.replace(teacher_cfg, dtype=cfg.dtype, param_dtype=cfg.dtype, attention=cfg.attention)
+    teacher_params = init_params(teacher_cfg, seed=1, mesh=mesh)
+    fn = make_gkd_train_step(graphdef, abstract_model(teacher_cfg)[0], objective, tx, schedule, true_vocab,
+                             eos_ids=(), pad_id=0)
+
+    def step(state, batch):
+        batch = dict(batch)
+        return fn(state, batch, batch.pop("gkd_teacher_params"))
+
+    jitted = jax.jit(step, in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0)
+    return jitted, {**batch, "gkd_teacher_params": teacher_params}
+
+
+def gkd_ratios(results: dict, sft_step_s: float | None) -> dict:
+    return {f"{name}_over_sft_step_time": results[f"ours {name}"]["step_s"] / sft_step_s
+            for name in GKD_LMBDA if sft_step_s and "step_s" in results.get(f"ours {name}", {})}
 
 
 def _add_rss(out: dict, rss0: int, marks: tuple[int, int, bool]) -> None:
@@ -449,8 +506,8 @@ def main(argv=None) -> int:
             ap.error(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
     objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
     for o in objectives:
-        if o not in OBJECTIVES:
-            ap.error(f"unknown objective {o!r}; choose from {', '.join(OBJECTIVES)}")
+        if o not in OBJECTIVES and o not in GKD_LMBDA:
+            ap.error(f"unknown objective {o!r}; choose from {', '.join([*OBJECTIVES, *GKD_LMBDA])}")
     steps = args.steps or (3 if args.quick else 10 if gpu else 5)
     notes: list[str] = []
     if not gpu:
@@ -491,6 +548,8 @@ def main(argv=None) -> int:
                 "attention": args.attention}
         entry = {"model": m, "num_params": cfg.num_params, "batch": b, "seq": t, "tokens_per_step": tokens,
                  "flops_per_token": fpt, "hf_config": hf, "true_vocab_size": true_vocab, "results": {}}
+        if any(o in GKD_LMBDA for o in objectives):
+            entry["gkd_teacher_params"] = ModelConfig.from_hf_config(GKD_TEACHERS[m], source="teacher").num_params
         # ours: on CPU all objectives in one process, timed steps interleaved; on GPU (or with
         # --separate) one process per objective, so each gets its own peak-memory counter.
         groups = [[o] for o in objectives] if (gpu or args.separate) else [objectives]
@@ -526,6 +585,7 @@ def main(argv=None) -> int:
             if sft and "step_s" in r.get("ours DCD-CE", {}) else None,
             "dcd_kl_over_sft_step_time": (r["ours DCD-KL"]["step_s"] / sft)
             if sft and "step_s" in r.get("ours DCD-KL", {}) else None,
+            **gkd_ratios(r, sft),
         }
         runs.append(entry)
     total_s = time.perf_counter() - t_start
@@ -559,6 +619,8 @@ def main(argv=None) -> int:
                 ratio = f"{ra['dcd_ce_over_sft_step_time']:.2f}x SFT step time"
             elif label == "ours DCD-KL" and ra["dcd_kl_over_sft_step_time"]:
                 ratio = f"{ra['dcd_kl_over_sft_step_time']:.2f}x SFT step time"
+            elif ra.get(f"{label[5:]}_over_sft_step_time"):
+                ratio = f"{ra[label[5:] + '_over_sft_step_time']:.2f}x SFT step time"
             print(f"| {e['model']} | {e['num_params'] / 1e6:.2f}M | {e['batch']} x {e['seq']} | {label} "
                   f"| {_fmt(res.get('compile_s'), '.1f')} | {res['step_s']:.4f} | {res['tokens_per_s']:,.0f} "
                   f"| {mfu_s} | {mem} | {ratio} |")
@@ -583,6 +645,7 @@ def main(argv=None) -> int:
     device_key = device_name + ("_quick" if args.quick else "")
     out_path = args.out or ROOT / "bench" / "results" / f"train_step_{device_key}.json"
     result = {
+        "command": "python bench/train_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "device": {"platform": plat, "device_kind": device.device_kind, "name": device_name,
                    "peak_bf16_flops": peak_flops_per_device(device), "cpu_count": _cpu_count(),
                    "machine": platform.platform(), "processor": platform.processor()},

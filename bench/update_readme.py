@@ -85,7 +85,7 @@ def experiment_section() -> str | None:
 
 
 def train_step_section() -> str | None:
-    files = sorted(p for p in RESULTS.glob("train_step_*.json") if "quick" not in p.name)
+    files = sorted(p for p in RESULTS.glob("train_step_*.json") if "quick" not in p.name and "gkd" not in p.name)
     if not files:
         return None
     parts = []
@@ -104,6 +104,37 @@ def train_step_section() -> str | None:
             f"{d['device'].get('cpu_count', '?')} cores)\n\n"
             + _table(["model", "params", "BxT", "ours tok/s", "torch tok/s", "ours/torch", "DCD-CE/SFT time",
                       "DCD-KL/SFT time", "ours peak MiB", "MFU"], rows)
+        )
+    return "\n\n".join(parts) + "\n"
+
+
+def gkd_step_section() -> str | None:
+    """GKD's step time and memory next to SFT and DCD (``train_step_gkd_<device>.json``)."""
+    files = sorted(p for p in RESULTS.glob("train_step_gkd_*.json") if "quick" not in p.name)
+    if not files:
+        return None
+    names = ("SFT", "DCD-CE", "DCD-KL", "GKD-l0", "GKD-l1")
+    parts = []
+    for path in files:
+        d = json.loads(path.read_text())
+        rows = []
+        for r in d["runs"]:
+            res = r.get("results", {})
+            sft = (res.get("ours SFT") or {}).get("step_s")
+            for name in names:
+                got = res.get(f"ours {name}") or {}
+                if "step_s" in got:
+                    rows.append([r["model"], f"{r['batch']}x{r['seq']}", name, got["step_s"],
+                                 got["step_s"] / sft if sft else None, got.get("peak_mib")])
+        parts.append(
+            f"### GKD vs SFT and DCD per step (`{d.get('command', 'python bench/train_step.py')}`, {path.name}: "
+            f"{d['device']['device_kind']}, {d['device'].get('cpu_count', '?')} cores)\n\n"
+            "Same student, batch and optimizer; timed steps interleaved in one process. GKD-l0: the live teacher "
+            "scores the data batch (full-vocabulary JSD); GKD-l1: the student first regenerates the batch "
+            "(T/4 new tokens per row), then the teacher scores it; a run with `lmbda` costs about "
+            "(1 - lmbda) GKD-l0 + lmbda GKD-l1. Teachers: " + ", ".join(
+                f"{r['model']} -> {r['gkd_teacher_params'] / 1e6:.1f}M" for r in d["runs"] if "gkd_teacher_params" in r)
+            + ".\n\n" + _table(["model", "BxT", "method", "step s", "vs SFT", "peak MiB (XLA)"], rows)
         )
     return "\n\n".join(parts) + "\n"
 
@@ -196,8 +227,8 @@ def plan_section() -> str | None:
 
 
 def render() -> str:
-    sections = [f() for f in (demo_section, experiment_section, train_step_section, sampler_section, loss_memory_section,
-                              data_scale_section, plan_section)]
+    sections = [f() for f in (demo_section, experiment_section, train_step_section, gkd_step_section, sampler_section,
+                              loss_memory_section, data_scale_section, plan_section)]
     body = "\n".join(s for s in sections if s)
     header = ("Regenerated from `bench/results/*.json` by `python bench/update_readme.py`; "
               "each subsection names the command that wrote its data.\n\n")

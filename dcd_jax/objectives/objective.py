@@ -31,7 +31,8 @@ import jax.numpy as jnp
 
 from dcd_jax.objectives import losses, segments
 from dcd_jax.objectives.config import ObjectiveConfig
-from dcd_jax.objectives.logprobs import token_logprobs_chunked
+from dcd_jax.objectives.gkd import generalized_jsd_chunked
+from dcd_jax.objectives.logprobs import TokenStats, token_logprobs_chunked
 from dcd_jax.objectives.weights import compute_weights
 
 NUM_POSITION_BINS = 10
@@ -44,6 +45,7 @@ METRIC_DOC = {
     "nll_sum": "sum of -log pi_theta(y_t) over response tokens (unweighted)",
     "entropy_sum": "sum of the student's next-token entropy over response tokens",
     "kl_sum": "sum of the unweighted per-token KL (loss=kl)",
+    "jsd_sum": "sum of the per-token generalized JSD to the live teacher (loss=gkd)",
     "weight_sum": "sum of token weights",
     "weight_sq_sum": "sum of squared token weights",
     "weight_min": "minimum token weight (merge: min)",
@@ -90,6 +92,8 @@ def compute_objective(
     true_vocab_size: int | None = None,
     ref_hidden: jax.Array | None = None,
     ref_unembed: jax.Array | None = None,
+    teacher_hidden: jax.Array | None = None,
+    teacher_unembed: jax.Array | None = None,
 ) -> ObjectiveOutput:
     """Weighted loss of the student on one (global) batch of packed traces.
 
@@ -102,6 +106,8 @@ def compute_objective(
       step: optimizer step for the ``lam`` / ``idft`` schedules (Python int or traced).
       true_vocab_size: tokenizer vocabulary (columns beyond it are padding); None = ``V``.
       ref_hidden, ref_unembed: frozen reference model (``iw_sft`` only; no gradient flows).
+      teacher_hidden, teacher_unembed: the live teacher on the same batch (``loss=gkd`` only; no
+        gradient flows).
     """
     missing = sorted(f for f in ("targets", "loss_mask", "segment_ids") if f not in batch)
     if missing:
@@ -122,17 +128,30 @@ def compute_objective(
         # Filler ids at masked positions: any in-range id (they are never used).
         topk_ids = jnp.where(valid[..., None], jnp.asarray(batch["teacher_topk_ids"], jnp.int32), 0)
         topk_ids = jnp.clip(topk_ids, 0, true_vocab_size - 1)
-    stats = token_logprobs_chunked(
-        hidden,
-        unembed,
-        targets,
-        true_vocab_size=true_vocab_size,
-        chunk_size=cfg.chunk_size,
-        gather_ids=topk_ids,
-        return_entropy=True,
-    )
+    gkd_stats = None
+    if cfg.loss == "gkd":
+        if teacher_hidden is None or teacher_unembed is None:
+            raise ValueError("loss=gkd needs teacher_hidden and teacher_unembed (the live teacher on this batch)")
+        # One pass over the vocabulary gives the JSD and the student's own statistics.
+        gkd_stats = generalized_jsd_chunked(
+            hidden, unembed, teacher_hidden, teacher_unembed, targets, beta=cfg.gkd.beta,
+            true_vocab_size=true_vocab_size, chunk_size=cfg.chunk_size or targets.shape[1],
+        )
+        stats = TokenStats(target_logprobs=gkd_stats.student_target_logprobs, entropy=gkd_stats.student_entropy)
+    else:
+        stats = token_logprobs_chunked(
+            hidden,
+            unembed,
+            targets,
+            true_vocab_size=true_vocab_size,
+            chunk_size=cfg.chunk_size,
+            gather_ids=topk_ids,
+            return_entropy=True,
+        )
     teacher_lp = None
-    if "teacher_logprobs" in batch:
+    if gkd_stats is not None:
+        teacher_lp = jnp.where(valid, gkd_stats.teacher_target_logprobs, 0.0)
+    elif "teacher_logprobs" in batch:
         teacher_lp = jnp.where(valid, _as_f32(batch["teacher_logprobs"]), 0.0)
     elif cfg.weighting == "dcd":
         raise KeyError("weighting=dcd needs `teacher_logprobs` in the batch")
@@ -170,6 +189,9 @@ def compute_objective(
                 teacher_topk, stats.gathered_logprobs, stats.rest_logprob, tail=cfg.kl.tail
             )
         metrics["kl_sum"] = jax.lax.stop_gradient(jnp.sum(jnp.where(valid, kl_value, 0.0)))
+    elif gkd_stats is not None:
+        per_token = gkd_stats.jsd
+        metrics["jsd_sum"] = jax.lax.stop_gradient(jnp.sum(jnp.where(valid, per_token, 0.0)))
     else:
         per_token = losses.ce_token_loss(stats.target_logprobs)
 
@@ -293,7 +315,7 @@ def summarize_metrics(m: Mapping[str, Any]) -> dict[str, jax.Array]:
     }
     out["ess_token_frac"] = div(out["ess_token"], tokens)
     out["ess_seq_frac"] = div(out["ess_seq"], m["sequences"])
-    for key, name in (("entropy_sum", "entropy"), ("kl_sum", "kl"), ("log_ratio_sum", "log_ratio_mean")):
+    for key, name in (("entropy_sum", "entropy"), ("kl_sum", "kl"), ("jsd_sum", "jsd"), ("log_ratio_sum", "log_ratio_mean")):
         if key in m:
             out[name] = div(m[key], tokens)
     if "todi_alpha_sum" in m:

@@ -35,9 +35,11 @@ from dcd_jax.paths import require_local_or_hub
 from dcd_jax.sharding import make_mesh
 from dcd_jax.train.checkpoint import RunCheckpointer
 from dcd_jax.train.config import RunConfig
+from dcd_jax.train.cost import RunCost, teacher_forward_flops_per_token
 from dcd_jax.train.distributed import initialize_distributed
 from dcd_jax.train.flops import mfu
 from dcd_jax.train.metrics import MetricsWriter
+from dcd_jax.train import online
 from dcd_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from dcd_jax.train.run_dir import RunLock, checkpoint_bytes, claim_run_dir
 from dcd_jax.train.state import init_train_state, state_shardings
@@ -199,6 +201,10 @@ def _train(cfg: RunConfig, hooks: TrainHooks, mesh: Mesh, bad_steps: dict[int, s
     )
     tokenizer = student.tokenizer(cfg.model.trust_remote_code)
     true_vocab = student.cfg.tokenizer_vocab_size
+    teacher = None
+    if cfg.objective.loss == "gkd":  # online GKD: the live teacher, frozen, on the student's mesh
+        teacher = online.load_teacher(cfg.objective, student, mesh, attention=cfg.model.attention,
+                                      trust_remote_code=cfg.model.trust_remote_code)
     data_iter = build_train_iterator(
         cfg.data, tokenizer, process_index=jax.process_index(), process_count=jax.process_count()
     )
@@ -228,15 +234,21 @@ def _train(cfg: RunConfig, hooks: TrainHooks, mesh: Mesh, bad_steps: dict[int, s
         log.info("resumed from %s at step %d", checkpointer.directory, int(state["step"]))
     start_step = int(state["step"])
 
-    step_fn = jax.jit(
-        make_train_step(graphdef, cfg.objective, tx, schedule, true_vocab),
-        in_shardings=(shardings, None),
-        out_shardings=(shardings, None),
-        donate_argnums=0,
-    )
+    if teacher is None:
+        step_fn = jax.jit(
+            make_train_step(graphdef, cfg.objective, tx, schedule, true_vocab),
+            in_shardings=(shardings, None),
+            out_shardings=(shardings, None),
+            donate_argnums=0,
+        )
+    else:
+        step_fn = online.jit_gkd_step(cfg.objective, graphdef, teacher, tx, schedule, true_vocab, tokenizer, shardings)
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    cost = RunCost(0.0 if teacher is None else teacher_forward_flops_per_token(teacher.cfg, cfg.data.seq_len) * tokens_per_step)
+    if restored is not None:
+        cost.resume_from(out_dir / "metrics.jsonl", start_step)
     writer = MetricsWriter(out_dir, tensorboard=cfg.train.tensorboard)
     flops_per_token = student.cfg.flops_per_token(cfg.data.seq_len)
-    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     progress = None
     if is_main and cfg.train.progress:
         from tqdm import tqdm
@@ -247,11 +259,12 @@ def _train(cfg: RunConfig, hooks: TrainHooks, mesh: Mesh, bad_steps: dict[int, s
     last: dict[str, float] = {}
     pending: tuple[int, dict[str, jax.Array], float] | None = None
     window_start, window_steps = time.perf_counter(), 0
+    step_clock = time.perf_counter()
     last_saved = start_step if restored is not None else -1
 
     def finish_pending() -> None:
         """Read the previous step's metrics (by now the device has moved on), log, check finiteness."""
-        nonlocal pending, last, window_start, window_steps
+        nonlocal pending, last, window_start, window_steps, step_clock
         if pending is None:
             return
         step_no, metrics, _ = pending
@@ -259,6 +272,10 @@ def _train(cfg: RunConfig, hooks: TrainHooks, mesh: Mesh, bad_steps: dict[int, s
         loss = float(metrics["loss"])
         if not math.isfinite(loss) and restored is not None and step_no == start_step + 1:
             raise _NonFiniteAfterRestore(start_step, loss)
+        generated = float(metrics["generated_tokens"]) if "generated_tokens" in metrics else 0.0
+        now = time.perf_counter()
+        cost.add_step(generated, now - step_clock)
+        step_clock = now
         if not math.isfinite(loss):
             raise NonFiniteLossError(
                 f"loss is {loss} at step {step_no}; stopping. The last good checkpoint "
@@ -269,7 +286,7 @@ def _train(cfg: RunConfig, hooks: TrainHooks, mesh: Mesh, bad_steps: dict[int, s
             elapsed = time.perf_counter() - window_start
             tps = tokens_per_step * window_steps / max(elapsed, 1e-9)
             host.update({"tokens_per_second": tps, "step_seconds": elapsed / max(window_steps, 1),
-                         "mfu": mfu(flops_per_token, tps)})
+                         "mfu": mfu(flops_per_token, tps), **cost.step_metrics(generated)})
             writer.write(step_no, host)
             last = host
             window_start, window_steps = time.perf_counter(), 0

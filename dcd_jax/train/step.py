@@ -49,9 +49,12 @@ def make_train_step(
     tx: optax.GradientTransformation,
     lr_schedule: optax.Schedule,
     true_vocab_size: int,
+    loss_fn: Callable | None = None,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
-    """The pure step function (wrap it in ``jax.jit`` with shardings; see :mod:`dcd_jax.train.loop`)."""
-    grad_fn = jax.value_and_grad(make_loss_fn(graphdef, objective, true_vocab_size), has_aux=True)
+    """The pure step function (wrap it in ``jax.jit`` with shardings; see :mod:`dcd_jax.train.loop`).
+
+    ``loss_fn``: replaces :func:`make_loss_fn`'s (same signature), e.g. one that also runs a live teacher."""
+    grad_fn = jax.value_and_grad(loss_fn or make_loss_fn(graphdef, objective, true_vocab_size), has_aux=True)
 
     def step_fn(state: TrainState, batch: dict[str, jax.Array]):
         params, ref_params = state["params"], state.get("ref_params")
