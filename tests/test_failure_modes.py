@@ -369,6 +369,20 @@ def test_non_finite_loss_right_after_a_restore_falls_back(assets, reference, tmp
     assert (run / "checkpoints" / "unusable_step_2").is_dir()
 
 
+def test_hf_export_replaces_a_previous_export_whole_and_never_a_users_directory(reference, tmp_path, capsys):
+    out = tmp_path / "export"
+    for _ in range(2):  # the second export replaces the first (built aside, swapped in)
+        assert cli_main(["convert", "flax-to-hf", "--ckpt", str(reference), "--out", str(out)]) == 0
+    assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no temporaries left behind
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert cli_main(["convert", "flax-to-hf", "--ckpt", str(reference), "--out", str(mine)]) == 2
+    assert "refusing to replace a directory that holds files of no HF model (notes.txt)" in capsys.readouterr().err
+    assert (mine / "notes.txt").read_text() == "keep me"
+
+
 def _cli_worker(overrides, cache_env, **env):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", **cache_env, **{k: str(v) for k, v in env.items()}}
     return subprocess.Popen([sys.executable, str(CLI_WORKER), *overrides], env=env, cwd=str(ROOT),
