@@ -458,3 +458,13 @@ def test_locks_from_another_host_need_break_lock(tmp_path, caplog):
     assert json.loads(lock.read_text())["pid"] == os.getpid()
     mine.release()
     assert not lock.exists()
+
+
+def test_a_lock_whose_pid_was_reused_is_stale(tmp_path, caplog):
+    """Same host, live pid, but that process started after the lock was taken: the pid was reused by an
+    unrelated process, so the holder is gone (Linux /proc start times)."""
+    lock = tmp_path / run_dir.LOCK_FILE
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time() - 10**6}))
+    with caplog.at_level("WARNING"):
+        run_dir.claim_run_dir(tmp_path, needed_bytes=None, stale_after_s=3600, break_lock=False).release()
+    assert any("breaking the stale lock" in r.message and "its process is gone" in r.message for r in caplog.records)
