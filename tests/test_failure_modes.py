@@ -112,6 +112,12 @@ def _index_escapes(assets, tmp):
     return d, name
 
 
+def _damaged_model_json(tmp):
+    (tmp / "flax_model").mkdir()
+    (tmp / "flax_model" / "model.json").write_text('{"model_config": {"hidden_size": 8')
+    return tmp / "flax_model"
+
+
 def _read_only(monkeypatch):
     def refuse(path, data):
         raise OSError(errno.EROFS, "Read-only file system", str(path))
@@ -181,6 +187,8 @@ BAD_INPUT = [
      ["student/model-00001-of-00001.safetensors", "header claims 1099511627776 bytes"]),
     ("index_points_outside", lambda a, t, m: train_argv(a, t, model=_index_escapes(a, t)[0]),
      ["model.safetensors.index.json", "weight_map entry for tensor", "points outside the checkpoint directory"]),
+    ("damaged_model_json", lambda a, t, m: train_argv(a, t, model=_damaged_model_json(t)),
+     ["flax_model/model.json", "damaged (JSONDecodeError"]),
     ("read_only_out_dir", lambda a, t, m: (_read_only(m), train_argv(a, t))[1],
      ["train.out_dir", "run is not writable: Read-only file system"]),
     ("full_out_dir", lambda a, t, m: (_full_disk(m), train_argv(a, t))[1],
