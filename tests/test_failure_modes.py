@@ -391,6 +391,30 @@ def test_hf_export_replaces_a_previous_export_whole_and_never_a_users_directory(
     assert (mine / "notes.txt").read_text() == "keep me"
 
 
+def test_disk_full_while_saving_is_a_clear_error_and_keeps_the_earlier_steps(assets, reference, tmp_path, monkeypatch,
+                                                                               capsys):
+    from dcd_jax.train import checkpoint
+
+    real_save, saves = checkpoint.DataStateHandler.save, []
+
+    def save_until_full(self, directory, args):
+        saves.append(directory)
+        if len(saves) == 2:  # the second checkpoint (step 4) finds the disk full
+            raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+        return real_save(self, directory, args)
+
+    monkeypatch.setattr(checkpoint.DataStateHandler, "save", save_until_full)
+    run = tmp_path / "run"
+    assert cli_main(["train", *base_overrides(assets, run, **RUN)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "error: train.out_dir: no space left on device while saving a checkpoint" in err
+    ckpt = RunCheckpointer(run / "checkpoints", CheckpointConfig())
+    assert ckpt.steps() == [2]
+    ckpt.close()
+    assert not (run / run_dir.LOCK_FILE).exists()
+
+
 def _cli_worker(overrides, cache_env, **env):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", **cache_env, **{k: str(v) for k, v in env.items()}}
     return subprocess.Popen([sys.executable, str(CLI_WORKER), *overrides], env=env, cwd=str(ROOT),
