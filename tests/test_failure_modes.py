@@ -112,6 +112,12 @@ def _index_escapes(assets, tmp):
     return d, name
 
 
+def _damaged_model_json(tmp):
+    (tmp / "flax_model").mkdir()
+    (tmp / "flax_model" / "model.json").write_text('{"model_config": {"hidden_size": 8')
+    return tmp / "flax_model"
+
+
 def _read_only(monkeypatch):
     def refuse(path, data):
         raise OSError(errno.EROFS, "Read-only file system", str(path))
@@ -181,6 +187,8 @@ BAD_INPUT = [
      ["student/model-00001-of-00001.safetensors", "header claims 1099511627776 bytes"]),
     ("index_points_outside", lambda a, t, m: train_argv(a, t, model=_index_escapes(a, t)[0]),
      ["model.safetensors.index.json", "weight_map entry for tensor", "points outside the checkpoint directory"]),
+    ("damaged_model_json", lambda a, t, m: train_argv(a, t, model=_damaged_model_json(t)),
+     ["flax_model/model.json", "damaged (JSONDecodeError"]),
     ("read_only_out_dir", lambda a, t, m: (_read_only(m), train_argv(a, t))[1],
      ["train.out_dir", "run is not writable: Read-only file system"]),
     ("full_out_dir", lambda a, t, m: (_full_disk(m), train_argv(a, t))[1],
@@ -369,6 +377,44 @@ def test_non_finite_loss_right_after_a_restore_falls_back(assets, reference, tmp
     assert (run / "checkpoints" / "unusable_step_2").is_dir()
 
 
+def test_hf_export_replaces_a_previous_export_whole_and_never_a_users_directory(reference, tmp_path, capsys):
+    out = tmp_path / "export"
+    for _ in range(2):  # the second export replaces the first (built aside, swapped in)
+        assert cli_main(["convert", "flax-to-hf", "--ckpt", str(reference), "--out", str(out)]) == 0
+    assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no temporaries left behind
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert cli_main(["convert", "flax-to-hf", "--ckpt", str(reference), "--out", str(mine)]) == 2
+    assert "refusing to replace a directory that holds files of no HF model (notes.txt)" in capsys.readouterr().err
+    assert (mine / "notes.txt").read_text() == "keep me"
+
+
+def test_disk_full_while_saving_is_a_clear_error_and_keeps_the_earlier_steps(assets, reference, tmp_path, monkeypatch,
+                                                                               capsys):
+    from dcd_jax.train import checkpoint
+
+    real_save, saves = checkpoint.DataStateHandler.save, []
+
+    def save_until_full(self, directory, args):
+        saves.append(directory)
+        if len(saves) == 2:  # the second checkpoint (step 4) finds the disk full
+            raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+        return real_save(self, directory, args)
+
+    monkeypatch.setattr(checkpoint.DataStateHandler, "save", save_until_full)
+    run = tmp_path / "run"
+    assert cli_main(["train", *base_overrides(assets, run, **RUN)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "error: train.out_dir: no space left on device while saving a checkpoint" in err
+    ckpt = RunCheckpointer(run / "checkpoints", CheckpointConfig())
+    assert ckpt.steps() == [2]
+    ckpt.close()
+    assert not (run / run_dir.LOCK_FILE).exists()
+
+
 def _cli_worker(overrides, cache_env, **env):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", **cache_env, **{k: str(v) for k, v in env.items()}}
     return subprocess.Popen([sys.executable, str(CLI_WORKER), *overrides], env=env, cwd=str(ROOT),
@@ -444,3 +490,13 @@ def test_locks_from_another_host_need_break_lock(tmp_path, caplog):
     assert json.loads(lock.read_text())["pid"] == os.getpid()
     mine.release()
     assert not lock.exists()
+
+
+def test_a_lock_whose_pid_was_reused_is_stale(tmp_path, caplog):
+    """Same host, live pid, but that process started after the lock was taken: the pid was reused by an
+    unrelated process, so the holder is gone (Linux /proc start times)."""
+    lock = tmp_path / run_dir.LOCK_FILE
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time() - 10**6}))
+    with caplog.at_level("WARNING"):
+        run_dir.claim_run_dir(tmp_path, needed_bytes=None, stale_after_s=3600, break_lock=False).release()
+    assert any("breaking the stale lock" in r.message and "its process is gone" in r.message for r in caplog.records)

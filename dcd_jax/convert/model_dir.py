@@ -59,9 +59,14 @@ def find_model_meta(start: str | Path) -> Path:
 def read_model_meta(model_dir: str | Path, **runtime: Any) -> tuple[ModelConfig, dict[str, Any], Path]:
     """(model config with ``runtime`` dtype/remat overrides, original HF config, dir holding model.json)."""
     d = find_model_meta(model_dir)
-    meta = json.loads((d / MODEL_META).read_text())
-    cfg = from_dict(ModelConfig, {**meta["model_config"], **runtime})
-    return cfg, meta["hf_config"], d
+    try:
+        meta = json.loads((d / MODEL_META).read_text())
+        arch, hf_config = meta["model_config"], meta["hf_config"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{d / MODEL_META}: damaged ({type(e).__name__}: {e}); expected "
+                              "{\"model_config\": ..., \"hf_config\": ...}") from None
+    cfg = from_dict(ModelConfig, {**arch, **runtime})
+    return cfg, hf_config, d
 
 
 def find_params_dir(ckpt: str | Path) -> Path:

@@ -14,7 +14,9 @@ one WARNING line saying why, in favour of the previous step.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import logging
 from pathlib import Path
@@ -28,10 +30,30 @@ from etils import epath
 from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
 
 from dcd_jax.config import ConfigError
+from dcd_jax.errors import PathError
 
 log = logging.getLogger(__name__)
 
 CHECKSUM_VERSION = 1
+
+
+@contextlib.contextmanager
+def _disk_full_is_a_user_error(directory: Path):
+    """A full disk while saving (raised here or from Orbax's background thread, possibly wrapped)
+    becomes one clear :class:`PathError` instead of a thread traceback."""
+    try:
+        yield
+    except Exception as e:
+        cause: BaseException | None = e
+        while cause is not None:
+            if (isinstance(cause, OSError) and cause.errno == errno.ENOSPC) or "No space left on device" in str(cause):
+                raise PathError(
+                    f"train.out_dir: no space left on device while saving a checkpoint in {directory}; the "
+                    "checkpoints saved before are intact",
+                    hint="free some space, then rerun the same command to resume from the last complete step",
+                ) from e
+            cause = cause.__cause__ or cause.__context__
+        raise
 
 
 class UnusableCheckpointError(Exception):
@@ -202,10 +224,12 @@ class RunCheckpointer:
         metrics = {k: float(v) for k, v in (metrics or {}).items()}
         if self.cfg.best_metric and self.cfg.best_metric not in metrics:
             metrics = None  # not an eval step: LatestN decides
-        return self.manager.save(int(step), args=args, metrics=metrics, force=force)
+        with _disk_full_is_a_user_error(self.directory):
+            return self.manager.save(int(step), args=args, metrics=metrics, force=force)
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with _disk_full_is_a_user_error(self.directory):
+            self.manager.wait_until_finished()
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -272,5 +296,5 @@ class RunCheckpointer:
         return state, restored["data"]
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()

@@ -7,8 +7,8 @@ background thread refreshes the lock's mtime every ``HEARTBEAT_S`` while the run
 
 A lock already there belongs to:
   * a live process on this host: refused (``PathError`` naming it), whatever the flags;
-  * a dead process on this host: certainly stale; reported with a WARNING and taken over (a crashed or
-    SIGKILLed run must not block its own resume);
+  * a dead process on this host (or a pid since reused by a process started later): certainly stale;
+    reported with a WARNING and taken over (a crashed or SIGKILLed run must not block its own resume);
   * a process on another host (a shared filesystem): refused while its heartbeat is younger than
     ``train.lock_stale_after_s``; older, it is reported as stale. Either way ``train.break_lock=true``
     takes it over (the user vouches that the other job is gone).
@@ -63,6 +63,26 @@ def _read_holder(lock: Path) -> LockHolder | None:
         return LockHolder("?", -1, 0.0, mtime)
 
 
+def _process_start_time(pid: int) -> float | None:
+    """Unix time at which process ``pid`` started (Linux ``/proc``); None where that cannot be read."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of stat: start time in ticks
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _holds(holder: "LockHolder") -> bool:
+    """Whether ``holder``'s process (on this host) is alive and is the one that took the lock: a pid
+    reused by a process started after the lock was taken is not the holder."""
+    if holder.pid <= 0 or not _pid_alive(holder.pid):
+        return False
+    started = _process_start_time(holder.pid)
+    return started is None or started <= holder.started + 1.0
+
+
 def _write_exclusive(path: Path, data: bytes) -> None:
     """Create ``path`` only if absent (``FileExistsError`` otherwise), with ``data`` fsynced."""
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -108,7 +128,7 @@ class RunLock:
         if holder.pid < 0 and time.time() - holder.heartbeat < UNREADABLE_GRACE_S:
             raise PathError(f"train.out_dir {self.path.parent} is being claimed by another run right now "
                             f"(lock {self.path})", hint="wait for that run to end, or give this run another train.out_dir")
-        if here and holder.pid > 0 and _pid_alive(holder.pid):
+        if here and _holds(holder):
             raise PathError(
                 f"train.out_dir {self.path.parent} is in use by another run: {holder.describe()} (lock {self.path})",
                 hint="wait for that run to end, or give this run another train.out_dir",
