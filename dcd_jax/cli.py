@@ -93,8 +93,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     if args.topology.startswith("cpu:") and args.topology[4:].isdigit():
         # Fake host devices: XLA reads the count when the CPU backend starts (not yet at this point).
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   f" --xla_force_host_platform_device_count={args.topology[4:]}")
+        # Restored right after the backend starts, so processes this one spawns are not affected.
+        flags = os.environ.get("XLA_FLAGS")
+        os.environ["XLA_FLAGS"] = f"{flags or ''} --xla_force_host_platform_device_count={args.topology[4:]}"
+        import jax
+
+        jax.config.update("jax_platforms", "cpu")
+        jax.devices()
+        if flags is None:
+            del os.environ["XLA_FLAGS"]
+        else:
+            os.environ["XLA_FLAGS"] = flags
     import jax
 
     jax.config.update("jax_platforms", "cpu")  # compile-only: a TPU topology needs libtpu, not a TPU

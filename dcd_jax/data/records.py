@@ -128,6 +128,8 @@ def _read_json_lines(
 
 def decode_json_line(raw: bytes, location: Location) -> Any:
     """One JSONL line parsed, or the :class:`DataError` (reason ``malformed_json``) saying why it is not JSON."""
+    if location.line == 1:
+        raw = raw.removeprefix(_BOM)  # the streamed reader decodes line 1 here too
     try:
         return json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
