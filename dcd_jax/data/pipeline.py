@@ -590,7 +590,6 @@ def build_train_iterator(
     )
 
 
-
 def open_block_stream(
     cfg: DataConfig, tokenizer: Any, *, process_index: int, process_count: int, stats: DataStats,
     apply_length: bool = True,
@@ -623,6 +622,8 @@ def streamed_iterator(cfg: DataConfig, tokenizer: Any, *, process_index: int, pr
         raise DataError(f"no records for process {process_index} of {process_count}: the input has "
                         f"{len(plan.blocks)} block(s) of {plan.block_records} records; lower data.block_records",
                         location=Location(cfg.path), reason="unreadable")
-    digest = hashlib.sha256(json.dumps([dataclasses.astuple(b) for b in blocks]).encode()).hexdigest()[:24]
+    # What the order depends on: the share's blocks and the sizes of their files (content is checked per record).
+    layout = [[*dataclasses.astuple(b), plan.files[b.file][0]] for b in blocks]
+    digest = hashlib.sha256(json.dumps(layout).encode()).hexdigest()[:24]
     return TrainIterator(cfg, None, stats, process_index=process_index, process_count=process_count,
                          tokenizer_fp=tokenizer_fingerprint(tokenizer), stream=(source, digest))
