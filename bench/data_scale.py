@@ -4,14 +4,14 @@ Generates synthetic corpora (traces as Parquet, one row group per block, plus te
 ``score-teacher``'s block layout with top-k) of growing size and measures, each in a fresh
 subprocess (peak RSS is the process's ``ru_maxrss``):
 
-* **equal work, growing corpus**: the streamed iterator of process 0 of 1 consumes the same first
-  ``--bounded-blocks`` blocks of a 10k / 100k / 1M-trace corpus; peak RSS must not grow with the
+* **equal work, growing corpus**: the streamed iterator of process 0 of 1 stops once it has read
+  ``--bounded-blocks`` blocks (of ``--block`` records) of a 10k / 100k / 1M-trace corpus; peak RSS must not grow with the
   corpus (the eager path, ``data.streaming: false``, is measured side by side as the reference);
 * **full passes** (10k and 100k traces) for 1 and 4 processes: bytes each process read and its
   share of all bytes; for 1M traces, the share by the plan (its blocks' row-group sizes);
 * **hashing cost**: :func:`dcd_jax.data.content_hash` of demo-like traces next to the teacher
   forward pass ``score-teacher`` runs on them (the demo's ``small`` teacher, top-8);
-* **throughput**: a corpus of long traces (~1.3k tokens, top-20 scores, seq_len 4096) streamed
+* **throughput**: a corpus of longer traces (~0.7k tokens, top-20 scores, seq_len 4096) streamed
   by one process (and with 2 read workers), in real tokens/s after the first batch, next to the tokens/s one host of the ready TPU configs consumes
   (v5e-8: 8 chips x 197 TFLOP/s bf16 at 100% MFU over ``flops_per_token`` of
   ``dcd_jax/train/flops.py``'s formula - an upper bound on consumption; ``dcd-jax plan``'s roofline
@@ -172,8 +172,6 @@ def worker(spec: dict) -> dict:
     ``data_rss_mib`` is the peak resident memory during the data pass minus the resident memory
     just before it (libraries and tokenizer loaded): what the data path itself holds.
     """
-    import itertools
-
     from transformers import AutoTokenizer
 
     from dcd_jax.data import DataConfig, build_train_iterator
@@ -188,13 +186,13 @@ def worker(spec: dict) -> dict:
                      read_workers=spec.get("read_workers", 0))
     t0 = time.perf_counter()
     it = build_train_iterator(cfg, tok, process_index=spec["process"], process_count=spec["processes"])
-    limit = None
-    if spec.get("bounded_blocks"):  # about that many blocks of examples, packed into batches
-        limit = spec["bounded_blocks"] * spec["block"] // spec["batch"]
+    bounded = spec.get("bounded_blocks", 0) * spec["block"]  # stop once that many records (blocks) were read
     first_tokens, t_first = 0, None
-    for batch in itertools.islice(it, limit):
+    for batch in it:
         if t_first is None:  # steady state starts after the first batch (read workers started, first block read)
             t_first, first_tokens = time.perf_counter(), int((batch["segment_ids"] > 0).sum())
+        if bounded and it.stats.records_read >= bounded:
+            break
     seconds = time.perf_counter() - t0
     steady = time.perf_counter() - t_first if t_first is not None else float("nan")
     peak = sampler.stop()

@@ -91,6 +91,7 @@ class DataStats:
     token_slots: int = 0  # rows * seq_len of emitted batches
     real_tokens: int = 0  # non-padding tokens of emitted batches
     bytes_read: int = 0  # streamed: bytes this process read from the traces and scores files
+    streamed: bool = False  # counts grow as blocks are read (data.streaming)
 
     @property
     def packing_efficiency(self) -> float | None:
@@ -100,6 +101,7 @@ class DataStats:
     def summary(self) -> str:
         """One paragraph for the log: counts, then every skip/drop reason with examples."""
         head = f"process {self.process_index}/{self.process_count}: " if self.process_count > 1 else ""
+        head += "streamed, so far: " if self.streamed else ""
         lines = [
             f"{head}{self.records_read} records read, {self.examples} examples kept "
             f"({self.tokens} tokens, {self.response_tokens} in the loss)"
@@ -590,7 +592,6 @@ def build_train_iterator(
     )
 
 
-
 def open_block_stream(
     cfg: DataConfig, tokenizer: Any, *, process_index: int, process_count: int, stats: DataStats,
     apply_length: bool = True,
@@ -616,13 +617,15 @@ def open_block_stream(
 
 
 def streamed_iterator(cfg: DataConfig, tokenizer: Any, *, process_index: int, process_count: int) -> TrainIterator:
-    stats = DataStats(process_index=process_index, process_count=process_count)
+    stats = DataStats(process_index=process_index, process_count=process_count, streamed=True)
     plan, blocks, source = open_block_stream(cfg, tokenizer, process_index=process_index,
                                              process_count=process_count, stats=stats)
     if not blocks:
         raise DataError(f"no records for process {process_index} of {process_count}: the input has "
                         f"{len(plan.blocks)} block(s) of {plan.block_records} records; lower data.block_records",
                         location=Location(cfg.path), reason="unreadable")
-    digest = hashlib.sha256(json.dumps([dataclasses.astuple(b) for b in blocks]).encode()).hexdigest()[:24]
+    # What the order depends on: the share's blocks and the sizes of their files (content is checked per record).
+    layout = [[*dataclasses.astuple(b), plan.files[b.file][0]] for b in blocks]
+    digest = hashlib.sha256(json.dumps(layout).encode()).hexdigest()[:24]
     return TrainIterator(cfg, None, stats, process_index=process_index, process_count=process_count,
                          tokenizer_fp=tokenizer_fingerprint(tokenizer), stream=(source, digest))

@@ -111,8 +111,9 @@ def input_kind(cfg: DataConfig) -> str:
         return "parquet"
     if cfg.format in ("auto", "jsonl") and (path.suffix == ".jsonl" or (path.is_dir() and any(path.glob("*.jsonl")))):
         return "jsonl"
-    raise DataError("data.streaming reads local JSONL or Parquet files (a file or a directory of them); convert "
-                    "this input or set data.streaming=false", location=Location(cfg.path), reason="unreadable")
+    raise DataError("reading by blocks (data.streaming, score-teacher) needs local JSONL or Parquet files (a file or "
+                    "a directory of them); export this input to one of them (or train with data.streaming=false)",
+                    location=Location(cfg.path), reason="unreadable")
 
 
 def _stamps(files: Sequence[Path]) -> dict[str, tuple[int, int]]:
