@@ -28,6 +28,7 @@ OPTIONAL_IMPORTS = {
     "attrs": "grain imports it when present",
     "pytz": "pandas imports it when present",
     "setuptools": "the editable install's import hook",
+    "libtpu": "jax loads the TPU plugin when present (the test extra installs it for AOT TPU compiles)",
 }
 
 
