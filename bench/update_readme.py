@@ -134,7 +134,9 @@ def gkd_step_section() -> str | None:
             "(T/4 new tokens per row), then the teacher scores it; a run with `lmbda` costs about "
             "(1 - lmbda) GKD-l0 + lmbda GKD-l1. Teachers: " + ", ".join(
                 f"{r['model']} -> {r['gkd_teacher_params'] / 1e6:.1f}M" for r in d["runs"] if "gkd_teacher_params" in r)
-            + ".\n\n" + _table(["model", "BxT", "method", "step s", "vs SFT", "peak MiB (XLA)"], rows)
+            + f". Absolute times were taken under a 1-min load average of {d['load_average_1_5_15']['start'][0]:.1f} "
+            "(a shared machine); the ratios are side by side.\n\n"
+            + _table(["model", "BxT", "method", "step s", "vs SFT", "peak MiB (XLA)"], rows)
         )
     return "\n\n".join(parts) + "\n"
 

@@ -65,7 +65,7 @@ def test_generalized_jsd_matches_float64_reference_with_masks(inputs, beta):
     np.testing.assert_allclose(np.asarray(stats.student_target_logprobs), np.take_along_axis(s_ref, targets[..., None], -1)[..., 0], rtol=1e-5)
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("beta", [0.3, 1.0])  # beta = 0: against full-vocabulary KD below
 def test_generalized_jsd_gradient_equals_autodiff_of_the_full_logits(inputs, beta):
     """The chunked custom VJP against plain autodiff of the unchunked definition; masked positions get none."""
     hs, ws, ht, wt, targets, segment_ids, loss_mask = inputs
@@ -100,7 +100,7 @@ def test_generalized_jsd_gradient_equals_autodiff_of_the_full_logits(inputs, bet
 # The objective with live tiny models: GKD(beta=0) == full-vocabulary KD; top-k KD approaches it
 # ---------------------------------------------------------------------------------------------
 
-from dcd_jax.models import ModelConfig, abstract_model, bind, init_params  # noqa: E402
+from dcd_jax.models import ModelConfig, abstract_model, bind  # noqa: E402
 from dcd_jax.objectives import ObjectiveConfig, token_logprobs_chunked  # noqa: E402
 from dcd_jax.objectives.config import GKDConfig, KLConfig  # noqa: E402
 from dcd_jax.train.online import first_prompts, make_gkd_loss_fn, regenerate, rollout_keys, rollout_rows  # noqa: E402
@@ -115,16 +115,25 @@ TEACHER = ModelConfig(model_type="qwen2", vocab_size=128, hidden_size=48, interm
 SEQ = 24
 
 
-def _spread(params, scale):
-    """Scale the init (N(0, 0.02)) so the models' next-token distributions are far from uniform."""
-    return jax.tree.map(lambda x: x * scale if x.ndim >= 2 else x, params)
+def _random_model(cfg, seed):
+    """Graphdef and NumPy params: N(0, 0.25^2) weights and biases (next-token distributions far from
+    uniform), unit norm scales (no compiled initializer: cheap)."""
+    graphdef, shapes, _ = abstract_model(cfg)
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, s):
+        if "norm" in jax.tree_util.keystr(path):
+            return np.ones(s.shape, s.dtype)
+        return (0.25 * rng.standard_normal(s.shape)).astype(s.dtype)
+
+    return graphdef, jax.tree_util.tree_map_with_path(leaf, shapes)
 
 
 @pytest.fixture(scope="module")
 def models():
-    s_graph, _, _ = abstract_model(STUDENT)
-    t_graph, _, _ = abstract_model(TEACHER)
-    return s_graph, _spread(init_params(STUDENT, seed=1), 12.0), t_graph, _spread(init_params(TEACHER, seed=2), 12.0)
+    s_graph, s_params = _random_model(STUDENT, 1)
+    t_graph, t_params = _random_model(TEACHER, 2)
+    return s_graph, s_params, t_graph, t_params
 
 
 def _packed_batch(n_rows=4, seed=0):
@@ -171,14 +180,15 @@ def test_gkd_beta0_equals_full_vocabulary_kd_and_topk_kd_approaches_it(models):
     assert float(gkd_out.denominator) == batch["loss_mask"].sum()
     np.testing.assert_allclose(float(gkd_value), float(full_value), rtol=1e-5)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(gkd_grads), jax.tree.leaves(full_grads)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+        scale = max(1.0, float(np.abs(b).max()))  # fp32 accumulation-order noise scales with the gradient
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=2e-5 * scale, err_msg=jax.tree_util.keystr(path))
     assert float(full_value) / float(gkd_out.denominator) > 0.1  # the models disagree: a real signal
 
     # Cached top-k KD (tail bucket, the default) approaches it from below as k grows.
-    values = [float(jax.jit(kd_loss(k, "bucket"))(s_params)[0]) for k in (2, 8, 32)]
+    values = [float(jax.jit(kd_loss(k, "bucket"))(s_params)[0]) for k in (4, 32)]
     errors = [float(full_value) - v for v in values]
-    assert errors[0] > errors[1] > errors[2] > 0, (values, float(full_value))
-    assert errors[0] > 0.1 * float(full_value) and errors[2] < 0.1 * errors[0]
+    assert errors[0] > errors[1] > 0, (values, float(full_value))
+    assert errors[0] > 0.1 * float(full_value) and errors[1] < 0.2 * errors[0]
 
 
 def test_first_prompts_and_rollout_rows_by_hand():
@@ -258,6 +268,8 @@ def test_gkd_config_loads_and_refuses_a_missing_teacher():
         load_config(RunConfig, files, [])
     with pytest.raises(ConfigError, match=r"objective.gkd.lmbda must be in \[0, 1\]"):
         load_config(RunConfig, files, ["objective.gkd.teacher_path=t", "objective.gkd.lmbda=1.5"])
+    with pytest.raises(ConfigError, match="leaves no prompt window"):
+        load_config(RunConfig, files, ["objective.gkd.teacher_path=t", "objective.gkd.max_new_tokens=4096"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,28 +303,27 @@ def test_gkd_run_resumes_bitwise_after_sigkill_rollouts_included(gkd_assets, tmp
     from dcd_jax.train.checkpoint import CheckpointConfig, RunCheckpointer
     from dcd_jax.train.metrics import read_metrics
 
-    common = gkd_overrides(gkd_assets, **{"train.steps": 4, "checkpoint.every_steps": 2})
+    common = gkd_overrides(gkd_assets, **{"train.steps": 2, "checkpoint.every_steps": 1, "train.seed": 3})
     straight_result, straight = run(gkd_assets, tmp_path / "straight", **common)
-    assert straight_result.step == 4
-    # The coin is drawn from the run key: steps 1..4 of seed 0 mix rollouts and data, on both sides of the kill.
-    on_policy = [r["on_policy"] for r in straight]
-    assert 1.0 in on_policy[:2] and 1.0 in on_policy[2:] and 0.0 in on_policy, on_policy
+    assert straight_result.step == 2
+    # The coin is drawn from the run key: with seed 3, step 1 trains on the data, step 2 (after the kill) on rollouts.
+    assert [r["on_policy"] for r in straight] == [0.0, 1.0]
     for r in straight:
         assert (r["generated_tokens"] > 0) == (r["on_policy"] == 1.0)
         assert r["teacher_forward_flops"] > 0 and r["cost/wall_seconds"] > 0
     assert straight[-1]["cost/generated_tokens"] == sum(r["generated_tokens"] for r in straight)
 
     killed = tmp_path / "killed"
-    proc = _worker(2, base_overrides(gkd_assets, killed, **common))
+    proc = _worker(1, base_overrides(gkd_assets, killed, **common))
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == -signal.SIGKILL, out
-    run(gkd_assets, killed, **common)  # resumes at step 2
+    run(gkd_assets, killed, **common)  # resumes at step 1
     resumed = read_metrics(killed / "metrics.jsonl")
     for key in ("loss", "jsd", "on_policy", "generated_tokens", "cost/generated_tokens"):
         assert [r[key] for r in resumed] == [r[key] for r in straight], key  # bitwise, every step
     a = RunCheckpointer(tmp_path / "straight" / "checkpoints", CheckpointConfig())
     b = RunCheckpointer(killed / "checkpoints", CheckpointConfig())
-    raw_a, raw_b = a.manager.restore(4), b.manager.restore(4)
+    raw_a, raw_b = a.manager.restore(2), b.manager.restore(2)
     for item in ("params", "opt_state"):
         for x, y in zip(jax.tree.leaves(raw_a[item]), jax.tree.leaves(raw_b[item])):
             assert np.array_equal(np.asarray(x), np.asarray(y)), item

@@ -5,6 +5,8 @@ pure function of arrays, jit- and shard-friendly:
 
 * :func:`compute_objective` - the entry point used by the train step, returning an
   :class:`ObjectiveOutput` ``(loss_sum, denominator, metrics)``.
+* :func:`generalized_jsd_chunked` - online GKD's full-vocabulary generalized JSD between a live
+  teacher and the student, chunked over the sequence.
 * :func:`token_logprobs_chunked` - memory-light per-token log-probs / entropy / top-k from hidden
   states and the unembedding (also used to score traces with the teacher).
 * :class:`ObjectiveConfig` and the batch-field / vocabulary checks.
@@ -12,6 +14,7 @@ pure function of arrays, jit- and shard-friendly:
 
 from dcd_jax.objectives.config import (
     DCDConfig,
+    GKDConfig,
     IDFTConfig,
     IWSFTConfig,
     KLConfig,
@@ -24,6 +27,7 @@ from dcd_jax.objectives.config import (
     required_batch_fields,
     validate_batch,
 )
+from dcd_jax.objectives.gkd import GKDStats, generalized_jsd_chunked, generalized_jsd_loss
 from dcd_jax.objectives.logprobs import TokenStats, token_logprobs_chunked, token_logprobs_reference
 from dcd_jax.objectives.losses import ce_token_loss, forward_kl_token_loss, todi_token_loss
 from dcd_jax.objectives.objective import (
@@ -37,6 +41,8 @@ from dcd_jax.objectives.weights import Weights, compute_weights, idft_exponent, 
 
 __all__ = [
     "DCDConfig",
+    "GKDConfig",
+    "GKDStats",
     "IDFTConfig",
     "IWSFTConfig",
     "KLConfig",
@@ -54,6 +60,8 @@ __all__ = [
     "compute_objective",
     "compute_weights",
     "forward_kl_token_loss",
+    "generalized_jsd_chunked",
+    "generalized_jsd_loss",
     "idft_exponent",
     "lam_schedule",
     "merge_metrics",

@@ -1,4 +1,4 @@
-"""Configuration of the training objective: ``objective: {loss: ce|kl, weighting: ..., ...}``.
+"""Configuration of the training objective: ``objective: {loss: ce|kl|gkd, weighting: ..., ...}``.
 
 Every option has a documented default; :meth:`ObjectiveConfig.validate` (called by
 :func:`dcd_jax.config.from_dict`) refuses inconsistent settings with a :class:`ConfigError` that
@@ -8,7 +8,7 @@ pipeline which cached teacher fields an objective needs, and how to produce miss
 YAML example::
 
     objective:
-      loss: ce                 # ce (token NLL) | kl (forward KL from the teacher's stored top-k)
+      loss: ce                 # ce (token NLL) | kl (forward KL from the teacher's stored top-k) | gkd (live teacher)
       weighting: dcd           # none | dcd | dft | idft | iw_sft | todi
       reduction: token         # token | sequence
       chunk_size: 256          # sequence chunk for the memory-light loss (0 = no chunking)

@@ -140,3 +140,8 @@ class RunConfig:
             raise ConfigError(
                 f"data.batch_size={self.data.batch_size} must be divisible by train.grad_accum={self.train.grad_accum}"
             )
+        if self.objective.loss == "gkd" and self.objective.gkd.max_new_tokens >= self.data.seq_len:
+            raise ConfigError(
+                f"objective.gkd.max_new_tokens={self.objective.gkd.max_new_tokens} leaves no prompt window in "
+                f"data.seq_len={self.data.seq_len} (rollout rows are prompt + max_new_tokens tokens)"
+            )

@@ -33,13 +33,13 @@ from dcd_jax.models import abstract_model
 from dcd_jax.objectives import check_batch_fields, validate_batch
 from dcd_jax.paths import require_local_or_hub
 from dcd_jax.sharding import make_mesh
+from dcd_jax.train import online
 from dcd_jax.train.checkpoint import RunCheckpointer
 from dcd_jax.train.config import RunConfig
 from dcd_jax.train.cost import RunCost, teacher_forward_flops_per_token
 from dcd_jax.train.distributed import initialize_distributed
 from dcd_jax.train.flops import mfu
 from dcd_jax.train.metrics import MetricsWriter
-from dcd_jax.train import online
 from dcd_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from dcd_jax.train.run_dir import RunLock, checkpoint_bytes, claim_run_dir
 from dcd_jax.train.state import init_train_state, state_shardings
