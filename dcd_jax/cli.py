@@ -91,7 +91,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     import json
     import os
 
-    if args.topology.startswith("cpu:") and args.topology[4:].isdigit():
+    if (args.topology.startswith("cpu:") and args.topology[4:].isdigit()
+            and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")):
         # Fake host devices: XLA reads the count when the CPU backend starts (not yet at this point).
         # Restored right after the backend starts, so processes this one spawns are not affected.
         flags = os.environ.get("XLA_FLAGS")
