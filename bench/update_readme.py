@@ -221,8 +221,9 @@ def plan_section() -> str | None:
         "### TPU plans of the ready configs (`JAX_PLATFORMS=cpu python bench/plan.py`: `dcd-jax plan`, "
         "compiled ahead of time for each slice on a CPU host)\n\n"
         "Per-chip peak memory of the compiled train step (arguments + outputs + temporaries, GiB) against "
-        "the chip's HBM, next to the same step with the einsum attention kernel compiled in the same run "
-        "(a peak from the TPU compiler's refusal when it does not fit). Roofline: the step-time lower bound "
+        "the HBM the TPU compiler may allocate per chip, next to the same step with the einsum attention "
+        "kernel compiled in the same run (a peak from the TPU compiler's refusal when it does not fit). "
+        "Roofline: the step-time lower bound "
         "from model FLOPs at peak bf16 FLOP/s and HBM traffic at peak bandwidth, and the tokens/s per chip "
         "it allows.\n\n"
         + _table(["config", "slice", "step", "peak GiB", "HBM GiB", "headroom", "einsum peak GiB", "peak ratio",

@@ -238,7 +238,7 @@ def test_debug_shows_the_traceback_and_bugs_keep_theirs(assets, tmp_path, monkey
     monkeypatch.delenv("DCD_JAX_DEBUG")
     import dcd_jax.data
 
-    monkeypatch.setattr(dcd_jax.data, "inspect_data", lambda *a: {}["a bug"])
+    monkeypatch.setattr(dcd_jax.data, "inspect_data", lambda *a, **k: {}["a bug"])
     with pytest.raises(KeyError):  # not a user error: the traceback stays
         cli_main(inspect_argv(assets, _jsonl(tmp_path, "ok.jsonl", [GOOD])))
 

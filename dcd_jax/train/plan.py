@@ -74,13 +74,15 @@ class ChipSpec:
     chip_config: str  # libtpu chip config: "megacore" = the two TensorCores of a chip as one device
 
 
-# Published per-chip figures (Google Cloud TPU system architecture pages, cloud.google.com/tpu/docs/
-# v4, /v5e, /v5p, /v6e): HBM capacity and bandwidth. Peak FLOP/s: see dcd_jax/train/flops.py.
+# HBM: what the TPU compiler may allocate per chip, as libtpu 0.0.42 reports it when it refuses a
+# program ("exceeds available HBM (15.75G)"); the published capacities are 32 / 16 / 95 / 32 GiB.
+# Bandwidth: Google Cloud TPU system architecture pages (cloud.google.com/tpu/docs/v4, /v5e, /v5p,
+# /v6e). Peak FLOP/s: dcd_jax/train/flops.py.
 CHIPS: dict[str, ChipSpec] = {
-    "v4": ChipSpec("v4", 32 * GIB, 1228e9, "megacore"),
-    "v5e": ChipSpec("v5e", 16 * GIB, 819e9, "default"),
-    "v5p": ChipSpec("v5p", 95 * GIB, 2765e9, "megacore"),
-    "v6e": ChipSpec("v6e", 32 * GIB, 1640e9, "default"),
+    "v4": ChipSpec("v4", 30.75 * GIB, 1228e9, "megacore"),
+    "v5e": ChipSpec("v5e", 15.75 * GIB, 819e9, "default"),
+    "v5p": ChipSpec("v5p", 95.74 * GIB, 2765e9, "megacore"),
+    "v6e": ChipSpec("v6e", 31.25 * GIB, 1640e9, "default"),
 }
 _TOPOLOGY = re.compile(r"^(?P<chip>v4|v5e|v5p|v6e):(?P<shape>\d+(x\d+){1,2})$|^cpu:(?P<cpus>\d+)$")
 
