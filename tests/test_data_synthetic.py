@@ -19,6 +19,7 @@ from dcd_jax.data.synthetic import (
     STYLES,
     SyntheticTaskConfig,
     build_tokenizer,
+    classify_style,
     extract_answer,
     generate_problems,
     make_tiny_student,
@@ -44,29 +45,37 @@ def evaluate(expr: str) -> float:
     return walk(ast.parse(expr, mode="eval").body)
 
 
-def story_answer(prompt: str) -> int:
-    """Recompute the gold answer from the problem text alone."""
-    x = int(re.match(r"\w+ has (\d+) ", prompt).group(1))
-    for sentence in re.findall(r"(?:She|He) [^.]*\.", prompt):
-        nums = list(map(int, re.findall(r"\d+", sentence)))
-        if "finds" in sentence:
-            x += nums[0]
-        elif "buys" in sentence:
-            x += nums[0] * nums[1]
-        elif "gives away" in sentence:
-            x -= nums[0] * nums[1]
-        elif "gives" in sentence:
-            x -= nums[0]
-        elif "doubles" in sentence:
-            x *= 2
-        elif "triples" in sentence:
-            x *= 3
-        elif "splits" in sentence:
+# (sentence pattern, update of the amount from the sentence's numbers), first match wins.
+STORY_RULES = [("finds", lambda x, n: x + n[0]), ("buys", lambda x, n: x + n[0] * n[1]),
+               ("gives away", lambda x, n: x - n[0] * n[1]), ("gives", lambda x, n: x - n[0]),
+               ("doubles", lambda x, n: 2 * x), ("triples", lambda x, n: 3 * x), ("splits", None)]
+LEDGER_RULES = [("gets", lambda x, n: x + n[0]), ("delivery", lambda x, n: x + n[0] * n[1]),
+                ("sends out", lambda x, n: x - n[0] * n[1]), ("sells", lambda x, n: x - n[0]),
+                ("doubles", lambda x, n: 2 * x), ("triples", lambda x, n: 3 * x), ("among", None)]
+
+
+def recomputed_answer(prompt: str, start: str, sentence: str, rules) -> int:
+    """The gold answer recomputed from the problem text alone (``None`` rule: exact division)."""
+    x = int(re.match(start, prompt).group(1))
+    for text in re.findall(sentence, prompt):
+        nums = list(map(int, re.findall(r"\d+", text)))
+        update = next((f for key, f in rules if key in text), "unknown")
+        assert update != "unknown", text
+        if update is None:
             assert x % nums[0] == 0
             x //= nums[0]
         else:
-            raise AssertionError(sentence)
+            x = update(x, nums)
     return x
+
+
+def story_answer(prompt: str) -> int:
+    return recomputed_answer(prompt, r"\w+ has (\d+) ", r"(?:She|He) [^.]*\.", STORY_RULES)
+
+
+def ledger_answer(prompt: str) -> int:
+    return recomputed_answer(prompt, r"The \w+ has (\d+) ", r"(?:The \w+ gets|It |Its |A delivery)[^.]*\.",
+                             LEDGER_RULES)
 
 
 @pytest.fixture(scope="module")
@@ -178,3 +187,34 @@ def test_assets_and_tiny_student_load_as_hf_checkpoints(tmp_path):
 
     cfg = ModelConfig.from_pretrained_dir(paths["student"])
     assert cfg.qkv_bias and cfg.tie_word_embeddings and cfg.num_layers == 2
+
+
+def test_long_problems_ledger_template_and_output_styles():
+    """Long problems (for the paper.s regime): 2..8 operations, traces of ~30-160 tokens; the ``ledger`` template (the
+    student's pretraining data) tells other stories about the same numbers; the style classifier
+    reads careful (one operation per line) vs compressed lines from text alone."""
+    long = dict(min_steps=2, max_steps=8, max_start=20, max_operand=9, max_value=99, style_mix=ALL_STYLES)
+    story = generate_problems(SyntheticTaskConfig(seed=3, n_examples=400, **long))
+    ledger = generate_problems(SyntheticTaskConfig(seed=3, n_examples=400, template="ledger", **long))
+    assert {r["num_steps"] for r in story} == set(range(2, 9))
+    expected = {"careful": "careful", "compressed": "compressed", "terse": "compressed", "answer_only": "answer_only"}
+    for s, l in zip(story, ledger):
+        # Same draws except the narrative: answers, steps and styles agree.
+        assert (s["answer"], s["num_steps"], s["style"]) == (l["answer"], l["num_steps"], l["style"])
+        assert l["prompt"].startswith("The ") and ledger_answer(l["prompt"]) == int(l["answer"]) <= 99
+        assert l["solution"].startswith(l["prompt"].split(" has ")[0] + " starts with")
+        for line in l["response"].split("\n")[:-1]:
+            if " = " in line:
+                lhs, rhs = line.rstrip(".").split(" = ")
+                assert evaluate(lhs) == int(rhs), (l["id"], line)
+        for r in (s, l):
+            assert classify_style(r["response"]) == expected[r["style"]], r["response"]
+            assert classify_style(r["solution"]) == "careful"
+    assert classify_style("12 + 3 = 15.") == "other" and classify_style("7 + 2 * 3 = 13.\nThe answer is 13.") == "compressed"
+    tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    lengths = collections.defaultdict(list)
+    for r in story:
+        lengths[r["num_steps"]].append(len(tok(r["solution"])["input_ids"]))
+    assert 25 <= min(lengths[2]) and max(lengths[8]) <= 200 and np.mean(lengths[8]) >= 2.5 * np.mean(lengths[2])
+    with pytest.raises(ConfigError, match="template"):
+        from_dict(SyntheticTaskConfig, {"template": "novel"})

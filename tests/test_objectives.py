@@ -122,6 +122,8 @@ CASES = {
         loss="ce", weighting="dcd", dcd=DCDConfig(tau=2.0, b=-0.3, clip_min=0.5, clip_max=1.5),
         lam=LamSchedule(kind="cosine", warmup_steps=100),
     ),
+    "ce-dcd_prefix-lam": dict(loss="ce", weighting="dcd_prefix", dcd=DCDConfig(tau=0.7, b=0.2),
+                              lam=LamSchedule(kind="linear", warmup_steps=100)),
     "ce-dft": dict(loss="ce", weighting="dft"),
     "ce-idft": dict(loss="ce", weighting="idft", idft=IDFTConfig(alpha_min=0.2, alpha_max=0.9, warmup_steps=200)),
     "ce-iwsft-seq": dict(loss="ce", weighting="iw_sft", reduction="sequence", iw_sft=IWSFTConfig(kappa=0.5, c=1.2)),
@@ -179,7 +181,7 @@ def test_lam_zero_is_exactly_sft():
     assert float(dcd[1].metrics["lam"]) == 0.0
 
 
-@pytest.mark.parametrize("weighting", ["dcd", "dft", "idft", "iw_sft", "todi"])
+@pytest.mark.parametrize("weighting", ["dcd", "dcd_prefix", "dft", "idft", "iw_sft", "todi"])
 def test_every_weighting_at_strength_zero_is_exactly_sft_or_kd(weighting):
     """objective.strength = 0 turns every weighting into plain SFT (ce) / KD (kl): same loss, same gradient;
     at strength 1 they really differ from it (so the comparison can fail)."""
@@ -206,7 +208,7 @@ def _weight_inputs(seed=3):
     )
 
 
-@pytest.mark.parametrize("weighting", ["none", "dcd", "dft", "idft", "iw_sft", "todi"])
+@pytest.mark.parametrize("weighting", ["none", "dcd", "dcd_prefix", "dft", "idft", "iw_sft", "todi"])
 def test_weights_carry_no_gradient(weighting):
     """jax.grad through the weight path alone (w.r.t. every input it reads) is exactly zero."""
     cfg = cfg_of(weighting=weighting, loss="kl" if weighting == "todi" else "ce", lam=LamSchedule(kind="constant"))

@@ -121,9 +121,15 @@ def objective(cfg, hidden, unembed, batch, *, step, ref_hidden=None, ref_unembed
         w = frozen["w"]
     else:
         w = np.ones(seg.shape)
-        if cfg.weighting == "dcd":
+        if cfg.weighting in ("dcd", "dcd_prefix"):
             d = cfg.dcd
             l = lp - batch["teacher_logprobs"].astype(np.float64)
+            if cfg.weighting == "dcd_prefix":  # l_t -> mean of l over the sequence's response tokens up to t
+                running = np.zeros(seg.shape)
+                for b, ts in sequences(batch):
+                    for i, t in enumerate(ts):
+                        running[b, t] = np.mean([l[b, u] for u in ts[: i + 1]])
+                l = running
             w = np.where(valid, sigmoid((np.where(valid, l, 0) - d.b) / d.tau), 1.0)
             if d.normalize:
                 w = w / w[valid].mean()

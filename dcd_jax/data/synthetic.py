@@ -49,6 +49,11 @@ _NAMES = (("Ann", "She"), ("Ben", "He"), ("Cara", "She"), ("Dan", "He"), ("Eva",
 _ITEMS = ("apples", "pencils", "stickers", "marbles", "cookies", "coins", "books", "shells", "cards", "stamps")
 _CONTAINERS = ("bags", "boxes", "packs", "jars")
 _KINDS = ("add", "sub", "mul", "div", "add_groups", "sub_groups")
+# Problem narratives. ``story``: the distillation task. ``ledger``: other sentences about other
+# subjects (a shop's stock), careful traces only in the demo: the student's pretraining data, so it
+# arrives at distillation with its own style and partial arithmetic competence, like a real base model.
+TEMPLATES = ("story", "ledger")
+_PLACES = ("shop", "farm", "school", "club", "market", "library")
 
 # Special tokens of the task tokenizer (ChatML-like, as in Qwen).
 PAD, BOS, IM_START, IM_END = "<|endoftext|>", "<|bos|>", "<|im_start|>", "<|im_end|>"
@@ -85,6 +90,8 @@ class SyntheticTaskConfig:
       max_value: Every intermediate amount stays within [0, max_value].
       style_mix: Relative weights of the trace styles (keys from :data:`STYLES`).
       error_rate: Fraction of traces whose last computation is off by 1-3.
+      template: Narrative of the problems (:data:`TEMPLATES`): ``story`` (a person's items) or
+        ``ledger`` (a place's stock, other sentences; the demo pretrains its student on it).
     """
 
     seed: int = 0
@@ -99,6 +106,7 @@ class SyntheticTaskConfig:
         default_factory=lambda: {"careful": 0.5, "compressed": 0.2, "terse": 0.2, "answer_only": 0.1}
     )
     error_rate: float = 0.0
+    template: str = "story"
 
     def __hash__(self) -> int:
         # Frozen, but `style_mix` is a dict: hash its items so the config stays usable as a key.
@@ -120,6 +128,8 @@ class SyntheticTaskConfig:
             raise ConfigError("synthetic.style_mix: weights must be >= 0 and not all 0")
         if not 0.0 <= self.error_rate <= 1.0:
             raise ConfigError(f"synthetic.error_rate must be in [0, 1], got {self.error_rate}")
+        if self.template not in TEMPLATES:
+            raise ConfigError(f"synthetic.template={self.template!r}; expected one of {list(TEMPLATES)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,16 +170,30 @@ def _feasible(x: int, rng: random.Random, cfg: SyntheticTaskConfig) -> list[tupl
     return out
 
 
-def _sentence(step: _Step, pronoun: str, item: str, other: str, container: str) -> str:
-    a, b = step.a, step.b
-    return {
-        "add": f"{pronoun} finds {a} more {item}.",
-        "sub": f"{pronoun} gives {a} {item} to {other}.",
-        "mul": f"{pronoun} {'doubles' if a == 2 else 'triples'} the number of {item}.",
-        "div": f"{pronoun} splits the {item} into {a} equal piles and keeps one pile.",
-        "add_groups": f"{pronoun} buys {a} {container} with {b} {item} in each.",
-        "sub_groups": f"{pronoun} gives away {a} {container} with {b} {item} in each.",
-    }[step.kind]
+# One sentence per operation kind and template ({who}: the subject; {mult}: doubles / triples).
+_SENTENCES = {
+    "story": {
+        "add": "{who} finds {a} more {item}.",
+        "sub": "{who} gives {a} {item} to {other}.",
+        "mul": "{who} {mult} the number of {item}.",
+        "div": "{who} splits the {item} into {a} equal piles and keeps one pile.",
+        "add_groups": "{who} buys {a} {container} with {b} {item} in each.",
+        "sub_groups": "{who} gives away {a} {container} with {b} {item} in each.",
+    },
+    "ledger": {
+        "add": "{who} gets {a} more {item}.",
+        "sub": "It sells {a} {item}.",
+        "mul": "Its stock of {item} {mult}.",
+        "div": "It shares the {item} among {a} stores and keeps one share.",
+        "add_groups": "A delivery brings {a} {container} of {b} {item}.",
+        "sub_groups": "It sends out {a} {container} of {b} {item}.",
+    },
+}
+
+
+def _sentence(template: str, step: _Step, **names: str) -> str:
+    return _SENTENCES[template][step.kind].format(a=step.a, b=step.b, mult="doubles" if step.a == 2 else "triples",
+                                                  **names)
 
 
 def _careful_lines(steps: list[_Step], name: str, item: str) -> list[str]:
@@ -239,10 +263,18 @@ def generate_problem(cfg: SyntheticTaskConfig, index: int) -> dict[str, Any]:
     if rng.random() < cfg.error_rate:
         final = max(0, answer + rng.choice((-3, -2, -1, 1, 2, 3)))
         final = final if final != answer else answer + 1
-    story = " ".join(_sentence(s, pronoun, item, other, container) for s in steps)
+    if cfg.template == "ledger":  # drawn last: story problems stay what they were
+        place = rng.choice(_PLACES)
+        name = f"The {place}"
+        story = " ".join(_sentence("ledger", s, who=name, item=item, container=container) for s in steps)
+        prompt = f"The {place} has {steps[0].before} {item}. {story} How many {item} does the {place} have now?"
+    else:
+        story = " ".join(_sentence("story", s, who=pronoun, item=item, other=other, container=container)
+                         for s in steps)
+        prompt = f"{name} has {steps[0].before} {item}. {story} How many {item} does {name} have now?"
     return {
         "id": f"{cfg.split}-{cfg.seed}-{index}",
-        "prompt": f"{name} has {steps[0].before} {item}. {story} How many {item} does {name} have now?",
+        "prompt": prompt,
         "response": _trace(style, steps, name, item, final),
         "answer": str(answer),
         "style": style,
@@ -261,6 +293,27 @@ def generate_problems(cfg: SyntheticTaskConfig) -> list[dict[str, Any]]:
 def teacher_training_records(cfg: SyntheticTaskConfig) -> list[dict[str, Any]]:
     """Problems whose ``response`` is the canonical careful solution (to train a teacher model)."""
     return [dict(r, response=r["solution"], style="careful", trace_correct=True) for r in generate_problems(cfg)]
+
+
+_OPERATOR_RE = re.compile(r" [-+*/] ")
+#: Output styles :func:`classify_style` tells apart (``other``: no final answer sentence).
+OUTPUT_STYLES = ("careful", "compressed", "answer_only", "other")
+
+
+def classify_style(text: str) -> str:
+    """The style of a trace (teacher's or a model's output), from its computation lines.
+
+    ``careful``: every computation line (``... = N.``) has one operation; ``compressed``: some
+    line has two or more (intermediate results skipped; the generator's ``compressed`` and
+    ``terse`` traces); ``answer_only``: no computation line; ``other``: no ``The answer is N.``.
+    """
+    if extract_answer(text) is None:
+        return "other"
+    computations = [line for line in text.split("\n") if " = " in line]
+    if not computations:
+        return "answer_only"
+    ops = [len(_OPERATOR_RE.findall(line.split(" = ")[0])) for line in computations]
+    return "careful" if max(ops) <= 1 else "compressed"
 
 
 def extract_answer(text: str) -> str | None:

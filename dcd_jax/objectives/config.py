@@ -9,7 +9,7 @@ YAML example::
 
     objective:
       loss: ce                 # ce (token NLL) | kl (forward KL from the teacher's stored top-k) | gkd (live teacher)
-      weighting: dcd           # none | dcd | dft | idft | iw_sft | todi
+      weighting: dcd           # none | dcd | dcd_prefix | dft | idft | iw_sft | todi
       reduction: token         # token | sequence
       chunk_size: 256          # sequence chunk for the memory-light loss (0 = no chunking)
       dcd: {tau: 1.0, b: 0.0, normalize: true, clip_min: null, clip_max: null}
@@ -24,7 +24,7 @@ from typing import AbstractSet, Iterable, Literal
 from dcd_jax.config import ConfigError
 
 LOSSES = ("ce", "kl", "gkd")
-WEIGHTINGS = ("none", "dcd", "dft", "idft", "iw_sft", "todi")
+WEIGHTINGS = ("none", "dcd", "dcd_prefix", "dft", "idft", "iw_sft", "todi")
 
 # The command that produces the cached teacher fields (see dcd_jax.cli).
 SCORE_TEACHER_HINT = (
@@ -213,7 +213,8 @@ class ObjectiveConfig:
     ``loss``: ``ce`` = token NLL ``-log pi_theta(y_t)``; ``kl`` = forward KL(pi_T || pi_theta) on
     the teacher's stored top-k support (tail per ``kl.tail``); ``gkd`` = generalized JSD to a live
     teacher over the full vocabulary, on partly student-generated batches (``gkd``).
-    ``weighting``: ``none`` (SFT / plain KD), ``dcd`` (the method), ``dft``, ``idft``, ``iw_sft``
+    ``weighting``: ``none`` (SFT / plain KD), ``dcd`` (the method), ``dcd_prefix`` (DCD on the
+    prefix-mean log-ratio; uses the ``dcd`` and ``lam`` knobs), ``dft``, ``idft``, ``iw_sft``
     and ``todi`` (KL-type; needs ``loss: kl``) - the offline baselines.
     ``reduction``: ``token`` = sum over response tokens / their number (global batch);
     ``sequence`` = mean over each sequence's response tokens, then mean over sequences.
@@ -221,7 +222,7 @@ class ObjectiveConfig:
     """
 
     loss: Literal["ce", "kl", "gkd"] = "ce"
-    weighting: Literal["none", "dcd", "dft", "idft", "iw_sft", "todi"] = "none"
+    weighting: Literal["none", "dcd", "dcd_prefix", "dft", "idft", "iw_sft", "todi"] = "none"
     reduction: Literal["token", "sequence"] = "token"
     chunk_size: int = 256
     # Global strength s of the weighting, for every weighting: w <- (1 - s) + s * w (ToDi:
@@ -270,7 +271,7 @@ class ObjectiveConfig:
 def required_batch_fields(cfg: ObjectiveConfig) -> set[str]:
     """The batch fields ``compute_objective(cfg, ...)`` reads."""
     fields = set(BASE_FIELDS)
-    if cfg.weighting == "dcd":
+    if cfg.weighting in ("dcd", "dcd_prefix"):
         fields.add("teacher_logprobs")
     if cfg.loss == "kl" or cfg.weighting == "todi":
         fields.update({"teacher_topk_ids", "teacher_topk_logprobs"})

@@ -10,6 +10,11 @@ same masking and ``stop_gradient`` to all of them. The weighted reduction is sha
              ``w_t /= mean(w)`` over the batch's response tokens (``normalize``);
              ``w_t = clip(w_t, clip_min, clip_max)``; ``w_t = (1 - lam) + lam * w_t`` with
              ``lam = lam(step)`` (:func:`lam_schedule`).  (arXiv 2605.14071)
+* ``dcd_prefix`` the DCD transform of the log-ratio averaged over the response prefix,
+             ``m_t = mean_{s <= t} l_s`` (response tokens of the same sequence), then as ``dcd``:
+             ``w_t = sigmoid((m_t - b) / tau)``, normalized, clipped, mixed by ``lam``; a token after a
+             prefix the student would not have written counts less (offline counterpart of the
+             accumulated-discrepancy weights of on-policy IW-OPD, arXiv 2606.22600).
 * ``dft``    ``w_t = pi_theta(y_t)``  (Dynamic Fine-Tuning, Wu et al. 2025).
 * ``idft``   ``w_t = pi_theta(y_t) ** alpha_t``, entropy-adaptive exponent
              ``alpha_t = s(step) (alpha_min + (alpha_max - alpha_min)(1 - H_t / log V))``.
@@ -87,6 +92,32 @@ def dcd_weights(cfg: ObjectiveConfig, log_ratio: jax.Array, mask: jax.Array, ste
     return Weights((1.0 - lam) + lam * w, clipped, lam)
 
 
+def prefix_mean(x: jax.Array, mask: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """``m_t = sum_{s <= t} mask_s x_s / sum_{s <= t} mask_s`` over positions ``s`` of ``t``'s segment.
+
+    Packed rows hold several sequences: the running sums restart where ``segment_ids`` changes.
+    Positions before the segment's first masked token get 0 (they are masked anyway).
+    """
+    x = jnp.where(mask > 0, x, 0.0)
+    n = (mask > 0).astype(jnp.float32)
+    cx, cn = jnp.cumsum(x, axis=-1), jnp.cumsum(n, axis=-1)
+    idx = jnp.broadcast_to(jnp.arange(x.shape[-1]), x.shape)
+    is_start = jnp.concatenate(
+        [jnp.ones_like(segment_ids[..., :1], bool), segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1)
+    start = jax.lax.cummax(jnp.where(is_start, idx, 0), axis=x.ndim - 1)
+    # Sums up to (excluding) the segment's start position.
+    base_x = jnp.take_along_axis(cx - x, start, axis=-1)
+    base_n = jnp.take_along_axis(cn - n, start, axis=-1)
+    count = cn - base_n
+    return jnp.where(count > 0, (cx - base_x) / jnp.maximum(count, 1.0), 0.0)
+
+
+def dcd_prefix_weights(cfg: ObjectiveConfig, log_ratio: jax.Array, mask: jax.Array, segment_ids: jax.Array,
+                       step) -> Weights:
+    """DCD on the prefix-mean log-ratio ``m_t`` (:func:`prefix_mean`), same knobs as ``dcd``."""
+    return dcd_weights(cfg, prefix_mean(log_ratio, mask, segment_ids), mask, step)
+
+
 def iw_sft_weights(cfg: ObjectiveConfig, log_ratio_ref: jax.Array, mask: jax.Array, segment_ids: jax.Array) -> Weights:
     """iw-SFT with ``log_ratio_ref = log pi_theta(y_t) - log pi_ref(y_t)``."""
     c = cfg.iw_sft
@@ -127,6 +158,10 @@ def compute_weights(
         if teacher_logprobs is None:
             raise ValueError("weighting=dcd needs teacher_logprobs")
         out = dcd_weights(cfg, lp - sg(teacher_logprobs), mask, step)
+    elif kind == "dcd_prefix":
+        if teacher_logprobs is None:
+            raise ValueError("weighting=dcd_prefix needs teacher_logprobs")
+        out = dcd_prefix_weights(cfg, lp - sg(teacher_logprobs), mask, segment_ids, step)
     elif kind == "dft":
         out = Weights(jnp.exp(lp), jnp.zeros_like(lp), jnp.ones((), jnp.float32))
     elif kind == "idft":

@@ -1,0 +1,64 @@
+"""Mechanism diagnostics: weight by trace style and by response position; output style and accuracy by length."""
+
+import math
+
+import numpy as np
+
+from dcd_jax.eval.weight_diagnostics import (
+    mean_weight_by_group, mean_weight_by_position, output_diagnostics, token_weights,
+)
+from dcd_jax.objectives.config import DCDConfig, LamSchedule, ObjectiveConfig
+
+
+def sigmoid(x):
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def test_weight_by_style_and_position_on_a_hand_built_batch():
+    # Three traces (rows), padded: two careful, one compressed.
+    weights = np.array([[2.0, 1.0, 3.0, 9.0], [1.0, 1.0, 0.0, 0.0], [0.5, 0.25, 0.25, 9.0]])
+    mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 0]], np.float32)
+    by_style = mean_weight_by_group(weights, mask, ["careful", "careful", "compressed"])
+    assert by_style == {"careful": (2 + 1 + 3 + 1 + 1) / 5, "compressed": 1.0 / 3}
+    # Position bins within each response: a 5-token response puts one token in each fifth.
+    w5 = np.array([[1.0, 2.0, 3.0, 4.0, 5.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+                   [1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 4.0, 4.0, 5.0, 7.0]])
+    m5 = np.array([[1] * 5 + [0] * 5, [1] * 10], np.float32)
+    assert mean_weight_by_position(w5, m5) == [1.0, 2.0, 3.0, 4.0, (5 + 5 + 7) / 3]
+
+
+def test_token_weights_are_the_training_weights():
+    """DCD with tau 1, b 0, no normalization, lam 1 is pi_S / (pi_S + pi_T) per token; with
+    normalization the mean over all traces' tokens is 1; a student that finds the compressed trace
+    unlikely (the teacher does not) gives it less weight than its own careful style."""
+    student = [np.log([0.9, 0.8, 0.7]), np.log([0.05, 0.1])]
+    teacher = [np.log([0.6, 0.8, 0.7]), np.log([0.7, 0.9])]
+    const = LamSchedule(kind="constant")
+    raw = ObjectiveConfig(weighting="dcd", dcd=DCDConfig(normalize=False), lam=const)
+    w, mask = token_weights(raw, student, teacher)
+    for row, (s, t) in enumerate(zip(student, teacher)):
+        for i in range(len(s)):
+            np.testing.assert_allclose(w[row, i], sigmoid(s[i] - t[i]), rtol=1e-6)
+    assert mask.sum() == 5 and w[1, 2] == 1.0  # padding: weight 1, masked out
+    norm = ObjectiveConfig(weighting="dcd", lam=const)
+    w, mask = token_weights(norm, student, teacher)
+    np.testing.assert_allclose((w * mask).sum() / mask.sum(), 1.0, rtol=1e-6)
+    by_style = mean_weight_by_group(w, mask, ["careful", "compressed"])
+    assert by_style["careful"] > 1.0 > by_style["compressed"]
+    # The prefix weighting: the compressed trace's second token keeps the first token's low ratio.
+    prefix = ObjectiveConfig(weighting="dcd_prefix", dcd=DCDConfig(normalize=False), lam=const)
+    w, _ = token_weights(prefix, student, teacher)
+    l = student[1] - teacher[1]
+    np.testing.assert_allclose(w[1, :2], [sigmoid(l[0]), sigmoid((l[0] + l[1]) / 2)], rtol=1e-6)
+
+
+def test_output_diagnostics_accuracy_by_steps_and_style_shares():
+    generations = [
+        {"id": "a", "response": "Ann starts with 3 apples.\n3 + 2 = 5.\nThe answer is 5.", "correct": True},
+        {"id": "b", "response": "3 + 2 * 4 = 11.\nThe answer is 11.", "correct": False},
+        {"id": "c", "response": "The answer is 7.", "correct": True},
+        {"id": "d", "response": "3 + 2 = 5.\n5 - 1 =", "correct": False},
+    ]
+    out = output_diagnostics(generations, {"a": 2, "b": 3, "c": 3, "d": 8})
+    assert out["accuracy_by_steps"] == {2: 1.0, 3: 0.5, 8: 0.0}
+    assert out["style_shares"] == {"answer_only": 0.25, "careful": 0.25, "compressed": 0.25, "other": 0.25}
