@@ -190,7 +190,7 @@ def test_assets_and_tiny_student_load_as_hf_checkpoints(tmp_path):
 
 
 def test_long_problems_ledger_template_and_output_styles():
-    """Long problems (for the paper.s regime): 2..8 operations, traces of ~30-160 tokens; the ``ledger`` template (the
+    """Long problems (for the paper's regime): 2..8 operations, traces of ~30-160 tokens; the ``ledger`` template (the
     student's pretraining data) tells other stories about the same numbers; the style classifier
     reads careful (one operation per line) vs compressed lines from text alone."""
     long = dict(min_steps=2, max_steps=8, max_start=20, max_operand=9, max_value=99, style_mix=ALL_STYLES)
