@@ -96,6 +96,87 @@ def _einsum_attention(q: jax.Array, keys: jax.Array, values: jax.Array, mask: ja
     return jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(b, t, h, hd)
 
 
+# Query rows per block of :func:`blockwise_causal_attention`: a block's [B, KV, c, G, S] scores stay
+# a few MiB (cache-friendly on CPU) and blocks above the causal diagonal are never computed. The
+# blocks are unrolled, so long sequences use longer blocks (at most MAX_ATTENTION_BLOCKS of them).
+ATTENTION_BLOCK = 64
+MAX_ATTENTION_BLOCKS = 16
+
+
+def blockwise_causal_attention(
+    q: jax.Array, keys: jax.Array, values: jax.Array, segment_ids: jax.Array, block: int = ATTENTION_BLOCK
+) -> jax.Array:
+    """Causal self-attention over packed rows, one block of ``block`` query rows at a time (at
+    most :data:`MAX_ATTENTION_BLOCKS` blocks: longer blocks for long ``T``).
+
+        out_t = sum_{s <= t, seg_s = seg_t} softmax_s(q_t . k_s / sqrt(hd)) v_s
+
+    for q [B, T, H, hd], keys/values [B, T, KV, hd] (slots 0..T-1: the training / scoring pass).
+    Query block [i c, (i+1) c) only sees keys [0, (i+1) c), so the upper triangle is skipped
+    (about half the work of :func:`_einsum_attention` at long T). A ``custom_vjp`` keeps only q,
+    k, v and the output for the backward pass, which recomputes each block's probabilities P and
+    forms, with D_t = sum_d dO_td O_td,
+        dV = P^T dO,  dS = P * (dO V^T - D),  dQ = dS K / sqrt(hd),  dK = dS^T Q / sqrt(hd),
+    so no [B, H, T, T] tensor is stored per layer (the layer scan's residuals stay O(T)).
+    Same values as :func:`_einsum_attention` with :func:`attention_mask` up to float summation order.
+    """
+    b, t, h, hd = q.shape
+    kvh = keys.shape[2]
+    g = h // kvh
+    dtype = q.dtype
+    scale = 1.0 / math.sqrt(hd)
+    block = max(block, -(-t // MAX_ATTENTION_BLOCKS))
+    bounds = [(start, min(start + block, t)) for start in range(0, t, block)]
+
+    # Scores are laid out [B, KV, c, G, S]: the dot's natural output order for q [B, T, KV, G, hd]
+    # (a [B, KV, G, c, S] layout costs a transpose copy of every block).
+    def block_probs(q5, k, seg, start, stop):  # fp32 [B, KV, c, G, S]; q5 pre-scaled
+        scores = jnp.einsum("btkgd,bskd->bktgs", q5[:, start:stop], k[:, :stop], preferred_element_type=jnp.float32)
+        same = seg[:, start:stop, None] == seg[:, None, :stop]
+        causal = jnp.arange(stop)[None, :] <= jnp.arange(start, stop)[:, None]
+        # An additive [B, 1, c, 1, S] bias, not a select against a scalar: XLA:CPU would
+        # materialize the broadcast -inf operand at the full [B, KV, c, G, S] size.
+        bias = jnp.where(same & causal, 0.0, _NEG_INF)[:, None, :, None, :]
+        return jax.nn.softmax(scores + bias, axis=-1)
+
+    def forward(q, k, v, seg):
+        q5 = q.reshape(b, t, kvh, g, hd) * jnp.asarray(scale, dtype)
+        outs = [jnp.einsum("bktgs,bskd->btkgd", block_probs(q5, k, seg, start, stop).astype(dtype), v[:, :stop])
+                for start, stop in bounds]
+        return jnp.concatenate(outs, axis=1).reshape(b, t, h, hd)
+
+    # segment ids are an argument, not a closure: custom_vjp functions may not close over tracers.
+    @jax.custom_vjp
+    def attend(q, k, v, seg):
+        return forward(q, k, v, seg)
+
+    def attend_fwd(q, k, v, seg):
+        out = forward(q, k, v, seg)
+        return out, (q, k, v, seg, out)
+
+    def attend_bwd(res, d_out):
+        q, k, v, seg, out = res
+        q5 = q.reshape(b, t, kvh, g, hd) * jnp.asarray(scale, dtype)
+        d_out = d_out.reshape(b, t, kvh, g, hd)
+        delta = jnp.einsum("btkgd,btkgd->bktg", d_out, out.reshape(b, t, kvh, g, hd),
+                           preferred_element_type=jnp.float32)
+        dq, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
+        for start, stop in bounds:
+            p = block_probs(q5, k, seg, start, stop)
+            do = d_out[:, start:stop]
+            dv = dv.at[:, :stop].add(jnp.einsum("bktgs,btkgd->bskd", p, do, preferred_element_type=jnp.float32))
+            dp = jnp.einsum("btkgd,bskd->bktgs", do, v[:, :stop], preferred_element_type=jnp.float32)
+            ds = p * (dp - delta[:, :, start:stop, :, None])
+            dq.append(jnp.einsum("bktgs,bskd->btkgd", ds, k[:, :stop], preferred_element_type=jnp.float32))
+            dk = dk.at[:, :stop].add(jnp.einsum("bktgs,btkgd->bskd", ds, q5[:, start:stop],
+                                                preferred_element_type=jnp.float32))
+        dq = jnp.concatenate(dq, axis=1).reshape(q.shape) * scale
+        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+    attend.defvjp(attend_fwd, attend_bwd)
+    return attend(q, keys, values, jnp.asarray(segment_ids, jnp.int32))
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, h, kv, hd, pd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.param_dtype
@@ -148,13 +229,16 @@ class Attention(nnx.Module):
             keys, values = keys.astype(x.dtype), values.astype(x.dtype)
             kv_slot = jnp.broadcast_to(jnp.arange(keys.shape[1], dtype=jnp.int32), kv_segment.shape)
 
-        mask = attention_mask(q_segment, q_slot, kv_segment, kv_slot)
-        if kv_cache is None and cfg.attention != "einsum":
+        if kv_cache is None and cfg.attention == "einsum":  # slots are 0..T-1: causal by index
+            out = blockwise_causal_attention(q, keys, values, q_segment)
+        elif kv_cache is None:
             # Slots are 0..T-1 here, so is_causal is exact and lets cuDNN skip the upper triangle;
             # the mask adds the packed-segment (and padding) restriction.
+            mask = attention_mask(q_segment, q_slot, kv_segment, kv_slot)
             out = jax.nn.dot_product_attention(q, keys, values, mask=mask[:, 0], is_causal=True,
                                                implementation=cfg.attention)
         else:
+            mask = attention_mask(q_segment, q_slot, kv_segment, kv_slot)
             out = _einsum_attention(q, keys, values, mask, x.dtype)
         out = constrain(out, ("batch", "length", "act_heads", "head_dim"))
         y = jnp.einsum("bthk,hkd->btd", out, self.o_proj["kernel"][...].astype(x.dtype))
