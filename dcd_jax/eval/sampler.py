@@ -245,9 +245,9 @@ def sample_logits(logits: jax.Array, rng_keys: jax.Array, cfg: SamplingConfig) -
     return _sample_logits_jit(jnp.asarray(logits, jnp.float32), rng_keys, temperature, np.float32(cfg.top_p), spec)
 
 
-def _prefill(model, ids, positions, segment_ids, cache):
+def _prefill(model, ids, positions, segment_ids, cache, layers):
     """The prompts into the cache (slots 0..P-1); next-token logits of the last position only."""
-    logits, cache = model.forward_with_cache(ids, positions, segment_ids, cache, 0, last_only=True)
+    logits, cache = model.forward_with_cache(ids, positions, segment_ids, cache, 0, last_only=True, layers=layers)
     return logits[:, 0], cache
 
 
@@ -287,7 +287,10 @@ def _generate_jit(graphdef, params, prompt_ids, prompt_mask, rng_keys, temperatu
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
 
     cache = _constrain_cache(model.init_cache(b, p + max_new - 1))
-    logits, cache = _prefill(model, ids, positions, mask, cache)
+    # On CPU, per-layer weight copies made once here (not per step inside the loop; see
+    # Transformer.forward_with_cache). Elsewhere the stacked weights are read as they are.
+    layers = model.unstacked_layers() if jax.default_backend() == "cpu" else None
+    logits, cache = _prefill(model, ids, positions, mask, cache, layers)
     cache = _constrain_cache(cache)
 
     eos = jnp.asarray(spec.eos_token_ids or (-1,), jnp.int32)
@@ -340,7 +343,7 @@ def _generate_jit(graphdef, params, prompt_ids, prompt_mask, rng_keys, temperatu
         # Feed the token sampled at step-1: position = prompt length + step - 1, slot P + step - 1.
         pos = (lengths_in + step - 1)[:, None]
         logits, cache = model.forward_with_cache(
-            state["tok"][:, None], pos, jnp.ones_like(pos), state["cache"], p + step - 1
+            state["tok"][:, None], pos, jnp.ones_like(pos), state["cache"], p + step - 1, layers=layers
         )
         state = dict(state, cache=_constrain_cache(cache))
         return record(state, step, *pick(logits[:, 0], step, state["done"], state["window"]))

@@ -330,6 +330,23 @@ class Transformer(nnx.Module):
         x, new_cache = jax.lax.scan(body, x, (layer_state, cache))
         return self.final_norm(x), new_cache
 
+    def unstacked_layers(self) -> list:
+        """Each layer's parameters as its own arrays (a copy): see :meth:`forward_with_cache`."""
+        _, layer_state = nnx.split(self.layers)
+        return [jax.tree.map(lambda a, i=i: a[i], layer_state) for i in range(self.cfg.num_layers)]
+
+    def _run_layers_unrolled(self, x, positions, segment_ids, slots, cache, cache_index, layers=None):
+        """The layers as a Python loop over static layer indices (cached passes), each layer's
+        cache updated in place in the stacked cache."""
+        layer_def, layer_state = nnx.split(self.layers)
+        k_all, v_all, seg_all = cache
+        for i in range(self.cfg.num_layers):
+            state = layers[i] if layers is not None else jax.tree.map(lambda a: a[i], layer_state)
+            layer = nnx.merge(layer_def, state)
+            x, (k, v, seg) = layer(x, positions, segment_ids, slots, (k_all[i], v_all[i], seg_all[i]), cache_index)
+            k_all, v_all, seg_all = k_all.at[i].set(k), v_all.at[i].set(v), seg_all.at[i].set(seg)
+        return self.final_norm(x), (k_all, v_all, seg_all)
+
     def _embed(self, input_ids, positions, segment_ids):
         input_ids = jnp.asarray(input_ids, jnp.int32)
         b, t = input_ids.shape
@@ -362,18 +379,25 @@ class Transformer(nnx.Module):
             "segment_ids": jnp.zeros((cfg.num_layers, batch, max_len), jnp.int32),
         }
 
-    def forward_with_cache(self, input_ids, positions, segment_ids, cache, cache_index, *, last_only: bool = False):
+    def forward_with_cache(self, input_ids, positions, segment_ids, cache, cache_index, *, last_only: bool = False,
+                           layers: list | None = None):
         """Run ``input_ids`` [B, T] occupying cache slots [cache_index, cache_index + T).
 
         Returns fp32 logits [B, T, V] (``[B, 1, V]`` of the last position with ``last_only``: a
         long prefill then never materializes [B, T, V]) and the updated cache. Rows may be
         left-padded (segment id 0 on pads): pads are never attended to by real tokens.
+
+        ``layers``: :meth:`unstacked_layers`, computed once outside a decode loop. XLA:CPU copies a
+        slice of the stacked ``[L, ...]`` weights before every matmul that reads it, inside the loop
+        on every step (twice a batch-1 step's memory traffic); separate per-layer arrays are read
+        in place.
         """
         x, positions, segment_ids = self._embed(input_ids, positions, segment_ids)
         t = x.shape[1]
         slots = jnp.broadcast_to(cache_index + jnp.arange(t, dtype=jnp.int32), segment_ids.shape)
         layer_cache = (cache["k"], cache["v"], cache["segment_ids"])
-        hidden, (k, v, seg) = self._run_layers(x, positions, segment_ids, slots, layer_cache, cache_index)
+        hidden, (k, v, seg) = self._run_layers_unrolled(x, positions, segment_ids, slots, layer_cache, cache_index,
+                                                        layers)
         if last_only:
             hidden = hidden[:, -1:]
         return self.logits_from_hidden(hidden), {"k": k, "v": v, "segment_ids": seg}
