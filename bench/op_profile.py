@@ -13,7 +13,8 @@ module joins the two: each instruction is put in one class by the innermost fram
 * ``other``      - the rest (norms, RoPE, embedding gather, residual adds, copies, KV-cache writes).
 
 and the trace's per-thunk durations are summed per class. ``host`` is the wall time of the timed
-calls minus the executable's own run time (dispatch, argument handling, Python). Control-flow thunks
+calls minus the union of the thunk executor's spans: dispatch, argument handling, Python, and
+whatever those spans do not cover (on a loaded host, notably between a while loop's iterations). Control-flow thunks
 (``while``, ``conditional``, ``call``) only wrap their bodies' thunks and are not counted twice.
 """
 
@@ -165,15 +166,20 @@ def profile_compiled(compiled, args: tuple, *, calls: int = 3, donate: bool = Tr
                     args[0] = out[0]
         events = _trace_events(d)
     per_op: collections.Counter = collections.Counter()
-    executable = 0.0
+    spans = []  # the executor's own spans (nested for loop bodies): their union is the run time
     for e in events:
         if e.get("ph") != "X":
             continue
         name, dur = e.get("name", ""), e.get("dur", 0) / 1e6
-        if name == "ThunkExecutor::Execute (wait for completion)":
-            executable += dur
+        if name.startswith("ThunkExecutor::Execute"):
+            spans.append((e["ts"] / 1e6, e["ts"] / 1e6 + dur))
         if name in classes and classes[name] != "control":
             per_op[name] += dur
+    executable, reach = 0.0, float("-inf")
+    for start, stop in sorted(spans):
+        if stop > reach:
+            executable += stop - max(start, reach)
+            reach = stop
     by_class = dict.fromkeys(CLASSES + DECODE_CLASSES, 0.0)
     for name, s in per_op.items():
         by_class[classes[name]] += s / calls

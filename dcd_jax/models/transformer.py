@@ -164,9 +164,11 @@ def blockwise_causal_attention(
         for start, stop in bounds:
             p = block_probs(q5, k, seg, start, stop)
             do = d_out[:, start:stop]
-            dv = dv.at[:, :stop].add(jnp.einsum("bktgs,btkgd->bskd", p, do, preferred_element_type=jnp.float32))
+            # Matmul operands in the compute dtype (bf16 matmuls on accelerators), fp32 accumulation.
+            dv = dv.at[:, :stop].add(jnp.einsum("bktgs,btkgd->bskd", p.astype(dtype), do,
+                                                preferred_element_type=jnp.float32))
             dp = jnp.einsum("btkgd,bskd->bktgs", do, v[:, :stop], preferred_element_type=jnp.float32)
-            ds = p * (dp - delta[:, :, start:stop, :, None])
+            ds = (p * (dp - delta[:, :, start:stop, :, None])).astype(dtype)
             dq.append(jnp.einsum("bktgs,bskd->btkgd", ds, k[:, :stop], preferred_element_type=jnp.float32))
             dk = dk.at[:, :stop].add(jnp.einsum("bktgs,btkgd->bskd", ds, q5[:, start:stop],
                                                 preferred_element_type=jnp.float32))
