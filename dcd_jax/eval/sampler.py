@@ -203,12 +203,21 @@ def left_align(prompt_ids: jax.Array, prompt_mask: jax.Array) -> tuple[jax.Array
     return xp.where(mask, ids, 0).astype(np.int32), mask.astype(np.int32)
 
 
+def greedy_tokens(logits: jax.Array) -> jax.Array:
+    """``argmax`` over the last axis (the first maximal index) as two plain reductions: max, then
+    the smallest index attaining it. XLA:CPU runs jnp.argmax's fused (value, index) reduction
+    unvectorized, ~5x slower at [64, 32k] (13% of a batch-64 decode step)."""
+    best = jnp.max(logits, axis=-1, keepdims=True)
+    index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    return jnp.min(jnp.where(logits == best, index, logits.shape[-1]), axis=-1).astype(jnp.int32)
+
+
 def _filter_and_sample(
     logits: jax.Array, keys: jax.Array, spec: _DecodeSpec, temperature: jax.Array, top_p: jax.Array
 ) -> jax.Array:
     """Next token per row from fp32 ``logits`` [B, V] with per-row ``keys`` (typed) [B]."""
     if spec.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return greedy_tokens(logits)
     logits = logits.astype(jnp.float32) / temperature
     vocab = logits.shape[-1]
     if 0 < spec.top_k < vocab:
