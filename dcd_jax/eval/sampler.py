@@ -56,7 +56,7 @@ import numpy as np
 from flax import nnx
 
 from dcd_jax.models import bind
-from dcd_jax.sharding import constrain, named_sharding
+from dcd_jax.sharding import constrain, named_sharding, traced_for_cpu
 
 __all__ = [
     "SamplingConfig",
@@ -298,7 +298,7 @@ def _generate_jit(graphdef, params, prompt_ids, prompt_mask, rng_keys, temperatu
     cache = _constrain_cache(model.init_cache(b, p + max_new - 1))
     # On CPU, per-layer weight copies made once here (not per step inside the loop; see
     # Transformer.forward_with_cache). Elsewhere the stacked weights are read as they are.
-    layers = model.unstacked_layers() if jax.default_backend() == "cpu" else None
+    layers = model.unstacked_layers() if traced_for_cpu() else None
     logits, cache = _prefill(model, ids, positions, mask, cache, layers)
     cache = _constrain_cache(cache)
 

@@ -28,6 +28,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from dcd_jax.sharding import traced_for_cpu
+
 # On CPU the chunked loss keeps each chunk's fp32 logits for the backward pass, instead of
 # recomputing them (one of its four [B*T, D] x [D, V] matmuls), while all of them fit in this budget.
 CPU_SAVED_LOGITS_BYTES = 1 << 30
@@ -248,7 +250,7 @@ def token_logprobs_chunked(
         return x.reshape(b, n * chunk, *x.shape[3:])[:, :t]
 
     # Memory is what the recomputation buys; a CPU host has it, an accelerator's HBM may not.
-    keep_logits = jax.default_backend() == "cpu" and b * n * chunk * unembed.shape[1] * 4 <= CPU_SAVED_LOGITS_BYTES
+    keep_logits = traced_for_cpu() and b * n * chunk * unembed.shape[1] * 4 <= CPU_SAVED_LOGITS_BYTES
 
     def forward(h, w, tgt, ids, keep=False):
         def body(carry, xs):
