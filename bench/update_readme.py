@@ -101,7 +101,7 @@ def train_step_section() -> str | None:
                          ratios.get("dcd_kl_over_sft_step_time"), get("ours SFT", "peak_mib"), get("ours SFT", "mfu")])
         text = (
             f"### Train step (`python bench/train_step.py`, {path.name}: {d['device']['device_kind']}, "
-            f"{d['device'].get('cpu_count', '?')} cores)\n\n"
+            f"{d['device'].get('cpu_count', '?')} cores{_load_note(d.get('load_average_1_5_15', {}).get('start'))})\n\n"
             + _table(["model", "params", "BxT", "ours tok/s", "torch tok/s", "ours/torch", "DCD-CE/SFT time",
                       "DCD-KL/SFT time", "ours peak MiB", "MFU"], rows)
         )
@@ -110,6 +110,11 @@ def train_step_section() -> str | None:
             text += "\n\n" + profile
         parts.append(text)
     return "\n\n".join(parts) + "\n"
+
+
+def _load_note(load) -> str:
+    """The host's 1-minute load average when the run started (other jobs share the cores)."""
+    return f", 1-min load average {load[0]:.1f} at start" if load else ""
 
 
 def _train_step_profile(d: dict) -> str | None:
@@ -144,7 +149,8 @@ def sampler_section() -> str | None:
         rows = [[r["batch"], r.get("dcd_jax_decode_tok_s"), r.get("hf_decode_tok_s"), r.get("speedup"),
                  r.get("host_bandwidth_roofline_fraction", r.get("hbm_roofline_fraction"))] for r in d["rows"]]
         parts.append(
-            f"### Sampler decode ({path.name}: {d['device_kind']}, {d['model']['params'] / 1e6:.1f}M Qwen2 shape)\n\n"
+            f"### Sampler decode ({path.name}: {d['device_kind']}, {d['model']['params'] / 1e6:.1f}M Qwen2 shape"
+            f"{_load_note(d.get('load_average_1m_before_after'))})\n\n"
             + _table(["batch", "dcd-jax tok/s", "transformers tok/s", "ratio", "bandwidth roofline (batch 1)"], rows)
         )
     return "\n\n".join(parts) + "\n"
