@@ -13,11 +13,17 @@ Decode tokens/s excludes the prefill: each side is timed generating N and 1 new 
 its best torch thread count (1 or all cores, chosen per batch size): on a loaded 2-core machine
 torch's OpenMP pool can be several times slower with 2 threads than with 1.
 
+On CPU, batch 1 reports the same fraction against the bandwidth a jitted matvec streams on this
+host, measured before the batches and again right after batch 1's timing (the larger is used).
 On GPU, batch 1 also reports the fraction of the HBM-bandwidth roofline: a decode step must read
 every parameter once (the tied embedding once, as the unembedding) plus the KV cache; our loop
 attends over the whole fixed-size cache (prompt + N - 1 slots) every step, so it reads all of it:
     bytes/step = param bytes + 2 * layers * cache_slots * kv_heads * head_dim * dtype bytes
     fraction   = bytes/step / step time / peak bandwidth (table PEAK_HBM_BYTES_PER_S below).
+
+Each batch size is also profiled (``--no-profile`` to skip): one generate call under
+``jax.profiler``, XLA's thunk time summed by op class (matmul, attention over the KV cache,
+sampling, other) by ``bench/op_profile.py``.
 
     python bench/sampler.py [--quick] [--batches 1,16,64] [--new-tokens 32] [--dtype float32]
 
@@ -104,6 +110,22 @@ def measure_stream_bandwidth(total_bytes: int = 256 << 20) -> float:
     return sum(m.nbytes for m in mats) / t
 
 
+def profile_generate(sampler: Sampler, prompts: list[list[int]], n_new: int) -> dict:
+    """Time by op class (bench/op_profile.py) of one greedy generate call of ``n_new`` tokens."""
+    from op_profile import profile_compiled
+
+    from dcd_jax.eval.sampler import _generate_jit, _spec_of, row_keys
+
+    b = len(prompts)
+    ids = np.asarray(prompts, np.int32)
+    cfg = SamplingConfig(max_new_tokens=n_new, eos_token_ids=(), batch_size=b, prompt_bucket=PROMPT_LEN)
+    args = (sampler.graphdef, sampler.params, ids, np.ones_like(ids), row_keys(0, range(b), [0] * b),
+            np.float32(1.0), np.float32(1.0))
+    compiled = _generate_jit.lower(*args, spec=_spec_of(cfg, (), 0)).compile()
+    compiled(*args)
+    return profile_compiled(compiled, args, calls=2, donate=False)
+
+
 def median_time(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -130,6 +152,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--torch-threads", type=int, default=0, help="0 = the faster of 1 and all cores, per batch size")
     ap.add_argument("--no-hf", action="store_true", help="time only the dcd-jax sampler")
+    ap.add_argument("--no-profile", action="store_true", help="skip the per-op-class profile of each batch")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.quick:
@@ -221,6 +244,10 @@ def main() -> None:
                 "hf_torch_threads": best[0],
                 "hf_4_token_generate_s_by_torch_threads": probes,
             })
+        if b == 1 and on_cpu:
+            # The reference again, right after the timing: the larger of the two (the stricter
+            # fraction) stands, so that a busy moment during the first probe cannot flatter us.
+            host_bw = max(host_bw, measure_stream_bandwidth())
         if b == 1:
             itemsize = np.dtype(jax.numpy.dtype(cfg.param_dtype)).itemsize
             kv_itemsize = np.dtype(jax.numpy.dtype(cfg.dtype)).itemsize
@@ -236,6 +263,8 @@ def main() -> None:
                 peak = peak_bandwidth(kind)
                 row["peak_hbm_bytes_per_s"] = peak
                 row["hbm_roofline_fraction"] = (step_bytes / step_s / peak) if peak else None
+        if not args.no_profile:
+            row["profile"] = profile_generate(sampler, prompts, n_new)
         rows.append(row)
         print(f"batch {b}: done", file=sys.stderr, flush=True)
 
@@ -278,6 +307,18 @@ def main() -> None:
         frac = r.get("hbm_roofline_fraction", r.get("host_bandwidth_roofline_fraction"))
         line += f" | {frac:>11.1%}" if frac is not None else f" | {'-':>11}"
         print(line)
+    profiled = [r for r in rows if "profile" in r]
+    if profiled:
+        from op_profile import DECODE_CLASSES
+
+        print("\nTime by op class of one generate call (prefill + all decode steps; jax.profiler trace, share of XLA's "
+              "summed thunk time; bench/op_profile.py):\n")
+        print("| batch | wall s | host s | " + " | ".join(DECODE_CLASSES) + " |")
+        print("|---:|---:|---:|" + "---:|" * len(DECODE_CLASSES))
+        for r in profiled:
+            p = r["profile"]
+            shares = " | ".join(f"{p['by_class_fraction'].get(c, 0.0):.0%}" for c in DECODE_CLASSES)
+            print(f"| {r['batch']} | {p['wall_s']:.3f} | {p['host_s']:.3f} | {shares} |")
     if on_cpu:
         print(f"\n(BW roofline, batch 1: (param + KV bytes) / step time vs the {host_bw / 1e9:.1f} GB/s a jitted "
               "matvec streams on this host (no HBM here).)", end="")

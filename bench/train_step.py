@@ -6,7 +6,8 @@ For each model shape and batch ``B x T`` it measures, in one invocation:
   (state shardings on a single-device mesh, donated state), for three objectives:
   ``SFT`` (ce / none), ``DCD-CE`` (ce / dcd) and ``DCD-KL`` (kl / dcd, teacher top-20);
 * **torch** - the same shape as a ``transformers`` ``Qwen2ForCausalLM`` trained eagerly
-  (``loss.backward()`` + ``AdamW.step()``, same clipping, same masked CE, same batch).
+  (``loss.backward()`` + ``AdamW.step()``, same clipping, same masked CE, same batch); on CPU
+  with its faster thread count (1 or all cores, one probe step each after the warm-up).
 
 Each framework runs in its own subprocess (no two thread pools or allocators in one process).
 Ours: on CPU the three objectives share one process and their timed steps are interleaved
@@ -19,6 +20,13 @@ token ids, ``segment_ids = 1``, ``positions = arange``, ``targets`` = the ids sh
 ``loss_mask = 1`` on the last 3/4 of each row, random teacher log-probs / distinct top-20 ids.
 It is placed on the device once, so host-to-device transfer is not in the step time.
 tokens/s counts all ``B * T`` positions.
+
+Profile (CPU, ``--no-profile`` to skip): after the timed steps each of our objectives runs 2 more
+steps under ``jax.profiler``; :mod:`op_profile` sums XLA's per-thunk time by op class (matmul,
+attention, loss, optimizer, other) and reports host time = call wall time - executable time.
+Reference throughput: a jitted fp32 ``[4096 x 512] @ [512 x 2048]`` matmul timed between the same
+timed steps (:class:`MatmulProbe`); each step's achieved FLOP/s (``flops_per_token`` x tokens/s,
+causal attention counted at half) is reported as a fraction of it.
 
 Memory: for ours, XLA's buffer assignment of the compiled step (``memory_analysis()``; peak =
 temp + arguments + outputs - aliased, since the donated state's buffers are reused for the new
@@ -265,6 +273,7 @@ def jax_worker(spec: dict) -> dict:
             print(f"   [{name}] compiled in {out['compile_s']:.1f} s", file=sys.stderr, flush=True)
         del params
 
+        probe = MatmulProbe() if not gpu else None
         rss_marks = (_peak_rss_bytes(), _rss_bytes(), _reset_peak_rss())
         for _ in range(steps):
             for r in runs.values():
@@ -272,12 +281,25 @@ def jax_worker(spec: dict) -> dict:
                 r["state"], r["metrics"] = r["compiled"](r["state"], r["batch"])
                 jax.block_until_ready((r["state"], r["metrics"]))
                 r["times"].append(time.perf_counter() - t0)
+            if probe is not None:  # the reference throughput, measured between the same steps
+                probe.measure()
+        profiles = {}
+        if spec.get("profile") and not gpu:
+            from op_profile import profile_compiled
+
+            for name, r in runs.items():
+                profiles[name] = profile_compiled(r["compiled"], (r["state"], r["batch"]), calls=2)
+                r["state"] = None  # donated into the profiled calls
 
     result = {"objectives": {}, "process": {"objectives": list(runs), "interleaved": len(runs) > 1}}
+    if probe is not None:
+        result["process"]["xla_matmul"] = probe.summary()
     for name, r in runs.items():
         out = r["out"]
         out.update(_timing(r["times"]))
         out["loss"] = float(r["metrics"]["loss"])
+        if name in profiles:
+            out["profile"] = profiles[name]
         result["objectives"][name] = out
     stats = device.memory_stats() if gpu else None
     if stats and "peak_bytes_in_use" in stats:
@@ -325,6 +347,37 @@ def gkd_step(spec, cfg, graphdef, objective, tx, schedule, shardings, mesh, batc
 def gkd_ratios(results: dict, sft_step_s: float | None) -> dict:
     return {f"{name}_over_sft_step_time": results[f"ours {name}"]["step_s"] / sft_step_s
             for name in GKD_LMBDA if sft_step_s and "step_s" in results.get(f"ours {name}", {})}
+
+
+class MatmulProbe:
+    """XLA's fp32 matmul throughput on this host: [4096 x 512] @ [512 x 2048] jitted, the dense
+    shape of a 25M-model layer at B*T = 4096. Called between the timed steps, so that it sees the
+    same load; the median is the reference for the step's achieved FLOP/s."""
+
+    M, K, N = 4096, 512, 2048
+
+    def __init__(self):
+        import jax
+        import jax.numpy as jnp
+
+        rng = np.random.default_rng(1)
+        self.a = jnp.asarray(rng.normal(size=(self.M, self.K)), jnp.float32)
+        self.w = jnp.asarray(rng.normal(size=(self.K, self.N)), jnp.float32)
+        self.fn = jax.jit(lambda a, w: a @ w)
+        self.fn(self.a, self.w).block_until_ready()
+        self.times: list[float] = []
+
+    def measure(self, calls: int = 3) -> None:
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            self.fn(self.a, self.w).block_until_ready()
+            self.times.append(time.perf_counter() - t0)
+
+    def summary(self) -> dict:
+        flops = 2.0 * self.M * self.K * self.N
+        t = statistics.median(self.times)
+        return {"shape": [self.M, self.K, self.N], "dtype": "float32", "flops": flops, "median_s": t,
+                "flops_per_s": flops / t, "calls": len(self.times)}
 
 
 def _add_rss(out: dict, rss0: int, marks: tuple[int, int, bool]) -> None:
@@ -388,6 +441,18 @@ def torch_worker(spec: dict) -> dict:
     for _ in range(warmup - 1):
         step()
     sync()
+    if not gpu and threads > 1:
+        # torch's OpenMP pool can be several times slower with all cores than with one when other
+        # jobs share them: the reference gets its faster thread count (one probe step each).
+        probes = {}
+        for n in (1, threads):
+            torch.set_num_threads(n)
+            t0 = time.perf_counter()
+            step()
+            probes[n] = time.perf_counter() - t0
+        threads = min(probes, key=probes.get)
+        torch.set_num_threads(threads)
+        out["thread_probe_step_s"] = probes
     rss_marks = (_peak_rss_bytes(), _rss_bytes(), _reset_peak_rss())
     times = []
     for _ in range(steps):
@@ -476,6 +541,8 @@ def main(argv=None) -> int:
     ap.add_argument("--attention", choices=("einsum", "xla", "cudnn"), default="einsum",
                     help="our step's attention kernel (cudnn: cuDNN flash attention, NVIDIA GPUs only)")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
+    ap.add_argument("--no-profile", action="store_true",
+                    help="skip the per-op-class profile of our step (CPU; bench/op_profile.py)")
     ap.add_argument("--separate", action="store_true",
                     help="one process per objective on CPU too (default on CPU: one process, interleaved timed steps)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per worker process")
@@ -545,7 +612,7 @@ def main(argv=None) -> int:
         print(f"== {m}: {cfg.num_params:,} params, B={b} T={t} ({tokens} tokens/step), {steps} timed steps",
               file=sys.stderr, flush=True)
         spec = {"model": m, "batch": b, "seq": t, "steps": steps, "warmup": args.warmup, "platform": plat,
-                "attention": args.attention}
+                "attention": args.attention, "profile": not args.no_profile}
         entry = {"model": m, "num_params": cfg.num_params, "batch": b, "seq": t, "tokens_per_step": tokens,
                  "flops_per_token": fpt, "hf_config": hf, "true_vocab_size": true_vocab, "results": {}}
         if any(o in GKD_LMBDA for o in objectives):
@@ -577,6 +644,11 @@ def main(argv=None) -> int:
             else:
                 print(f"   {label:<12} {res.get('error') or res.get('skipped')}", file=sys.stderr)
         r = entry["results"]
+        matmul = next((p["xla_matmul"] for p in entry.get("jax_processes", []) if "xla_matmul" in p), None)
+        for label, res in r.items():
+            if label.startswith("ours") and "tokens_per_s" in res:
+                res["achieved_flops_per_s"] = fpt * res["tokens_per_s"]
+                res["fraction_of_xla_matmul"] = res["achieved_flops_per_s"] / matmul["flops_per_s"] if matmul else None
         sft = r.get("ours SFT", {}).get("step_s")
         torch_tps = r.get("torch SFT", {}).get("tokens_per_s")
         entry["ratios"] = {
@@ -586,6 +658,7 @@ def main(argv=None) -> int:
             "dcd_kl_over_sft_step_time": (r["ours DCD-KL"]["step_s"] / sft)
             if sft and "step_s" in r.get("ours DCD-KL", {}) else None,
             **gkd_ratios(r, sft),
+            "ours_sft_flops_over_xla_matmul": r.get("ours SFT", {}).get("fraction_of_xla_matmul"),
         }
         runs.append(entry)
     total_s = time.perf_counter() - t_start
@@ -625,6 +698,26 @@ def main(argv=None) -> int:
                   f"| {_fmt(res.get('compile_s'), '.1f')} | {res['step_s']:.4f} | {res['tokens_per_s']:,.0f} "
                   f"| {mfu_s} | {mem} | {ratio} |")
     print()
+    profiled = [(e, label, res["profile"]) for e in runs for label, res in e["results"].items() if "profile" in res]
+    if profiled:
+        from op_profile import CLASSES
+
+        print("Time by op class of our step (jax.profiler trace of 2 calls, XLA thunk time per class as a share of "
+              "the summed thunk time; host = call wall time - executable time; bench/op_profile.py):\n")
+        print("| model | run | wall s | host s | " + " | ".join(CLASSES) + " | achieved GFLOP/s | / XLA matmul |")
+        print("|---|---|---:|---:|" + "---:|" * len(CLASSES) + "---:|---:|")
+        for e, label, prof in profiled:
+            res = e["results"][label]
+            shares = " | ".join(f"{prof['by_class_fraction'].get(c, 0.0):.0%}" for c in CLASSES)
+            print(f"| {e['model']} | {label} | {prof['wall_s']:.3f} | {prof['host_s']:.3f} | {shares} "
+                  f"| {res['achieved_flops_per_s'] / 1e9:.1f} | {_fmt(res.get('fraction_of_xla_matmul'), '.2f')} |")
+        for e in runs:
+            mm = next((p["xla_matmul"] for p in e.get("jax_processes", []) if "xla_matmul" in p), None)
+            if mm:
+                print(f"\n{e['model']}: XLA fp32 matmul {mm['shape'][0]}x{mm['shape'][1]} @ {mm['shape'][1]}x"
+                      f"{mm['shape'][2]} measured between the same timed steps: {mm['flops_per_s'] / 1e9:.1f} GFLOP/s "
+                      f"(median of {mm['calls']}).", end="")
+        print("\n")
     if not gpu:
         print("Memory on CPU: (XLA) = temp + arguments + outputs - aliased (the donated state) from "
               "compiled.memory_analysis(), the step's exact buffer footprint; (RSS+) = the torch worker's peak RSS "

@@ -146,3 +146,16 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
         return x
     spec = logical_to_spec(axes, mesh=mesh, shape=x.shape)
     return jax.lax.with_sharding_constraint(x, spec)
+
+
+def traced_for_cpu() -> bool:
+    """Whether the program being traced will run on CPU devices: those of the mesh set with
+    ``jax.set_mesh`` (an ahead-of-time plan for a TPU slice on a CPU host sets a TPU mesh), else
+    the default backend. CPU-only trade-offs (more memory for less compute) key on it."""
+    try:
+        mesh = jax.sharding.get_mesh()
+    except (ValueError, RuntimeError):
+        mesh = None
+    if mesh is not None and not mesh.empty:
+        return mesh.devices.flat[0].platform == "cpu"
+    return jax.default_backend() == "cpu"

@@ -58,9 +58,14 @@ def run(cfg, case=CASE, *, step=0):
 # --- chunked per-token statistics -------------------------------------------------------------
 
 
-def test_token_stats_chunked_matches_reference_and_numpy():
+@pytest.mark.parametrize("saved_logits_bytes", [1 << 30, 0], ids=["cpu-saved-logits", "recomputed-logits"])
+def test_token_stats_chunked_matches_reference_and_numpy(saved_logits_bytes, monkeypatch):
     """Chunked == unchunked (1e-5, value and gradient) with T=13 and V=37 not multiples of the chunk
-    (5); both match float64 NumPy; padding columns never appear; top-k matches NumPy's."""
+    (5); both match float64 NumPy; padding columns never appear; top-k matches NumPy's. Both
+    backward passes: logits kept from the forward pass (CPU default) and recomputed (accelerators)."""
+    from dcd_jax.objectives import logprobs
+
+    monkeypatch.setattr(logprobs, "CPU_SAVED_LOGITS_BYTES", saved_logits_bytes)
     rng = np.random.default_rng(1)
     b, t, d, v, vt, k = 2, 13, 8, 37, 33, 4
     h = rng.normal(size=(b, t, d)).astype(np.float32)

@@ -285,3 +285,17 @@ def test_bucketing_bounds_compilations(qwen2_sampler):
 def _spec(cfg):
     return sampler_mod._DecodeSpec(cfg.max_new_tokens, cfg.greedy, cfg.top_k, cfg.top_p < 1.0,
                                    tuple(cfg.eos_token_ids), (), 0)
+
+
+def test_greedy_tokens_is_numpy_argmax_with_ties_and_masked_columns():
+    """The two-reduction argmax picks the first maximal index, like np.argmax, on ties, -inf
+    (masked vocabulary) columns and rows whose maximum sits in the last column."""
+    rng = np.random.default_rng(3)
+    logits = rng.integers(-3, 3, size=(64, 37)).astype(np.float32)  # small integers: many ties
+    logits[:, 30:] = -np.inf
+    logits[5] = -np.inf
+    logits[5, 36] = 1.0  # the only finite entry is the last column
+    logits[6] = 0.0  # all equal: the first index
+    got = np.asarray(sampler_mod.greedy_tokens(jax.numpy.asarray(logits)))
+    np.testing.assert_array_equal(got, np.argmax(logits, axis=-1))
+    assert got[5] == 36 and got[6] == 0

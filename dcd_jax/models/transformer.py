@@ -97,6 +97,89 @@ def _einsum_attention(q: jax.Array, keys: jax.Array, values: jax.Array, mask: ja
     return jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(b, t, h, hd)
 
 
+# Query rows per block of :func:`blockwise_causal_attention`: a block's [B, KV, c, G, S] scores stay
+# a few MiB (cache-friendly on CPU) and blocks above the causal diagonal are never computed. The
+# blocks are unrolled, so long sequences use longer blocks (at most MAX_ATTENTION_BLOCKS of them).
+ATTENTION_BLOCK = 64
+MAX_ATTENTION_BLOCKS = 16
+
+
+def blockwise_causal_attention(
+    q: jax.Array, keys: jax.Array, values: jax.Array, segment_ids: jax.Array, block: int = ATTENTION_BLOCK
+) -> jax.Array:
+    """Causal self-attention over packed rows, one block of ``block`` query rows at a time (at
+    most :data:`MAX_ATTENTION_BLOCKS` blocks: longer blocks for long ``T``).
+
+        out_t = sum_{s <= t, seg_s = seg_t} softmax_s(q_t . k_s / sqrt(hd)) v_s
+
+    for q [B, T, H, hd], keys/values [B, T, KV, hd] (slots 0..T-1: the training / scoring pass).
+    Query block [i c, (i+1) c) only sees keys [0, (i+1) c), so the upper triangle is skipped
+    (about half the work of :func:`_einsum_attention` at long T). A ``custom_vjp`` keeps only q,
+    k, v and the output for the backward pass, which recomputes each block's probabilities P and
+    forms, with D_t = sum_d dO_td O_td,
+        dV = P^T dO,  dS = P * (dO V^T - D),  dQ = dS K / sqrt(hd),  dK = dS^T Q / sqrt(hd),
+    so no [B, H, T, T] tensor is stored per layer (the layer scan's residuals stay O(T)).
+    Same values as :func:`_einsum_attention` with :func:`attention_mask` up to float summation order.
+    """
+    b, t, h, hd = q.shape
+    kvh = keys.shape[2]
+    g = h // kvh
+    dtype = q.dtype
+    scale = 1.0 / math.sqrt(hd)
+    block = max(block, -(-t // MAX_ATTENTION_BLOCKS))
+    bounds = [(start, min(start + block, t)) for start in range(0, t, block)]
+
+    # Scores are laid out [B, KV, c, G, S]: the dot's natural output order for q [B, T, KV, G, hd]
+    # (a [B, KV, G, c, S] layout costs a transpose copy of every block).
+    def block_probs(q5, k, seg, start, stop):  # fp32 [B, KV, c, G, S]; q5 pre-scaled
+        scores = jnp.einsum("btkgd,bskd->bktgs", q5[:, start:stop], k[:, :stop], preferred_element_type=jnp.float32)
+        same = seg[:, start:stop, None] == seg[:, None, :stop]
+        causal = jnp.arange(stop)[None, :] <= jnp.arange(start, stop)[:, None]
+        # An additive [B, 1, c, 1, S] bias, not a select against a scalar: XLA:CPU would
+        # materialize the broadcast -inf operand at the full [B, KV, c, G, S] size.
+        bias = jnp.where(same & causal, 0.0, _NEG_INF)[:, None, :, None, :]
+        return jax.nn.softmax(scores + bias, axis=-1)
+
+    def forward(q, k, v, seg):
+        q5 = q.reshape(b, t, kvh, g, hd) * jnp.asarray(scale, dtype)
+        outs = [jnp.einsum("bktgs,bskd->btkgd", block_probs(q5, k, seg, start, stop).astype(dtype), v[:, :stop])
+                for start, stop in bounds]
+        return jnp.concatenate(outs, axis=1).reshape(b, t, h, hd)
+
+    # segment ids are an argument, not a closure: custom_vjp functions may not close over tracers.
+    @jax.custom_vjp
+    def attend(q, k, v, seg):
+        return forward(q, k, v, seg)
+
+    def attend_fwd(q, k, v, seg):
+        out = forward(q, k, v, seg)
+        return out, (q, k, v, seg, out)
+
+    def attend_bwd(res, d_out):
+        q, k, v, seg, out = res
+        q5 = q.reshape(b, t, kvh, g, hd) * jnp.asarray(scale, dtype)
+        d_out = d_out.reshape(b, t, kvh, g, hd)
+        delta = jnp.einsum("btkgd,btkgd->bktg", d_out, out.reshape(b, t, kvh, g, hd),
+                           preferred_element_type=jnp.float32)
+        dq, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
+        for start, stop in bounds:
+            p = block_probs(q5, k, seg, start, stop)
+            do = d_out[:, start:stop]
+            # Matmul operands in the compute dtype (bf16 matmuls on accelerators), fp32 accumulation.
+            dv = dv.at[:, :stop].add(jnp.einsum("bktgs,btkgd->bskd", p.astype(dtype), do,
+                                                preferred_element_type=jnp.float32))
+            dp = jnp.einsum("btkgd,bskd->bktgs", do, v[:, :stop], preferred_element_type=jnp.float32)
+            ds = (p * (dp - delta[:, :, start:stop, :, None])).astype(dtype)
+            dq.append(jnp.einsum("bktgs,bskd->btkgd", ds, k[:, :stop], preferred_element_type=jnp.float32))
+            dk = dk.at[:, :stop].add(jnp.einsum("bktgs,btkgd->bskd", ds, q5[:, start:stop],
+                                                preferred_element_type=jnp.float32))
+        dq = jnp.concatenate(dq, axis=1).reshape(q.shape) * scale
+        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+    attend.defvjp(attend_fwd, attend_bwd)
+    return attend(q, keys, values, jnp.asarray(segment_ids, jnp.int32))
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, h, kv, hd, pd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.param_dtype
@@ -151,10 +234,12 @@ class Attention(nnx.Module):
 
         if kv_cache is None and cfg.attention == "splash":
             out = splash_attention(q, keys, values, q_segment)  # causal + segments, no [T, T] mask
-        elif kv_cache is None and cfg.attention != "einsum":
-            mask = attention_mask(q_segment, q_slot, kv_segment, kv_slot)
+        elif kv_cache is None and cfg.attention == "einsum":  # slots are 0..T-1: causal by index
+            out = blockwise_causal_attention(q, keys, values, q_segment)
+        elif kv_cache is None:
             # Slots are 0..T-1 here, so is_causal is exact and lets cuDNN skip the upper triangle;
             # the mask adds the packed-segment (and padding) restriction.
+            mask = attention_mask(q_segment, q_slot, kv_segment, kv_slot)
             out = jax.nn.dot_product_attention(q, keys, values, mask=mask[:, 0], is_causal=True,
                                                implementation=cfg.attention)
         else:
@@ -250,6 +335,23 @@ class Transformer(nnx.Module):
         x, new_cache = jax.lax.scan(body, x, (layer_state, cache))
         return self.final_norm(x), new_cache
 
+    def unstacked_layers(self) -> list:
+        """Each layer's parameters as its own arrays (a copy): see :meth:`forward_with_cache`."""
+        _, layer_state = nnx.split(self.layers)
+        return [jax.tree.map(lambda a, i=i: a[i], layer_state) for i in range(self.cfg.num_layers)]
+
+    def _run_layers_unrolled(self, x, positions, segment_ids, slots, cache, cache_index, layers=None):
+        """The layers as a Python loop over static layer indices (cached passes), each layer's
+        cache updated in place in the stacked cache."""
+        layer_def, layer_state = nnx.split(self.layers)
+        k_all, v_all, seg_all = cache
+        for i in range(self.cfg.num_layers):
+            state = layers[i] if layers is not None else jax.tree.map(lambda a: a[i], layer_state)
+            layer = nnx.merge(layer_def, state)
+            x, (k, v, seg) = layer(x, positions, segment_ids, slots, (k_all[i], v_all[i], seg_all[i]), cache_index)
+            k_all, v_all, seg_all = k_all.at[i].set(k), v_all.at[i].set(v), seg_all.at[i].set(seg)
+        return self.final_norm(x), (k_all, v_all, seg_all)
+
     def _embed(self, input_ids, positions, segment_ids):
         input_ids = jnp.asarray(input_ids, jnp.int32)
         b, t = input_ids.shape
@@ -282,18 +384,25 @@ class Transformer(nnx.Module):
             "segment_ids": jnp.zeros((cfg.num_layers, batch, max_len), jnp.int32),
         }
 
-    def forward_with_cache(self, input_ids, positions, segment_ids, cache, cache_index, *, last_only: bool = False):
+    def forward_with_cache(self, input_ids, positions, segment_ids, cache, cache_index, *, last_only: bool = False,
+                           layers: list | None = None):
         """Run ``input_ids`` [B, T] occupying cache slots [cache_index, cache_index + T).
 
         Returns fp32 logits [B, T, V] (``[B, 1, V]`` of the last position with ``last_only``: a
         long prefill then never materializes [B, T, V]) and the updated cache. Rows may be
         left-padded (segment id 0 on pads): pads are never attended to by real tokens.
+
+        ``layers``: :meth:`unstacked_layers`, computed once outside a decode loop. XLA:CPU copies a
+        slice of the stacked ``[L, ...]`` weights before every matmul that reads it, inside the loop
+        on every step (twice a batch-1 step's memory traffic); separate per-layer arrays are read
+        in place.
         """
         x, positions, segment_ids = self._embed(input_ids, positions, segment_ids)
         t = x.shape[1]
         slots = jnp.broadcast_to(cache_index + jnp.arange(t, dtype=jnp.int32), segment_ids.shape)
         layer_cache = (cache["k"], cache["v"], cache["segment_ids"])
-        hidden, (k, v, seg) = self._run_layers(x, positions, segment_ids, slots, layer_cache, cache_index)
+        hidden, (k, v, seg) = self._run_layers_unrolled(x, positions, segment_ids, slots, layer_cache, cache_index,
+                                                        layers)
         if last_only:
             hidden = hidden[:, -1:]
         return self.logits_from_hidden(hidden), {"k": k, "v": v, "segment_ids": seg}

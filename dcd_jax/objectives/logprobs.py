@@ -28,6 +28,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from dcd_jax.sharding import traced_for_cpu
+
+# On CPU the chunked loss keeps each chunk's fp32 logits for the backward pass, instead of
+# recomputing them (one of its four [B*T, D] x [D, V] matmuls), while all of them fit in this budget.
+CPU_SAVED_LOGITS_BYTES = 1 << 30
+
 # Finite "minus infinity" for masked vocabulary entries: exp() underflows to exactly 0 while
 # logsumexp / its gradient stay NaN-free even when every entry of a row is masked.
 NEG_INF = -1e30
@@ -212,7 +218,9 @@ def token_logprobs_chunked(
     per-token outputs; the backward pass scans again, recomputes each chunk's logits, forms
     ``d loss / d logits`` in closed form (:func:`_chunk_cotangent`) and accumulates
     ``d hidden`` (per chunk) and ``d unembed`` (fp32 carry). Peak memory is a few
-    ``[B, chunk, V]`` blocks instead of ``[B, T, V]``. (Autodiff through a checkpointed scan
+    ``[B, chunk, V]`` blocks instead of ``[B, T, V]``. On CPU, where memory is plentiful and the
+    matmul is the cost, the forward pass keeps the chunks' logits for the backward pass instead
+    (while they fit :data:`CPU_SAVED_LOGITS_BYTES`). (Autodiff through a checkpointed scan
     would let JAX hoist loop-invariant ``[B, chunk, V]`` masks out of the loop as residuals.)
     """
     true_vocab_size = _check_args(hidden, unembed, targets, gather_ids, true_vocab_size, top_k)
@@ -241,37 +249,43 @@ def token_logprobs_chunked(
         x = jnp.moveaxis(x, 0, 1)
         return x.reshape(b, n * chunk, *x.shape[3:])[:, :t]
 
-    def forward(h, w, tgt, ids):
+    # Memory is what the recomputation buys; a CPU host has it, an accelerator's HBM may not.
+    keep_logits = traced_for_cpu() and b * n * chunk * unembed.shape[1] * 4 <= CPU_SAVED_LOGITS_BYTES
+
+    def forward(h, w, tgt, ids, keep=False):
         def body(carry, xs):
             hc, tc, ic = xs
-            return carry, stats(_logits(hc, w), tc, ic)
+            z = _logits(hc, w)
+            return carry, (stats(z, tc, ic), z if keep else None)
 
         xs = (to_chunks(h), to_chunks(tgt), None if ids is None else to_chunks(ids))
-        _, out = jax.lax.scan(body, None, xs)
-        return {k: from_chunks(v) for k, v in out.items()}
+        _, (out, logits) = jax.lax.scan(body, None, xs)
+        return {k: from_chunks(v) for k, v in out.items()}, logits
 
     @jax.custom_vjp
     def run(h, w, tgt, ids):
-        return forward(h, w, tgt, ids)
+        return forward(h, w, tgt, ids)[0]
 
     def run_fwd(h, w, tgt, ids):
-        return forward(h, w, tgt, ids), (h, w, tgt, ids)
+        out, logits = forward(h, w, tgt, ids, keep=keep_logits)
+        return out, (h, w, tgt, ids, logits)
 
     def run_bwd(res, ct):
-        h, w, tgt, ids = res
+        h, w, tgt, ids, saved_logits = res
         grad_keys = ["target_logprobs"] + (["gathered_logprobs", "rest_logprob"] if ids is not None else [])
         cts = {k: to_chunks(jnp.asarray(ct[k], jnp.float32)) for k in grad_keys}
         wc = w.astype(h.dtype)
 
         def body(dw, xs):
-            hc, tc, ic, ctc = xs
-            dz = _chunk_cotangent(_logits(hc, w), tc, ic, ctc, true_vocab_size=true_vocab_size)
+            hc, tc, ic, ctc, zc = xs
+            zc = _logits(hc, w) if zc is None else zc
+            dz = _chunk_cotangent(zc, tc, ic, ctc, true_vocab_size=true_vocab_size)
             dz = dz.astype(h.dtype)
             dh = jnp.einsum("bcv,dv->bcd", dz, wc, preferred_element_type=jnp.float32)
             dw = dw + jnp.einsum("bcd,bcv->dv", hc, dz, preferred_element_type=jnp.float32)
             return dw, dh.astype(h.dtype)
 
-        xs = (to_chunks(h), to_chunks(tgt), None if ids is None else to_chunks(ids), cts)
+        xs = (to_chunks(h), to_chunks(tgt), None if ids is None else to_chunks(ids), cts, saved_logits)
         dw, dh = jax.lax.scan(body, jnp.zeros(w.shape, jnp.float32), xs)
         return from_chunks(dh), dw.astype(w.dtype), None, None
 

@@ -1,0 +1,46 @@
+"""bench/op_profile.py: XLA:CPU thunk times joined with the HLO's source stacks, by op class."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+
+def test_profile_classifies_ops_by_the_code_that_built_them():
+    import jax
+    import jax.numpy as jnp
+    import op_profile
+
+    from dcd_jax.models.transformer import _einsum_attention, attention_mask
+    from dcd_jax.objectives import token_logprobs_chunked
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("the profile reads XLA:CPU's per-thunk trace events")
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 16, 32)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(32, 32)), jnp.float32)
+    unembed = jnp.asarray(rng.normal(size=(32, 64)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 64, (2, 16)), jnp.int32)
+    seg = jnp.ones((2, 16), jnp.int32)
+    slots = jnp.broadcast_to(jnp.arange(16), (2, 16))
+
+    def program(x, w, unembed):
+        h = jnp.tanh(x @ w)  # a dense matmul, then elementwise "other"
+        q = h.reshape(2, 16, 4, 8)
+        a = _einsum_attention(q, q[:, :, :2], q[:, :, :2], attention_mask(seg, slots, seg, slots), q.dtype)
+        stats = token_logprobs_chunked(a.reshape(2, 16, 32), unembed, targets, chunk_size=8)
+        return jnp.sum(stats.target_logprobs)
+
+    args = (x, w, unembed)
+    compiled = jax.jit(program).lower(*args).compile()
+    classes = op_profile.classify_instructions(compiled.as_text())
+    assert {"matmul", "attention", "loss"} <= set(classes.values())
+    prof = op_profile.profile_compiled(compiled, args, calls=2, donate=False)
+    by_class = prof["by_class_s"]
+    assert by_class["matmul"] > 0 and by_class["attention"] > 0 and by_class["loss"] > 0
+    assert by_class["optimizer"] == 0 and by_class["sampling"] == 0
+    assert sum(prof["by_class_fraction"].values()) == pytest.approx(1.0)
+    assert 0 <= prof["host_s"] <= prof["wall_s"]
