@@ -29,7 +29,6 @@ Prints a table; writes bench/results/data_scale_cpu.json (README table: bench/up
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform

@@ -10,7 +10,7 @@ from hf_fixtures import VOCAB, hf_logits, make_hf_model, read_config, save_hf_mo
 
 import dcd_jax
 from dcd_jax.cli import main as cli_main
-from dcd_jax.convert import CheckpointError, load_model_dir, save_hf
+from dcd_jax.convert import CheckpointError, save_hf
 from dcd_jax.convert.safetensors_io import SafetensorsFile
 from dcd_jax.models import UnsupportedModelError
 

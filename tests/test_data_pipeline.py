@@ -101,6 +101,13 @@ def test_every_token_once_positions_restart_mask_is_response(tok, data_path, pac
 def test_resume_gives_the_same_next_batch(tok, data_path, packing, strategy, where):
     # Two epochs: stops inside the first, around the epoch boundary, and in the second.
     cfg = base_cfg(data_path, packing=packing, pack_strategy=strategy, num_epochs=2)
+    _, fresh = assert_resume_is_exact(cfg, tok, where)
+    assert fresh.stats.batches == len(list(build_train_iterator(cfg, tok)))
+
+
+def assert_resume_is_exact(cfg, tok, where: float):
+    """Stop an iterator ``where`` of the way through, restore its (JSON round-tripped) state into a
+    fresh one: the rest is bitwise the reference's. Returns the reference batches and the fresh iterator."""
     reference = list(build_train_iterator(cfg, tok))
     stop = int(where * len(reference))
     assert 0 < stop < len(reference) - 1
@@ -116,7 +123,7 @@ def test_resume_gives_the_same_next_batch(tok, data_path, packing, strategy, whe
         assert a.keys() == b.keys()
         for k in a:
             assert a[k].tobytes() == b[k].tobytes(), k
-    assert fresh.stats.batches == len(reference)
+    return reference, fresh
 
 
 def test_resume_refuses_a_state_for_other_data(tok, data_path):

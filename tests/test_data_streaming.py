@@ -112,18 +112,9 @@ def test_kill_and_resume_mid_epoch_is_bitwise_equal(tok, corpus, where, tmp_path
     root, jsonl, _ = corpus
     cfg = stream_cfg(jsonl, num_epochs=2, teacher_scores=str(tmp_path / "s.parquet"), topk=K)
     write_block_scores(cfg, tok, fake_scores(cfg, tok), tmp_path / "s.parquet")
-    reference = list(build_train_iterator(cfg, tok))
-    stop = int(where * len(reference))
-    interrupted = build_train_iterator(cfg, tok)
-    for _ in range(stop):
-        next(interrupted)
-    state = json.loads(json.dumps(interrupted.get_state()))  # as stored in a checkpoint
-    fresh = build_train_iterator(cfg, tok)
-    fresh.set_state(state)
-    resumed = list(fresh)
-    assert len(resumed) == len(reference) - stop
-    for a, b in zip(resumed, reference[stop:]):
-        assert a.keys() == b.keys() and all(a[k].tobytes() == b[k].tobytes() for k in a)
+    from test_data_pipeline import assert_resume_is_exact
+
+    reference, _ = assert_resume_is_exact(cfg, tok, where)
     # Two epochs hold every example exactly twice.
     one = collections.Counter(segment_tokens(build_train_iterator(dataclasses.replace(cfg, num_epochs=1), tok)))
     assert collections.Counter(segment_tokens(reference)) == one + one and sum(one.values()) == N

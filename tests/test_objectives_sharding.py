@@ -3,7 +3,6 @@
 
 import jax
 import numpy as np
-import pytest
 
 import test_objectives_reference as ref
 from dcd_jax.objectives import ObjectiveConfig, compute_objective, token_logprobs_chunked

@@ -1,6 +1,5 @@
 """The training engine: exactness across meshes / accumulation / processes, resume, preemption."""
 
-import json
 import os
 import signal
 import subprocess

@@ -204,7 +204,7 @@ def merge_parts(parts: Path, plan: BlockPlan, provenance: ScoresProvenance, out:
     Reads one part at a time; returns the row count."""
     import pyarrow.parquet as pq
 
-    block_rows, tables = [], []
+    block_rows = []
     for block in plan.blocks:
         part = parts / f"part-b{block.index:07d}.parquet"
         if not part.is_file():
@@ -231,9 +231,6 @@ def merge_parts(parts: Path, plan: BlockPlan, provenance: ScoresProvenance, out:
 
 def score_teacher(data_cfg: DataConfig, cfg: ScoreConfig, *, mesh=None, progress: bool = True) -> Path:
     """Score ``data_cfg``'s traces with ``cfg.teacher``; returns the Parquet file written."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     from dcd_jax.convert.model_dir import load_pretrained
     from dcd_jax.models import abstract_model
 

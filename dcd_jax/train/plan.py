@@ -35,7 +35,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp

@@ -9,7 +9,7 @@ multi-host data parallelism exact: the jitted reductions are global.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
