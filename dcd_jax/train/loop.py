@@ -203,8 +203,8 @@ def _train(cfg: RunConfig, hooks: TrainHooks, mesh: Mesh, bad_steps: dict[int, s
     true_vocab = student.cfg.tokenizer_vocab_size
     teacher = None
     if cfg.objective.loss == "gkd":  # online GKD: the live teacher, frozen, on the student's mesh
-        teacher = online.load_teacher(cfg.objective, student, mesh, attention=cfg.model.attention,
-                                      trust_remote_code=cfg.model.trust_remote_code)
+        teacher, true_vocab = online.load_teacher(cfg.objective, student, mesh, attention=cfg.model.attention,
+                                                  trust_remote_code=cfg.model.trust_remote_code)
     data_iter = build_train_iterator(
         cfg.data, tokenizer, process_index=jax.process_index(), process_count=jax.process_count()
     )

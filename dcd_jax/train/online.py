@@ -178,8 +178,11 @@ def make_gkd_train_step(
     return step_fn
 
 
-def load_teacher(objective: ObjectiveConfig, student: Pretrained, mesh, *, attention: str, trust_remote_code: bool) -> Pretrained:
-    """The frozen teacher on ``mesh``; refuses a teacher whose tokenizer differs from the student's."""
+def load_teacher(objective: ObjectiveConfig, student: Pretrained, mesh, *, attention: str,
+                 trust_remote_code: bool) -> tuple[Pretrained, int]:
+    """The frozen teacher on ``mesh`` and the vocabulary both models share (the loss's columns);
+    refuses a teacher whose tokenizer differs from the student's. A checkpoint that does not record
+    its tokenizer's size (``true_vocab_size``) counts the tokenizer's length, not its padded rows."""
     from dcd_jax.data.teacher_scores import tokenizer_fingerprint
 
     gkd = objective.gkd
@@ -187,17 +190,18 @@ def load_teacher(objective: ObjectiveConfig, student: Pretrained, mesh, *, atten
         gkd.teacher_path, mesh=mesh, dtype=gkd.teacher_dtype, param_dtype=gkd.teacher_dtype,
         attention=attention, trust_remote_code=trust_remote_code,
     )
+    student_tok, teacher_tok = student.tokenizer(trust_remote_code), teacher.tokenizer(trust_remote_code)
     try:
-        check_vocab_alignment(
+        shared = check_vocab_alignment(
             student_vocab_size=student.cfg.vocab_size, teacher_vocab_size=teacher.cfg.vocab_size,
-            student_true_vocab_size=student.cfg.tokenizer_vocab_size,
-            teacher_true_vocab_size=teacher.cfg.tokenizer_vocab_size,
-            student_tokenizer_hash=tokenizer_fingerprint(student.tokenizer(trust_remote_code)),
-            teacher_tokenizer_hash=tokenizer_fingerprint(teacher.tokenizer(trust_remote_code)),
+            student_true_vocab_size=student.cfg.true_vocab_size or len(student_tok),
+            teacher_true_vocab_size=teacher.cfg.true_vocab_size or len(teacher_tok),
+            student_tokenizer_hash=tokenizer_fingerprint(student_tok),
+            teacher_tokenizer_hash=tokenizer_fingerprint(teacher_tok),
         )
     except ConfigError as e:
         raise ConfigError(f"objective.gkd.teacher_path={gkd.teacher_path}: {e}") from None
-    return teacher
+    return teacher, shared
 
 
 def jit_gkd_step(
