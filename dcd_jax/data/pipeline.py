@@ -129,8 +129,15 @@ class _Validator:
                  policy: BadRecordPolicy | None = None):
         self.cfg, self.tokenizer, self.stats, self.apply_length = cfg, tokenizer, stats, apply_length
         self.policy = policy or BadRecordPolicy(cfg.on_bad_record)
-        self.student_fp = tokenizer_fingerprint(tokenizer) if cfg.teacher_scores is not None else ""
+        self._student_fp: str | None = None
         self.seen_ids: dict[str, Location] = {}
+
+    @property
+    def student_fp(self) -> str:
+        """The student tokenizer's fingerprint, computed once (it serializes the whole vocabulary)."""
+        if self._student_fp is None:
+            self._student_fp = tokenizer_fingerprint(self.tokenizer)
+        return self._student_fp
 
     def _finish(self, record: Any, result: Any, scores: Any, checked: Any = None) -> TokenizedExample | None:
         cfg = self.cfg
@@ -162,7 +169,8 @@ class _Validator:
     def examples(self, records: list, scores: Any) -> list[TokenizedExample]:
         """The kept examples of ``records`` (already parsed), in order; bad ones go through the policy."""
         out = []
-        results = tokenize_records(records, self.tokenizer, self.cfg)
+        tokenized = any(record.tokens is not None for record in records)
+        results = tokenize_records(records, self.tokenizer, self.cfg, fingerprint=self.student_fp if tokenized else None)
         checked = self._check_run(records, results, scores) or [None] * len(records)
         for record, result, teacher in zip(records, results, checked):
             try:

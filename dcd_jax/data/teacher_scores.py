@@ -32,6 +32,7 @@ import numpy as np
 from dcd_jax.data.config import DataConfig
 from dcd_jax.data.errors import DataError, Location
 from dcd_jax.data.records import Record
+from dcd_jax.data.shards import CountingFile, ragged_column
 
 COLUMNS = ("id", "content_hash", "teacher_logprobs", "teacher_topk_ids", "teacher_topk_logprobs",
            "tokenizer_fingerprint")
@@ -250,17 +251,6 @@ class InlineScores:
         )
 
 
-def _ragged(column: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A list<...> Arrow column as (flat values, row offsets [n+1], row is-null)."""
-    import pyarrow.compute as pc
-
-    arr = column.combine_chunks() if hasattr(column, "combine_chunks") else column
-    lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy(zero_copy_only=False).astype(np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    null = ~arr.is_valid().to_numpy(zero_copy_only=False)
-    return pc.list_flatten(arr), offsets, null
-
-
 def _open_scores_file(path: str | Path, cfg: DataConfig) -> tuple[Any, "ScoresProvenance", list[str]]:
     """``(pyarrow schema, provenance, columns to read)`` of a scores file; refuses what cannot be checked."""
     import pyarrow.parquet as pq
@@ -320,13 +310,13 @@ class ScoreRows:
                                 f"{first_row + row})", location=Location(path), field="id", reason="unreadable")
             self._row[record_id] = row
         self._fingerprints = table.column("tokenizer_fingerprint").to_pylist()
-        flat, self._lp_offsets, self._lp_null = _ragged(table.column("teacher_logprobs"))
+        flat, self._lp_offsets, self._lp_null = ragged_column(table.column("teacher_logprobs"))
         self._lp = flat.to_numpy(zero_copy_only=False).astype(np.float32)
         if cfg.topk:
             self._topk = {}
             for name in ("teacher_topk_ids", "teacher_topk_logprobs"):
-                inner, offsets, null = _ragged(table.column(name))  # rows -> positions
-                values, inner_offsets, _ = _ragged(inner)  # positions -> K entries
+                inner, offsets, null = ragged_column(table.column(name))  # rows -> positions
+                values, inner_offsets, _ = ragged_column(inner)  # positions -> K entries
                 self._topk[name] = (values.to_numpy(zero_copy_only=False), offsets, null, inner_offsets)
 
     def __len__(self) -> int:
@@ -471,14 +461,12 @@ class BlockScores:
         """The rows of block ``index`` and the bytes read to get them."""
         import pyarrow.parquet as pq
 
-        from dcd_jax.data.shards import CountingFile
-
         lo, hi = int(self.row_offsets[index]), int(self.row_offsets[index + 1])
         groups = [g for g in range(len(self._groups) - 1) if self._groups[g] < hi and self._groups[g + 1] > lo]
         with CountingFile(self.path) as f:
             pf = pq.ParquetFile(f, metadata=self._footer)
             if groups:
-                table = pf.read_row_groups(groups, columns=self._columns)
+                table = pf.read_row_groups(groups, columns=self._columns, use_threads=False)  # parallel reads: data.read_workers
                 table = table.slice(lo - int(self._groups[groups[0]]), hi - lo)
             else:
                 table = pf.schema_arrow.empty_table().select(self._columns)
