@@ -230,7 +230,8 @@ def read_block(
                 if first < block.file_row + block.num_records and first + n > block.file_row:
                     groups.append((g, first))
                 first += n
-            table = pf.read_row_groups([g for g, _ in groups], use_threads=False)  # parallel reads: data.read_workers
+            # One thread: parallel reads are data.read_workers (processes).
+            table = pf.read_row_groups([g for g, _ in groups], use_threads=False)
             skip = block.file_row - groups[0][1]
             table = table.slice(skip, block.num_records)
             # Token ids stay NumPy views of the column (a tokenized record has thousands of them).

@@ -360,8 +360,7 @@ class ScoreRows:
         logprobs = self._lp[lp_off[0] : lp_off[-1]]
         if not _valid_logprobs(logprobs):
             return None
-        starts = lp_off[:-1] - lp_off[0]
-        bounds = np.append(starts, starts[-1] + counts[-1])
+        bounds = lp_off - lp_off[0]  # of each record's rows within the run
         if not self.cfg.topk:
             return [TeacherScores(logprobs[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
         matrices = []
@@ -466,7 +465,8 @@ class BlockScores:
         with CountingFile(self.path) as f:
             pf = pq.ParquetFile(f, metadata=self._footer)
             if groups:
-                table = pf.read_row_groups(groups, columns=self._columns, use_threads=False)  # parallel reads: data.read_workers
+                # One thread: parallel reads are data.read_workers (processes).
+                table = pf.read_row_groups(groups, columns=self._columns, use_threads=False)
                 table = table.slice(lo - int(self._groups[groups[0]]), hi - lo)
             else:
                 table = pf.schema_arrow.empty_table().select(self._columns)
