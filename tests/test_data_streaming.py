@@ -226,3 +226,56 @@ def test_streamed_training_resumes_bitwise_through_the_checkpoint(tmp_path):
     result, resumed = run(tmp_path / "resumed", 4)
     assert result.step == 4 and len(straight) == 4
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]  # bitwise, every step
+
+
+def tokenized_copy(tok, path, out):
+    """The records of ``path`` as tokenized records (the student's ids and mask), JSONL or Parquet by suffix."""
+    rows = [{"id": ex.id, "input_ids": ex.input_ids.tolist(), "response_mask": ex.response_mask.astype(int).tolist(),
+             "tokenizer_fingerprint": tokenizer_fingerprint(tok), "answer": ex.answer}
+            for ex in iter_examples(stream_cfg(path, streaming=False), tok, apply_length=False)]
+    if out.suffix == ".jsonl":
+        return write_jsonl(rows, out)
+    pq.write_table(pa.Table.from_pylist(rows), out, row_group_size=BLOCK)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet"])
+def test_tokenized_records_give_exactly_the_batches_of_their_text(tok, corpus, kind, tmp_path):
+    """Token ids carried by the records (no tokenization while streaming) join the same block scores and
+    yield bitwise the batches of the text records, streamed and eager."""
+    root, jsonl, parquet = corpus
+    text = jsonl if kind == "jsonl" else parquet
+    tokenized = tokenized_copy(tok, text, tmp_path / f"tokens.{kind}")
+    cfg = stream_cfg(text, num_epochs=1, teacher_scores=str(tmp_path / "s.parquet"), topk=K, seq_len=96,
+                     truncation="truncate_response")
+    write_block_scores(cfg, tok, fake_scores(cfg, tok), tmp_path / "s.parquet")
+    for streaming in (True, False):
+        want = list(build_train_iterator(dataclasses.replace(cfg, streaming=streaming), tok))
+        it = build_train_iterator(dataclasses.replace(cfg, path=str(tokenized), streaming=streaming), tok)
+        got = list(it)
+        assert len(got) == len(want) > 1 and it.stats.truncated > 0
+        for a, b in zip(got, want):
+            assert a.keys() == b.keys() and all(a[k].tobytes() == b[k].tobytes() for k in a)
+
+
+def test_bad_tokenized_records_are_named_by_line_and_field(tok, corpus, tmp_path):
+    root, jsonl, _ = corpus
+    good = [json.loads(line) for line in open(tokenized_copy(tok, jsonl, tmp_path / "t.jsonl"))]
+    cases = {
+        "response_mask": (dict(response_mask=[1, 0]), r"has 2 entries for the \d+ tokens of 'input_ids'"),
+        "input_ids": (dict(input_ids=[len(tok)] * len(good[4]["input_ids"])), "holds ids outside the student vocabulary"),
+        "tokenizer_fingerprint": (dict(tokenizer_fingerprint=None), "missing: a tokenized record must name the tokenizer"),
+    }
+    for field, (change, message) in cases.items():
+        records = [dict(r) for r in good]
+        records[4].update(change)
+        path = write_jsonl(records, tmp_path / f"bad_{field}.jsonl")
+        with pytest.raises(DataError, match=rf"^{path}:5: field '{field}': {message}"):
+            list(build_train_iterator(stream_cfg(path), tok))
+        skipped = build_train_iterator(stream_cfg(path, on_bad_record="skip"), tok)
+        assert sum(1 for _ in segment_tokens(skipped)) == N - 1 and sum(skipped.stats.skipped.values()) == 1
+    records = [dict(r) for r in good]
+    records[6]["tokenizer_fingerprint"] = "tok1-another-tokenizer"
+    path = write_jsonl(records, tmp_path / "other.jsonl")
+    with pytest.raises(DataError, match=rf"^{path}:7: field 'tokenizer_fingerprint': the token ids come from another"):
+        list(build_train_iterator(stream_cfg(path, on_bad_record="skip"), tok))  # never skipped

@@ -226,3 +226,40 @@ def test_content_hash_sees_every_token_and_the_mask():
     h = content_hash(ids, mask)
     assert h == content_hash(ids.astype(np.int64), mask.astype(np.int8))  # same values, any dtype
     assert len({h, content_hash(ids[::-1], mask), content_hash(ids, ~mask), content_hash(ids[:-1], mask[:-1])}) == 4
+
+
+def test_checking_a_run_of_rows_at_once_equals_checking_each_record(tok, data):
+    """The block fast path (one vectorized check and one sort per block) gives exactly the per-record
+    result, ties in the top-k included, and declines (so that the record is named) on any bad row."""
+    from dcd_jax.data import load_records, tokenize_records
+    from dcd_jax.data.teacher_scores import ParquetScores, check_scores
+
+    cfg, scores, root = data
+    rows = [dict(r, teacher_topk_logprobs=np.floor(r["teacher_topk_logprobs"] / 2)) for r in scores.values()]  # ties
+    path = root / "ties.parquet"
+    write_teacher_scores(path, rows, provenance(tok))
+    scored = dataclasses.replace(cfg, teacher_scores=str(path), topk=K)
+    table = ParquetScores(path, scored)
+    records = list(load_records(scored))[5:25]
+    examples = tokenize_records(records, tok, scored)
+    counts = np.array([ex.num_response_tokens for ex in examples])
+    hashes = [content_hash(ex.input_ids, ex.response_mask) for ex in examples]
+    fast = table.check_run(records, counts, hashes, student_fingerprint=tokenizer_fingerprint(tok), vocab_size=len(tok))
+    assert fast is not None and len(fast) == len(records)
+    for record, ex, got in zip(records, examples, fast):
+        want = check_scores(table.get(record), record, num_response_tokens=ex.num_response_tokens,
+                            student_fingerprint=tokenizer_fingerprint(tok), cfg=scored, vocab_size=len(tok),
+                            example_hash=content_hash(ex.input_ids, ex.response_mask))
+        for name in ("logprobs", "topk_ids", "topk_logprobs"):
+            assert getattr(got, name).dtype == getattr(want, name).dtype
+            np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
+    fp = tokenizer_fingerprint(tok)
+    declined = [
+        table.check_run(records[::-1], counts[::-1], hashes[::-1], student_fingerprint=fp, vocab_size=len(tok)),
+        table.check_run(records, counts + 1, hashes, student_fingerprint=fp, vocab_size=len(tok)),
+        table.check_run(records, counts, hashes[:3] + ["0" * 32] + hashes[4:], student_fingerprint=fp,
+                        vocab_size=len(tok)),
+        table.check_run(records, counts, hashes, student_fingerprint="tok1-other", vocab_size=len(tok)),
+        table.check_run(records, counts, hashes, student_fingerprint=fp, vocab_size=3),
+    ]
+    assert declined == [None] * len(declined)

@@ -129,10 +129,17 @@ class _Validator:
                  policy: BadRecordPolicy | None = None):
         self.cfg, self.tokenizer, self.stats, self.apply_length = cfg, tokenizer, stats, apply_length
         self.policy = policy or BadRecordPolicy(cfg.on_bad_record)
-        self.student_fp = tokenizer_fingerprint(tokenizer) if cfg.teacher_scores is not None else ""
+        self._student_fp: str | None = None
         self.seen_ids: dict[str, Location] = {}
 
-    def _finish(self, record: Any, result: Any, scores: Any) -> TokenizedExample | None:
+    @property
+    def student_fp(self) -> str:
+        """The student tokenizer's fingerprint, computed once (it serializes the whole vocabulary)."""
+        if self._student_fp is None:
+            self._student_fp = tokenizer_fingerprint(self.tokenizer)
+        return self._student_fp
+
+    def _finish(self, record: Any, result: Any, scores: Any, checked: Any = None) -> TokenizedExample | None:
         cfg = self.cfg
         if isinstance(result, DataError):
             raise result
@@ -141,13 +148,14 @@ class _Validator:
                 raise DataError(f"duplicate id {record.id!r} (first at {self.seen_ids[record.id]}): teacher scores "
                                 "are joined on ids", location=record.location, field=cfg.id_field, reason="wrong_type")
             self.seen_ids[record.id] = record.location
-        if scores is not None:
+        if scores is not None and checked is None:
             checked = check_scores(
                 scores.get(record), record, num_response_tokens=result.num_response_tokens,
                 student_fingerprint=self.student_fp, cfg=cfg, vocab_size=len(self.tokenizer),
                 example_hash=content_hash(result.input_ids, result.response_mask)
                 if isinstance(scores, ScoreRows) else None,
             )
+        if checked is not None:
             result = dataclasses.replace(result, teacher=checked)
         if not self.apply_length:
             return result
@@ -161,9 +169,12 @@ class _Validator:
     def examples(self, records: list, scores: Any) -> list[TokenizedExample]:
         """The kept examples of ``records`` (already parsed), in order; bad ones go through the policy."""
         out = []
-        for record, result in zip(records, tokenize_records(records, self.tokenizer, self.cfg)):
+        tokenized = any(record.tokens is not None for record in records)
+        results = tokenize_records(records, self.tokenizer, self.cfg, fingerprint=self.student_fp if tokenized else None)
+        checked = self._check_run(records, results, scores) or [None] * len(records)
+        for record, result, teacher in zip(records, results, checked):
             try:
-                example = self._finish(record, result, scores)
+                example = self._finish(record, result, scores, teacher)
             except DataError as e:
                 self.policy.handle(e)
                 continue
@@ -174,6 +185,16 @@ class _Validator:
                 out.append(example)
         self.sync()
         return out
+
+    def _check_run(self, records: list, results: list, scores: Any) -> list | None:
+        """All records' scores checked at once when they are consecutive rows of ``scores`` (see
+        :meth:`ScoreRows.check_run`); ``None`` leaves the checks to :meth:`_finish`, record by record."""
+        if not isinstance(scores, ScoreRows) or any(isinstance(r, DataError) for r in results):
+            return None
+        return scores.check_run(
+            records, np.array([r.num_response_tokens for r in results], np.int64),
+            [content_hash(r.input_ids, r.response_mask) for r in results],
+            student_fingerprint=self.student_fp, vocab_size=len(self.tokenizer))
 
     def parse(self, raw_records: list) -> list:
         """:class:`Record` s of ``(index, location, raw)`` triples; bad ones go through the policy."""

@@ -7,6 +7,14 @@ Two record shapes are accepted (field names are configurable, see :class:`DataCo
                               {"role": "assistant", "content": "..."}]}
 
 Both become a :class:`Record`: a conversation whose assistant turns are what the student learns.
+A third, *tokenized* shape carries the student's token ids instead of text (no rendering and no
+tokenization at training time; the fastest to stream)::
+
+    {"id": "t1", "input_ids": [1, 17, 4, ...], "response_mask": [0, 0, 1, ...],
+     "tokenizer_fingerprint": "tok1-..."}
+
+``response_mask[i]`` is 1 iff token ``i`` is learned; the fingerprint must be the student
+tokenizer's (:func:`dcd_jax.data.tokenizer_fingerprint`), so ids of another tokenizer are refused.
 JSONL is read line by line here (not through `datasets`) so that a bad line is reported with its
 file and line number; Parquet files, dataset directories and hub ids go through `datasets`.
 
@@ -23,6 +31,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+import numpy as np
 from dcd_jax.data.config import DataConfig
 from dcd_jax.data.errors import BadRecordPolicy, DataError, Location
 from dcd_jax.paths import looks_like_hub_id
@@ -55,6 +64,19 @@ class Record:
     prompt_field: str = "prompt"  # the field a too-long prompt is reported under
     response_field: str = "response"  # the field an empty / all-masked response is reported under
     inline_scores: Mapping[str, Any] | None = None
+    tokens: "RecordTokens | None" = None  # a tokenized record (then ``messages`` is empty)
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordTokens:
+    """The token ids a tokenized record carries, its response mask and the fingerprint of their tokenizer."""
+
+    input_ids: np.ndarray  # integer [L]
+    response_mask: np.ndarray  # bool [L]
+    fingerprint: str
+
+
+TOKENS_FIELDS = ("input_ids", "response_mask")  # the fields that make a record tokenized
 
 
 # --------------------------------------------------------------------------- reading raw records
@@ -249,6 +271,38 @@ def _chat_messages(raw_messages: Any, location: Location, cfg: DataConfig) -> tu
     return tuple(messages)
 
 
+def _record_tokens(raw: Mapping[str, Any], location: Location, cfg: DataConfig) -> RecordTokens:
+    """The ``input_ids`` / ``response_mask`` / fingerprint fields of a tokenized record, checked for shape and type."""
+    ids_field, mask_field = TOKENS_FIELDS
+    arrays = []
+    for field in TOKENS_FIELDS:
+        if raw.get(field) is None:
+            raise DataError(f"missing: a tokenized record needs both {list(TOKENS_FIELDS)}", location=location,
+                            field=field, reason="missing_field")
+        try:
+            value = np.asarray(raw[field])
+        except (TypeError, ValueError):  # ragged nesting
+            value = np.asarray(None, object)
+        if value.ndim != 1 or (value.size and value.dtype.kind not in ("iub" if field == mask_field else "iu")):
+            raise DataError("must be a list of integers" + (" 0/1" if field == mask_field else ""),
+                            location=location, field=field, reason="wrong_type")
+        arrays.append(value)
+    ids, mask = arrays
+    if ids.size == 0:
+        raise DataError("is empty (nothing to learn)", location=location, field=ids_field, reason="empty_response")
+    if mask.shape != ids.shape:
+        raise DataError(f"has {mask.size} entries for the {ids.size} tokens of {ids_field!r} (one 0/1 per token)",
+                        location=location, field=mask_field, reason="wrong_type")
+    if np.any((mask != 0) & (mask != 1)):
+        raise DataError("holds values other than 0 and 1", location=location, field=mask_field, reason="wrong_type")
+    fingerprint = raw.get(cfg.teacher_fingerprint_field)
+    if not isinstance(fingerprint, str):
+        raise DataError("missing: a tokenized record must name the tokenizer of its ids (dcd_jax.data."
+                        "tokenizer_fingerprint of the student tokenizer)", location=location,
+                        field=cfg.teacher_fingerprint_field, reason="missing_field")
+    return RecordTokens(ids, mask.astype(bool), fingerprint)
+
+
 def parse_record(raw: Any, index: int, location: Location, cfg: DataConfig) -> Record:
     """Check one raw record against the configured field names and normalize it.
 
@@ -262,7 +316,11 @@ def parse_record(raw: Any, index: int, location: Location, cfg: DataConfig) -> R
         raise DataError(f"a record must be a JSON object, got {_type_name(raw)}", location=location, reason="wrong_type")
     record_id = _scalar_text(raw.get(cfg.id_field), location, cfg.id_field)
     answer = _scalar_text(raw.get(cfg.answer_field), location, cfg.answer_field)
-    if raw.get(cfg.messages_field) is not None:
+    tokens = None
+    if raw.get(TOKENS_FIELDS[0]) is not None:
+        tokens = _record_tokens(raw, location, cfg)
+        messages, (prompt_field, response_field) = (), TOKENS_FIELDS
+    elif raw.get(cfg.messages_field) is not None:
         messages = _chat_messages(raw[cfg.messages_field], location, cfg)
         prompt_field = response_field = cfg.messages_field
     else:
@@ -286,6 +344,7 @@ def parse_record(raw: Any, index: int, location: Location, cfg: DataConfig) -> R
         prompt_field=prompt_field,
         response_field=response_field,
         inline_scores=inline,
+        tokens=tokens,
     )
 
 

@@ -20,9 +20,11 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
 from dcd_jax.data.config import DataConfig
 from dcd_jax.data.errors import DataError, Location
-from dcd_jax.data.records import decode_json_line, jsonl_files
+from dcd_jax.data.records import TOKENS_FIELDS, decode_json_line, jsonl_files
 
 PLAN_FORMAT = 1
 
@@ -100,6 +102,24 @@ class CountingFile(io.RawIOBase):
     def close(self) -> None:
         self._f.close()
         super().close()
+
+
+def ragged_column(column: Any) -> tuple[Any, np.ndarray, np.ndarray]:
+    """A list<...> Arrow column as (flat Arrow values, row offsets [n+1], row is-null)."""
+    import pyarrow.compute as pc
+
+    arr = column.combine_chunks() if hasattr(column, "combine_chunks") else column
+    lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    null = ~arr.is_valid().to_numpy(zero_copy_only=False)
+    return pc.list_flatten(arr), offsets, null
+
+
+def _list_rows(column: Any) -> list[np.ndarray | None]:
+    """The rows of a list<number> Arrow column as NumPy views of one flat buffer (no Python lists)."""
+    flat, offsets, null = ragged_column(column)
+    values = flat.to_numpy(zero_copy_only=False)
+    return [None if null[i] else values[offsets[i] : offsets[i + 1]] for i in range(len(null))]
 
 
 def input_kind(cfg: DataConfig) -> str:
@@ -197,6 +217,7 @@ def read_block(
     """
     out: list[tuple[int, Location, Any]] = []
     if kind == "parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         footers = {} if footers is None else footers
@@ -209,9 +230,18 @@ def read_block(
                 if first < block.file_row + block.num_records and first + n > block.file_row:
                     groups.append((g, first))
                 first += n
-            table = pf.read_row_groups([g for g, _ in groups])
+            # One thread: parallel reads are data.read_workers (processes).
+            table = pf.read_row_groups([g for g, _ in groups], use_threads=False)
             skip = block.file_row - groups[0][1]
-            rows = table.slice(skip, block.num_records).to_pylist()
+            table = table.slice(skip, block.num_records)
+            # Token ids stay NumPy views of the column (a tokenized record has thousands of them).
+            numeric = [name for name in TOKENS_FIELDS if name in table.column_names
+                       and pa.types.is_list(table.schema.field(name).type)
+                       and not pa.types.is_nested(table.schema.field(name).type.value_type)]
+            rows = table.drop_columns(numeric).to_pylist()
+            for name in numeric:
+                for row, value in zip(rows, _list_rows(table.column(name))):
+                    row[name] = value
             for i, row in enumerate(rows):
                 index = block.start_record + i
                 out.append((index, Location(block.file, index=block.file_row + i), row))

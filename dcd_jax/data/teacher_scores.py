@@ -32,6 +32,7 @@ import numpy as np
 from dcd_jax.data.config import DataConfig
 from dcd_jax.data.errors import DataError, Location
 from dcd_jax.data.records import Record
+from dcd_jax.data.shards import CountingFile, ragged_column
 
 COLUMNS = ("id", "content_hash", "teacher_logprobs", "teacher_topk_ids", "teacher_topk_logprobs",
            "tokenizer_fingerprint")
@@ -150,6 +151,11 @@ def _array(value: Any, dtype: Any, ndim: int, name: str, record: Record, where: 
     return arr
 
 
+def _valid_logprobs(values: np.ndarray) -> bool:
+    """All finite and ``<= 0`` (up to float noise, :data:`_MAX_LOGPROB`)."""
+    return bool(np.all(np.isfinite(values)) and not np.any(values > _MAX_LOGPROB))
+
+
 def check_scores(
     raw: RawScores, record: Record, *, num_response_tokens: int, student_fingerprint: str, cfg: DataConfig,
     vocab_size: int, example_hash: str | None = None,
@@ -192,7 +198,7 @@ def check_scores(
             f"tokenization ({raw.where}); the scores do not line up with the student's tokens",
             location=record.location, field=name, reason="teacher_scores",
         )
-    if not np.all(np.isfinite(logprobs)) or np.any(logprobs > _MAX_LOGPROB):
+    if not _valid_logprobs(logprobs):
         raise DataError(f"holds values that are not finite log-probabilities <= 0 ({raw.where})",
                         location=record.location, field=name, reason="teacher_scores")
     if cfg.topk == 0:
@@ -216,7 +222,7 @@ def check_scores(
     if np.any(ids < 0) or np.any(ids >= vocab_size):
         raise DataError(f"holds token ids outside the student vocabulary [0, {vocab_size}) ({raw.where})",
                         location=record.location, field=ids_name, reason="teacher_scores")
-    if not np.all(np.isfinite(lps)) or np.any(lps > _MAX_LOGPROB):
+    if not _valid_logprobs(lps):
         raise DataError(f"holds values that are not finite log-probabilities <= 0 ({raw.where})",
                         location=record.location, field=lp_name, reason="teacher_scores")
     order = np.argsort(-lps, axis=1, kind="stable")[:, : cfg.topk]
@@ -243,17 +249,6 @@ class InlineScores:
             fingerprint=fields.get(cfg.teacher_fingerprint_field) or cfg.teacher_fingerprint,
             where="inline",
         )
-
-
-def _ragged(column: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A list<...> Arrow column as (flat values, row offsets [n+1], row is-null)."""
-    import pyarrow.compute as pc
-
-    arr = column.combine_chunks() if hasattr(column, "combine_chunks") else column
-    lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy(zero_copy_only=False).astype(np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    null = ~arr.is_valid().to_numpy(zero_copy_only=False)
-    return pc.list_flatten(arr), offsets, null
 
 
 def _open_scores_file(path: str | Path, cfg: DataConfig) -> tuple[Any, "ScoresProvenance", list[str]]:
@@ -305,7 +300,7 @@ class ScoreRows:
 
     def __init__(self, table: Any, cfg: DataConfig, path: str, first_row: int = 0):
         self.path, self.cfg = path, cfg
-        ids = [str(i) for i in table.column("id").to_pylist()]
+        self._ids = ids = [str(i) for i in table.column("id").to_pylist()]
         self.first_row = first_row
         self._hashes = table.column("content_hash").to_pylist()
         self._row: dict[str, int] = {}
@@ -315,13 +310,13 @@ class ScoreRows:
                                 f"{first_row + row})", location=Location(path), field="id", reason="unreadable")
             self._row[record_id] = row
         self._fingerprints = table.column("tokenizer_fingerprint").to_pylist()
-        flat, self._lp_offsets, self._lp_null = _ragged(table.column("teacher_logprobs"))
+        flat, self._lp_offsets, self._lp_null = ragged_column(table.column("teacher_logprobs"))
         self._lp = flat.to_numpy(zero_copy_only=False).astype(np.float32)
         if cfg.topk:
             self._topk = {}
             for name in ("teacher_topk_ids", "teacher_topk_logprobs"):
-                inner, offsets, null = _ragged(table.column(name))  # rows -> positions
-                values, inner_offsets, _ = _ragged(inner)  # positions -> K entries
+                inner, offsets, null = ragged_column(table.column(name))  # rows -> positions
+                values, inner_offsets, _ = ragged_column(inner)  # positions -> K entries
                 self._topk[name] = (values.to_numpy(zero_copy_only=False), offsets, null, inner_offsets)
 
     def __len__(self) -> int:
@@ -336,6 +331,59 @@ class ScoreRows:
         if stop > start and np.all(widths == widths[0]):
             return values[inner[start] : inner[stop]].reshape(stop - start, widths[0])
         return [values[inner[i] : inner[i + 1]] for i in range(start, stop)]  # ragged: rejected by check
+
+    def check_run(self, records: list[Record], num_response_tokens: np.ndarray, example_hashes: list[str], *,
+                  student_fingerprint: str, vocab_size: int) -> list[TeacherScores] | None:
+        """:func:`check_scores` of consecutive rows at once: the scores of ``records``, or ``None``.
+
+        The fast path of a block (or chunk) whose records are rows ``r0, r0 + 1, ...`` of this table
+        in order (``score-teacher``'s layout: the join is a merge). Every check of
+        :func:`check_scores` runs over the whole run's flat arrays, and the top-k rows are sorted with
+        one stable argsort of the run's ``[N, K]`` matrix (none when stored sorted), so the result is
+        identical to checking record by record. ``None`` when the rows are not consecutive or any
+        check fails: the caller then checks record by record, which names the offending record.
+        """
+        n = len(records)
+        if n == 0:
+            return []
+        r0 = self._row.get(records[0].id)
+        if r0 is None or r0 + n > len(self._row) or any(
+                self._ids[r0 + i] != record.id for i, record in enumerate(records)):
+            return None
+        rows = slice(r0, r0 + n)
+        counts = np.asarray(num_response_tokens, np.int64)
+        if any(f != student_fingerprint for f in self._fingerprints[rows]) or self._hashes[rows] != example_hashes:
+            return None
+        lp_off = self._lp_offsets[r0 : r0 + n + 1]
+        if self._lp_null[rows].any() or not np.array_equal(np.diff(lp_off), counts):
+            return None
+        logprobs = self._lp[lp_off[0] : lp_off[-1]]
+        if not _valid_logprobs(logprobs):
+            return None
+        bounds = lp_off - lp_off[0]  # of each record's rows within the run
+        if not self.cfg.topk:
+            return [TeacherScores(logprobs[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+        matrices = []
+        for name in ("teacher_topk_ids", "teacher_topk_logprobs"):
+            values, offsets, null, inner = self._topk[name]
+            off = offsets[r0 : r0 + n + 1]
+            if null[rows].any() or not np.array_equal(np.diff(off), counts):
+                return None
+            widths = np.diff(inner[off[0] : off[-1] + 1])
+            width = int(widths[0])
+            if width < self.cfg.topk or np.any(widths != width):
+                return None
+            matrices.append(values[inner[off[0]] : inner[off[-1]]].reshape(-1, width))
+        ids, lps = matrices
+        if np.any(ids < 0) or np.any(ids >= vocab_size) or not _valid_logprobs(lps):
+            return None
+        if np.all(lps[:, :-1] >= lps[:, 1:]):  # stored sorted (score-teacher): the stable sort is the identity
+            ids, lps = ids[:, : self.cfg.topk].astype(np.int32), lps[:, : self.cfg.topk].astype(np.float32)
+        else:
+            order = np.argsort(-lps.astype(np.float32), axis=1, kind="stable")[:, : self.cfg.topk]
+            ids = np.take_along_axis(ids, order, axis=1).astype(np.int32)
+            lps = np.take_along_axis(lps.astype(np.float32), order, axis=1)
+        return [TeacherScores(logprobs[a:b], ids[a:b], lps[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
     def get(self, record: Record) -> RawScores:
         row = self._row.get(record.id)
@@ -412,14 +460,13 @@ class BlockScores:
         """The rows of block ``index`` and the bytes read to get them."""
         import pyarrow.parquet as pq
 
-        from dcd_jax.data.shards import CountingFile
-
         lo, hi = int(self.row_offsets[index]), int(self.row_offsets[index + 1])
         groups = [g for g in range(len(self._groups) - 1) if self._groups[g] < hi and self._groups[g + 1] > lo]
         with CountingFile(self.path) as f:
             pf = pq.ParquetFile(f, metadata=self._footer)
             if groups:
-                table = pf.read_row_groups(groups, columns=self._columns)
+                # One thread: parallel reads are data.read_workers (processes).
+                table = pf.read_row_groups(groups, columns=self._columns, use_threads=False)
                 table = table.slice(lo - int(self._groups[groups[0]]), hi - lo)
             else:
                 table = pf.schema_arrow.empty_table().select(self._columns)

@@ -30,7 +30,7 @@ import numpy as np
 from dcd_jax.data.config import DataConfig
 from dcd_jax.data.errors import DataError, Location
 from dcd_jax.data.records import Message, Record, parse_record
-from dcd_jax.data.teacher_scores import TeacherScores
+from dcd_jax.data.teacher_scores import TeacherScores, tokenizer_fingerprint
 
 PLAIN_SYSTEM = "{content}\n\n"
 PLAIN_USER = "### User:\n{content}\n\n"
@@ -228,12 +228,35 @@ def _encode(texts: list[str], tokenizer: Any) -> list[tuple[list[int], list[tupl
     return list(zip(enc["input_ids"], enc["offset_mapping"]))
 
 
+def _from_tokens(record: Record, vocab_size: int, fingerprint: str, cfg: DataConfig) -> TokenizedExample:
+    """A tokenized record's example: its ids as given, checked against the student tokenizer."""
+    tokens = record.tokens
+    if tokens.fingerprint != fingerprint:
+        raise DataError(
+            f"the token ids come from another tokenizer (fingerprint {tokens.fingerprint}) than the student's "
+            f"({fingerprint}); retokenize the traces with the student tokenizer",
+            location=record.location, field=cfg.teacher_fingerprint_field, reason="teacher_fingerprint")
+    ids = tokens.input_ids
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        raise DataError(f"holds ids outside the student vocabulary [0, {vocab_size})", location=record.location,
+                        field=record.prompt_field, reason="wrong_type")
+    mask = tokens.response_mask.copy()
+    mask[0] = False  # position 0 is never a target
+    if not mask.any():
+        raise DataError("no response token can be a target (all-masked)", location=record.location,
+                        field=record.response_field, reason="all_masked")
+    return TokenizedExample(id=record.id, location=record.location, input_ids=ids.astype(np.int32, copy=False),
+                            response_mask=mask, answer=record.answer, prompt_field=record.prompt_field)
+
+
 def tokenize_records(
-    records: Sequence[Record], tokenizer: Any, cfg: DataConfig
+    records: Sequence[Record], tokenizer: Any, cfg: DataConfig, *, fingerprint: str | None = None
 ) -> list[TokenizedExample | DataError]:
     """Tokenize many records in one tokenizer call; a record that fails gives its :class:`DataError`.
 
-    Needs a fast (Rust) tokenizer: the mask comes from its character offsets.
+    Needs a fast (Rust) tokenizer: the mask comes from its character offsets. Tokenized records
+    (:class:`~dcd_jax.data.records.RecordTokens`) are taken as they are, once their fingerprint is
+    checked against ``fingerprint`` (the student tokenizer's; computed here when not given).
     """
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
@@ -242,6 +265,10 @@ def tokenize_records(
     rendered = []
     for i, record in enumerate(records):
         try:
+            if record.tokens is not None:
+                fingerprint = fingerprint or tokenizer_fingerprint(tokenizer)
+                results[i] = _from_tokens(record, len(tokenizer), fingerprint, cfg)
+                continue
             rendered.append((i, *render_example(record, tokenizer, cfg)))
         except DataError as e:
             results[i] = e
