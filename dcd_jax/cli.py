@@ -147,8 +147,8 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 
 def cmd_score_teacher(args: argparse.Namespace) -> int:
     from dcd_jax.config import from_dict
-    from dcd_jax.eval.scoring import ScoreConfig, score_teacher
-    from dcd_jax.train.distributed import initialize_distributed
+    from dcd_jax.teacher.scoring import ScoreConfig, score_teacher
+    from dcd_jax.distributed import initialize_distributed
 
     cfg = _load_run_config(args)
     initialize_distributed(cfg.distributed)
@@ -195,7 +195,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from dcd_jax.config import from_dict
-    from dcd_jax.eval.generate import GenerateConfig, generate_traces
+    from dcd_jax.teacher.generate import GenerateConfig, generate_traces
 
     cfg = from_dict(GenerateConfig, {
         "teacher": args.teacher, "benchmark": args.benchmark, "prompts": args.prompts, "split": args.split,

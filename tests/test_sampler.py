@@ -12,8 +12,8 @@ from flax import nnx
 from hf_fixtures import FAMILIES, VOCAB, hf_logits, make_hf_model, save_hf_model, save_word_tokenizer
 
 import dcd_jax
-from dcd_jax.eval import sampler as sampler_mod
-from dcd_jax.eval.sampler import (
+from dcd_jax.infer import sampler as sampler_mod
+from dcd_jax.infer.sampler import (
     Sampler,
     SamplingConfig,
     batch_bucket_size,

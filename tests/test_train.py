@@ -228,7 +228,7 @@ def test_ready_configs_load_with_every_baseline(model_config, objective):
 
 def test_local_multiprocess_launcher(tmp_path):
     probe = (
-        "from dcd_jax.train.distributed import DistributedConfig, initialize_distributed; import jax; "
+        "from dcd_jax.distributed import DistributedConfig, initialize_distributed; import jax; "
         "initialize_distributed(DistributedConfig()); "
         "print('PROBE', jax.process_index(), jax.process_count(), jax.device_count(), jax.local_device_count())"
     )

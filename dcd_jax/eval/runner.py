@@ -25,7 +25,7 @@ from dcd_jax.eval import benchmarks as bench_lib
 from dcd_jax.eval import metrics as metrics_lib
 from dcd_jax.eval import report, stability
 from dcd_jax.eval.grading import grade
-from dcd_jax.eval.sampler import Sampler, SamplingConfig
+from dcd_jax.infer.sampler import Sampler, SamplingConfig
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def exaccerr_metrics(student: Any, teacher: Any, tokenizer: Any, prompts: Sequen
 
     Both sample continuations at temperature 1; each continuation is scored by both models.
     """
-    from dcd_jax.eval.scoring import make_scorer
+    from dcd_jax.teacher.scoring import make_scorer
 
     rendered = render_prompts(prompts, tokenizer, cfg)
     sampling = dataclasses.replace(_sample_cfg(cfg, greedy=False), temperature=1.0, top_p=1.0)

@@ -14,7 +14,7 @@ from dcd_jax.data.config import DataConfig
 from dcd_jax.objectives.config import ObjectiveConfig
 from dcd_jax.sharding import check_mesh_sizes
 from dcd_jax.train.checkpoint import CheckpointConfig
-from dcd_jax.train.distributed import DistributedConfig
+from dcd_jax.distributed import DistributedConfig
 from dcd_jax.train.optimizer import OptimConfig
 
 

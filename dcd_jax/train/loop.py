@@ -37,7 +37,7 @@ from dcd_jax.train import online
 from dcd_jax.train.checkpoint import RunCheckpointer
 from dcd_jax.train.config import RunConfig
 from dcd_jax.train.cost import RunCost, teacher_forward_flops_per_token
-from dcd_jax.train.distributed import initialize_distributed
+from dcd_jax.distributed import initialize_distributed
 from dcd_jax.train.flops import mfu
 from dcd_jax.train.metrics import MetricsWriter
 from dcd_jax.train.optimizer import learning_rate_schedule, make_optimizer

@@ -252,7 +252,7 @@ def _params_abstract(model_cfg: ModelConfig, mesh):
 
 
 def _sample_program(cfg: RunConfig, model_cfg: ModelConfig, mesh, batch: int, prompt_len: int):
-    from dcd_jax.eval.sampler import SamplingConfig, _generate_jit, _spec_of
+    from dcd_jax.infer.sampler import SamplingConfig, _generate_jit, _spec_of
     from dcd_jax.sharding import named_sharding
 
     graphdef, params = _params_abstract(model_cfg, mesh)
@@ -267,7 +267,7 @@ def _sample_program(cfg: RunConfig, model_cfg: ModelConfig, mesh, batch: int, pr
 
 
 def _score_program(cfg: RunConfig, model_cfg: ModelConfig, mesh, batch: int):
-    from dcd_jax.eval.scoring import ScoreConfig, make_scorer
+    from dcd_jax.teacher.scoring import ScoreConfig, make_scorer
     from dcd_jax.sharding import named_sharding
 
     graphdef, params = _params_abstract(model_cfg, mesh)
@@ -367,7 +367,7 @@ def compile_plan(cfg: RunConfig, target: Target, what: str = "train", *, batch_s
             batch = batch_size or cfg.eval.batch_size
             fn, args, parts, tokens = _sample_program(cfg, model_cfg, mesh, batch, prompt_len)
         else:
-            from dcd_jax.eval.scoring import ScoreConfig
+            from dcd_jax.teacher.scoring import ScoreConfig
 
             batch = batch_size or ScoreConfig().batch_size
             fn, args, parts, tokens = _score_program(cfg, model_cfg, mesh, batch)

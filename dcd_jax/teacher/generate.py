@@ -26,7 +26,7 @@ from dcd_jax.config import ConfigError
 from dcd_jax.eval import benchmarks as bench_lib
 from dcd_jax.eval.grading import grade
 from dcd_jax.eval.runner import EvalConfig, render_prompts
-from dcd_jax.eval.sampler import Sampler, SamplingConfig
+from dcd_jax.infer.sampler import Sampler, SamplingConfig
 
 
 @dataclasses.dataclass(frozen=True)
