@@ -220,9 +220,9 @@ def test_ready_configs_load_with_every_baseline(model_config, objective):
     cfg = load_config(RunConfig, files)
     assert cfg.model.path and cfg.data.path
     if objective in ("kl", "todi", "dcd_kl"):
-        assert cfg.objective.loss == "kl" and cfg.data.topk > 0
+        assert cfg.objective.loss == ("todi" if objective == "todi" else "kl") and cfg.data.topk > 0
     if objective is not None:
-        expected = {"sft": "none", "kl": "none", "dft": "dft", "iw_sft": "iw_sft", "todi": "todi", "dcd_kl": "dcd"}
+        expected = {"sft": "none", "kl": "none", "dft": "dft", "iw_sft": "iw_sft", "todi": "none", "dcd_kl": "dcd"}
         assert cfg.objective.weighting == expected[objective]
 
 
