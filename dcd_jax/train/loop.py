@@ -20,20 +20,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
-import numpy as np
 import yaml
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from dcd_jax.atomic_files import atomic_write_text
-from dcd_jax.config import ConfigError, to_dict
+from dcd_jax.config import to_dict
 from dcd_jax.convert.model_dir import SIDE_DIR, Pretrained, load_pretrained, peek_model_config, write_model_meta
 from dcd_jax.data import build_train_iterator
-from dcd_jax.data.config import DataConfig
 from dcd_jax.models import abstract_model
 from dcd_jax.objectives import check_batch_fields, validate_batch
 from dcd_jax.paths import require_local_or_hub
 from dcd_jax.sharding import make_mesh
 from dcd_jax.train import online
+from dcd_jax.train.batch import check_batch_split, to_global_batch
 from dcd_jax.train.checkpoint import RunCheckpointer
 from dcd_jax.train.config import RunConfig
 from dcd_jax.train.cost import RunCost, teacher_forward_flops_per_token
@@ -47,7 +46,6 @@ from dcd_jax.train.step import make_train_step
 
 log = logging.getLogger("dcd_jax.train")
 
-BATCH_AXES = ("data", "fsdp")
 RESOLVED_CONFIG = "config.yaml"
 
 
@@ -91,27 +89,6 @@ class TrainResult:
     last_metrics: dict[str, float]
 
 
-def data_fields(cfg: DataConfig) -> set[str]:
-    """Batch fields the data config will produce (checked against the objective before any work)."""
-    fields = {"input_ids", "targets", "positions", "segment_ids", "loss_mask"}
-    if cfg.teacher_scores is not None:
-        fields.add("teacher_logprobs")
-        if cfg.topk > 0:
-            fields.update({"teacher_topk_ids", "teacher_topk_logprobs"})
-    return fields
-
-
-def to_global_batch(local: dict[str, np.ndarray], mesh: Mesh, accum: int) -> dict[str, jax.Array]:
-    """Host rows [B_local, T, ...] -> global arrays [accum, B_global / accum, T, ...] sharded on the batch."""
-    sharding = NamedSharding(mesh, PartitionSpec(None, BATCH_AXES))
-    out = {}
-    for name, value in local.items():
-        micro = value.reshape(accum, value.shape[0] // accum, *value.shape[1:])
-        global_shape = (accum, micro.shape[1] * jax.process_count(), *micro.shape[2:])
-        out[name] = jax.make_array_from_process_local_data(sharding, micro, global_shape)
-    return out
-
-
 class _PreemptionFlag:
     """SIGTERM / SIGINT -> save at the next step boundary, then exit cleanly."""
 
@@ -140,19 +117,6 @@ def _setup_logging() -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def _check_divisibility(cfg: RunConfig, mesh: Mesh) -> None:
-    micro_rows = cfg.data.batch_size // cfg.train.grad_accum
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if micro_rows % shards:
-        raise ConfigError(
-            f"data.batch_size / train.grad_accum = {micro_rows} rows per micro-batch must be divisible by "
-            f"mesh data x fsdp = {shards} (the batch is split over those axes)"
-        )
-    local = cfg.data.local_batch_size(jax.process_count())
-    if local % cfg.train.grad_accum:
-        raise ConfigError(f"per-host rows {local} must be divisible by train.grad_accum={cfg.train.grad_accum}")
-
-
 def _claim_out_dir(cfg: RunConfig) -> RunLock | None:
     """Process 0 locks ``out_dir`` and checks it is writable with room for one checkpoint (after the
     model and data paths are known to exist: a typo must not leave a fresh out_dir behind)."""
@@ -173,9 +137,9 @@ def train(cfg: RunConfig, hooks: TrainHooks | None = None) -> TrainResult:
     hooks = hooks or TrainHooks()
     initialize_distributed(cfg.distributed)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    _check_divisibility(cfg, mesh)
-    check_batch_fields(cfg.objective, data_fields(cfg.data))
-    from dcd_jax.train.plan import check_fits_before_training  # (plan imports this module)
+    check_batch_split(cfg, mesh, jax.process_count())
+    check_batch_fields(cfg.objective, cfg.data.batch_fields())
+    from dcd_jax.train.plan import check_fits_before_training
     check_fits_before_training(cfg)  # on a TPU: refuse what cannot fit before loading any weight
     lock = _claim_out_dir(cfg)
     bad_steps: dict[int, str] = {}
