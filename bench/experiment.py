@@ -31,7 +31,7 @@ METHODS = {
     "KL": {"loss": "kl", "weighting": "none"},
     "DFT": {"loss": "ce", "weighting": "dft"},
     "iw-SFT": {"loss": "ce", "weighting": "iw_sft"},
-    "ToDi": {"loss": "kl", "weighting": "todi"},
+    "ToDi": {"loss": "todi", "weighting": "none"},
     "DCD-CE": {"loss": "ce", "weighting": "dcd"},
     "DCD-KL": {"loss": "kl", "weighting": "dcd"},
 }

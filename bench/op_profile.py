@@ -125,7 +125,7 @@ def _classify(stack: list[tuple[str, str]], is_dot: bool) -> str:
             return "loss"
         if "/optax/" in file:
             return "optimizer"
-    if stack and stack[0][0].endswith("eval/sampler.py") and not is_dot:
+    if stack and stack[0][0].endswith("infer/sampler.py") and not is_dot:
         return "sampling"
     for file, func in stack:  # the step's own code after the gradients: averaging, norm, update
         if file.endswith("train/step.py") and func.endswith("step_fn"):

@@ -49,7 +49,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import dcd_jax  # noqa: E402
-from dcd_jax.eval.sampler import Sampler, SamplingConfig  # noqa: E402
+from dcd_jax.infer.sampler import Sampler, SamplingConfig  # noqa: E402
 
 # Peak HBM bandwidth (bytes/s) from vendor data sheets, matched by substring of device_kind
 # (first match wins, so more specific names come first).
@@ -114,7 +114,7 @@ def profile_generate(sampler: Sampler, prompts: list[list[int]], n_new: int) -> 
     """Time by op class (bench/op_profile.py) of one greedy generate call of ``n_new`` tokens."""
     from op_profile import profile_compiled
 
-    from dcd_jax.eval.sampler import _generate_jit, _spec_of, row_keys
+    from dcd_jax.infer.sampler import _generate_jit, _spec_of, row_keys
 
     b = len(prompts)
     ids = np.asarray(prompts, np.int32)

@@ -205,7 +205,7 @@ def jax_worker(spec: dict) -> dict:
     from dcd_jax.objectives import ObjectiveConfig, required_batch_fields
     from dcd_jax.objectives.config import LamSchedule
     from dcd_jax.sharding import make_mesh
-    from dcd_jax.train.loop import to_global_batch
+    from dcd_jax.train.batch import to_global_batch
     from dcd_jax.train.optimizer import OptimConfig, learning_rate_schedule, make_optimizer
     from dcd_jax.train.state import init_train_state, state_shardings
     from dcd_jax.train.step import BATCH_MODEL_FIELDS, make_train_step

@@ -3,11 +3,13 @@
 __version__ = "0.1.0"
 
 
-def load_hf(path_or_hub_id, *, dtype="float32", mesh=None, **kwargs):
-    """Load a Llama 3 / Qwen2.5 / Qwen3 HF checkpoint as a Flax model (see :func:`dcd_jax.convert.load_hf`)."""
-    from dcd_jax.convert import load_hf as _load_hf
+def __getattr__(name: str):
+    # ``dcd_jax.load_hf`` without importing JAX when the package is imported (the CLI starts fast).
+    if name == "load_hf":
+        from dcd_jax.convert.model_dir import load_hf
 
-    return _load_hf(path_or_hub_id, dtype=dtype, mesh=mesh, **kwargs)
+        return load_hf
+    raise AttributeError(f"module 'dcd_jax' has no attribute {name!r}")
 
 
 __all__ = ["load_hf", "__version__"]

@@ -33,11 +33,11 @@ def _parse_mesh(text: str | None):
 
 def cmd_convert_hf_to_flax(args: argparse.Namespace) -> int:
     from dcd_jax.convert import load_hf_params, open_hf_checkpoint, resolve_model_dir, save_model_dir
-    from dcd_jax.models.config import ModelConfig
+    from dcd_jax.convert.hf_to_flax import model_config_of
 
     directory = resolve_model_dir(args.hf)
     ckpt = open_hf_checkpoint(directory)
-    cfg = ModelConfig.from_hf_config(ckpt.hf_config, source=str(directory / "config.json"), param_dtype=args.dtype)
+    cfg = model_config_of(ckpt, directory, param_dtype=args.dtype)
     params = load_hf_params(ckpt, cfg, _parse_mesh(args.mesh))
     save_model_dir(args.out, params, cfg, ckpt.hf_config, side_files_from=directory)
     print(f"converted {directory} ({cfg.model_type}, {cfg.num_params / 1e6:.1f}M params) -> {args.out}")
@@ -89,27 +89,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     """Compile the config's step for a topology (no TPU, no weights) and report what it needs per chip."""
     import json
-    import os
 
-    if (args.topology.startswith("cpu:") and args.topology[4:].isdigit()
-            and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")):
-        # Fake host devices: XLA reads the count when the CPU backend starts (not yet at this point).
-        # Restored right after the backend starts, so processes this one spawns are not affected.
-        flags = os.environ.get("XLA_FLAGS")
-        os.environ["XLA_FLAGS"] = f"{flags or ''} --xla_force_host_platform_device_count={args.topology[4:]}"
-        import jax
+    from dcd_jax.train.plan import compile_plan, format_plan, prepare_compile_host, suggest_fit, topology_target
 
-        jax.config.update("jax_platforms", "cpu")
-        jax.devices()
-        if flags is None:
-            del os.environ["XLA_FLAGS"]
-        else:
-            os.environ["XLA_FLAGS"] = flags
-    import jax
-
-    jax.config.update("jax_platforms", "cpu")  # compile-only: a TPU topology needs libtpu, not a TPU
-    from dcd_jax.train.plan import compile_plan, format_plan, suggest_fit, topology_target
-
+    prepare_compile_host(args.topology)
     cfg = _load_run_config(args)
     target = topology_target(args.topology)
     report = compile_plan(cfg, target, args.what, batch_size=args.batch_size, prompt_len=args.prompt_len,
@@ -147,8 +130,8 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 
 def cmd_score_teacher(args: argparse.Namespace) -> int:
     from dcd_jax.config import from_dict
-    from dcd_jax.eval.scoring import ScoreConfig, score_teacher
-    from dcd_jax.train.distributed import initialize_distributed
+    from dcd_jax.teacher.scoring import ScoreConfig, score_teacher
+    from dcd_jax.distributed import initialize_distributed
 
     cfg = _load_run_config(args)
     initialize_distributed(cfg.distributed)
@@ -195,7 +178,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from dcd_jax.config import from_dict
-    from dcd_jax.eval.generate import GenerateConfig, generate_traces
+    from dcd_jax.teacher.generate import GenerateConfig, generate_traces
 
     cfg = from_dict(GenerateConfig, {
         "teacher": args.teacher, "benchmark": args.benchmark, "prompts": args.prompts, "split": args.split,

@@ -118,6 +118,13 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
     return obj
 
 
+def hash_by_value(obj: Any) -> int:
+    """Hash of a frozen config dataclass whose fields may hold dicts (hashed by their sorted items),
+    so it stays usable as a key or a static jit argument; use as ``__hash__ = hash_by_value``."""
+    return hash(tuple((f.name, tuple(sorted(v.items())) if isinstance(v, dict) else v)
+                      for f in dataclasses.fields(obj) for v in [getattr(obj, f.name)]))
+
+
 def to_dict(obj: Any) -> Any:
     """Inverse of :func:`from_dict`: plain nested dicts/lists, ready for YAML or JSON."""
     if dataclasses.is_dataclass(obj):

@@ -139,7 +139,7 @@ def run_demo(out: str | Path = "demo_out", scale: "str | DemoScale" = "small", s
                       {"weighting": "none"}, s.teacher_steps, s.teacher_lr, runs / "teacher", s, seed)
 
     def stage_traces():
-        from dcd_jax.eval.generate import GenerateConfig, generate_traces
+        from dcd_jax.teacher.generate import GenerateConfig, generate_traces
 
         cfg = GenerateConfig(teacher=str(runs / "teacher" / "hf"), prompts=str(assets / "prompts.jsonl"), split="prompts",
                              out=str(traces / "train.jsonl"), n=s.samples_per_prompt, temperature=s.temperature,
@@ -151,7 +151,7 @@ def run_demo(out: str | Path = "demo_out", scale: "str | DemoScale" = "small", s
 
     def stage_scores():
         from dcd_jax.data import DataConfig
-        from dcd_jax.eval.scoring import ScoreConfig, score_teacher
+        from dcd_jax.teacher.scoring import ScoreConfig, score_teacher
 
         path = score_teacher(DataConfig(path=str(traces / "train.jsonl")),
                              ScoreConfig(teacher=str(runs / "teacher" / "hf"), topk=s.topk, batch_size=16))

@@ -24,11 +24,12 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from dcd_jax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the batch (rows) is split over data x fsdp
 
 # logical axis -> mesh axis (or tuple of mesh axes, or None = replicated).
 LOGICAL_AXIS_RULES: Mapping[str, Any] = {
     # activations
-    "batch": ("data", "fsdp"),
+    "batch": BATCH_AXES,
     "length": None,
     "act_embed": None,
     "act_heads": "tensor",
@@ -121,8 +122,9 @@ def make_mesh(
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
-def single_device_mesh() -> Mesh:
-    return make_mesh(1, 1, 1, devices=jax.devices()[:1])
+def batch_shards(mesh: Mesh) -> int:
+    """Ways the batch is split: the product of the mesh's :data:`BATCH_AXES` sizes."""
+    return math.prod(mesh.shape.get(axis, 1) for axis in BATCH_AXES)
 
 
 def named_sharding(mesh: Mesh, axes: Sequence[str | None], shape: Sequence[int] | None = None) -> NamedSharding:

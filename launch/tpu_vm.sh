@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create a Cloud TPU VM slice, install dcd-jax on every worker, and run a command on all of them.
-# JAX discovers the slice itself (dcd_jax/train/distributed.py calls jax.distributed.initialize()
+# JAX discovers the slice itself (dcd_jax/distributed.py calls jax.distributed.initialize()
 # when TPU_WORKER_HOSTNAMES lists several hosts), so the same command runs everywhere.
 #
 #   export TPU_NAME=dcd-v5e TPU_ZONE=us-west4-a TPU_TYPE=v5litepod-16 TPU_VERSION=v2-alpha-tpuv5-lite

@@ -17,7 +17,7 @@ from dcd_jax.eval.benchmarks import (
     list_benchmarks,
     load_benchmark,
     read_records,
-    render_prompt,
+    fill_prompt_template,
 )
 from dcd_jax.eval.grading import grade
 
@@ -193,7 +193,7 @@ def test_registry_and_errors(tmp_path):
     with pytest.raises(BenchmarkLoadError, match="no hub dataset"):
         load_benchmark("embedded")
     with pytest.raises(ValueError):
-        render_prompt("no placeholder", "x")
+        fill_prompt_template("no placeholder", "x")
     with pytest.raises(ValueError):
         B.register_benchmark(get_spec("gsm8k"))
 

@@ -5,12 +5,14 @@ import shutil
 
 import numpy as np
 import pytest
+from transformers import AutoTokenizer
 
 from hf_fixtures import VOCAB, hf_logits, make_hf_model, read_config, save_hf_model, save_word_tokenizer
 
 import dcd_jax
 from dcd_jax.cli import main as cli_main
 from dcd_jax.convert import CheckpointError, save_hf
+from dcd_jax.convert.model_dir import read_model_meta
 from dcd_jax.convert.safetensors_io import SafetensorsFile
 from dcd_jax.models import UnsupportedModelError
 
@@ -49,6 +51,9 @@ def test_cli_round_trip_through_model_dir(tmp_path):
     save_word_tokenizer(src, VOCAB - 10)
     assert cli_main(["convert", "hf-to-flax", "--hf", str(src), "--out", str(tmp_path / "flax")]) == 0
     assert (tmp_path / "flax" / "model.json").is_file() and (tmp_path / "flax" / "hf" / "tokenizer.json").is_file()
+    # The model dir records the tokenizer's vocabulary (not the padded embedding rows).
+    n_tokens = len(AutoTokenizer.from_pretrained(str(src)))
+    assert n_tokens < VOCAB and read_model_meta(tmp_path / "flax")[0].tokenizer_vocab_size == n_tokens
     assert cli_main(["convert", "flax-to-hf", "--ckpt", str(tmp_path / "flax"), "--out", str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "tokenizer.json").is_file()
     original, exported = _tensors(src), _tensors(tmp_path / "hf")
@@ -75,8 +80,6 @@ def test_bf16_and_index_sharded_checkpoints_load(tmp_path):
 def test_true_vocab_size_from_tokenizer_keeps_padded_rows(tmp_path):
     src = save_hf_model("qwen2", tmp_path / "src")
     save_word_tokenizer(src, VOCAB - 16)  # embedding padded past the tokenizer, like Qwen checkpoints
-    from transformers import AutoTokenizer
-
     model = dcd_jax.load_hf(src)
     n_tokens = len(AutoTokenizer.from_pretrained(src))
     assert n_tokens < VOCAB

@@ -24,7 +24,7 @@ from dcd_jax.data import (
 )
 from dcd_jax.data.shards import plan_blocks, read_block
 from dcd_jax.data.synthetic import STYLES, SyntheticTaskConfig, generate_problems, write_jsonl
-from dcd_jax.eval.scoring import merge_parts
+from dcd_jax.teacher.scoring import merge_parts
 
 TOKENIZER_DIR = Path(__file__).parent / "fixtures" / "data" / "synthetic_tokenizer"
 N, BLOCK, K = 100, 8, 3

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from dcd_jax.cli import main as cli_main
-from dcd_jax.eval import generate as generate_mod
+from dcd_jax.teacher import generate as generate_mod
 from dcd_jax.eval import runner
-from dcd_jax.eval.generate import GenerateConfig, generate_traces
+from dcd_jax.teacher.generate import GenerateConfig, generate_traces
 from dcd_jax.eval.runner import EvalConfig, evaluate
-from dcd_jax.eval.sampler import Completion
+from dcd_jax.infer.sampler import Completion
 
 
 def _write_problems(path, n):

@@ -269,7 +269,7 @@ class SimulatedKill(BaseException):
 
 @pytest.mark.parametrize("point", ["write", "fsync", "rename"])
 def test_kill_at_any_point_of_a_generate_restart_loses_no_finished_trace(point, tmp_path, monkeypatch):
-    from dcd_jax.eval.generate import GenerateConfig, generate_traces
+    from dcd_jax.teacher.generate import GenerateConfig, generate_traces
 
     prompts = _jsonl(tmp_path, "prompts.jsonl", [{"id": f"p{i}", "prompt": f"{i} + 1?", "answer": str(i + 1)} for i in range(4)])
     out = tmp_path / "traces.jsonl"

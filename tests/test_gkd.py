@@ -221,7 +221,7 @@ def _rollout_and_scores(s_graph, t_graph, s_params, t_params, batch, key, sampli
 
 
 def test_rollouts_and_teacher_scores_on_the_2x2x2_mesh_equal_single_device(models):
-    from dcd_jax.eval.sampler import SamplingConfig
+    from dcd_jax.infer.sampler import SamplingConfig
     from dcd_jax.sharding import make_mesh, named_sharding
 
     s_graph, s_params, t_graph, t_params = models

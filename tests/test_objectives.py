@@ -26,6 +26,7 @@ from dcd_jax.objectives import (
     validate_batch,
 )
 from dcd_jax.objectives.config import DCDConfig, IDFTConfig, IWSFTConfig, KLConfig, LamSchedule, ToDiConfig
+from dcd_jax.objectives.weights import WEIGHTINGS, Weighting, Weights, register_weighting
 
 CASE = ref.make_case(0)
 
@@ -136,7 +137,7 @@ CASES = {
     "kl-none-bucket": dict(loss="kl", weighting="none"),
     "kl-none-renorm": dict(loss="kl", weighting="none", kl=KLConfig(tail="renormalize"), reduction="sequence"),
     "kl-dcd-sequence": dict(loss="kl", weighting="dcd", reduction="sequence", lam=LamSchedule(kind="constant")),
-    "kl-todi-bucket": dict(loss="kl", weighting="todi", todi=ToDiConfig(beta=1.5), reduction="sequence"),
+    "todi-bucket": dict(loss="todi", todi=ToDiConfig(beta=1.5), reduction="sequence"),
 }
 
 
@@ -186,12 +187,12 @@ def test_lam_zero_is_exactly_sft():
     assert float(dcd[1].metrics["lam"]) == 0.0
 
 
-@pytest.mark.parametrize("weighting", ["dcd", "dcd_prefix", "dft", "idft", "iw_sft", "todi"])
-def test_every_weighting_at_strength_zero_is_exactly_sft_or_kd(weighting):
-    """objective.strength = 0 turns every weighting into plain SFT (ce) / KD (kl): same loss, same gradient;
-    at strength 1 they really differ from it (so the comparison can fail)."""
-    loss = "kl" if weighting == "todi" else "ce"
-    plain = run(cfg_of(chunk_size=5, loss=loss, weighting="none"), step=50)
+@pytest.mark.parametrize("loss, weighting", [("ce", "dcd"), ("ce", "dcd_prefix"), ("ce", "dft"), ("ce", "idft"),
+                                             ("ce", "iw_sft"), ("todi", "none")])
+def test_every_method_at_strength_zero_is_exactly_sft_or_kd(loss, weighting):
+    """objective.strength = 0 turns every weighting into plain SFT (ce) and the ToDi loss into plain KD
+    (kl): same loss, same gradient; at strength 1 they really differ from it (so the comparison can fail)."""
+    plain = run(cfg_of(chunk_size=5, loss="kl" if loss == "todi" else loss, weighting="none"), step=50)
     kw = dict(chunk_size=5, loss=loss, weighting=weighting, lam=LamSchedule(kind="constant"),
               idft=IDFTConfig(alpha_min=0.5, alpha_max=1.0), iw_sft=IWSFTConfig(kappa=1.0, c=3.0))
     off = run(cfg_of(strength=0.0, **kw), step=50)
@@ -213,10 +214,10 @@ def _weight_inputs(seed=3):
     )
 
 
-@pytest.mark.parametrize("weighting", ["none", "dcd", "dcd_prefix", "dft", "idft", "iw_sft", "todi"])
+@pytest.mark.parametrize("weighting", sorted(WEIGHTINGS))
 def test_weights_carry_no_gradient(weighting):
     """jax.grad through the weight path alone (w.r.t. every input it reads) is exactly zero."""
-    cfg = cfg_of(weighting=weighting, loss="kl" if weighting == "todi" else "ce", lam=LamSchedule(kind="constant"))
+    cfg = cfg_of(weighting=weighting, lam=LamSchedule(kind="constant"))
     inputs = _weight_inputs()
     batch = CASE["batch"]
     mask = jnp.asarray(batch["loss_mask"] * (batch["segment_ids"] > 0))
@@ -300,10 +301,10 @@ def test_config_from_dict_and_validation():
     hash(cfg)  # frozen: usable as a static jit argument
     with pytest.raises(ConfigError, match="unknown option"):
         from_dict(ObjectiveConfig, {"weighting": "dcd", "dcd": {"temperature": 1.0}})
-    with pytest.raises(ConfigError, match="not one of"):
-        from_dict(ObjectiveConfig, {"weighting": "dpo"})
-    with pytest.raises(ConfigError, match="needs objective.loss=kl"):
-        from_dict(ObjectiveConfig, {"weighting": "todi"})
+    with pytest.raises(ConfigError, match="objective.loss=todi"):
+        from_dict(ObjectiveConfig, {"loss": "kl", "weighting": "todi"})
+    with pytest.raises(ConfigError, match="takes no token weighting"):
+        from_dict(ObjectiveConfig, {"loss": "todi", "weighting": "dcd"})
     with pytest.raises(ConfigError, match="tau must be > 0"):
         from_dict(ObjectiveConfig, {"dcd": {"tau": 0.0}})
     with pytest.raises(ConfigError, match="clip_min"):
@@ -342,3 +343,62 @@ def test_vocab_alignment():
     bad["teacher_topk_ids"][0, 3, 0] = ref.VT + 1  # a padding-row id on a response token
     with pytest.raises(VocabMismatchError, match="different tokenizer"):
         validate_batch(cfg, bad, true_vocab_size=ref.VT)
+
+
+# --- the weighting registry -------------------------------------------------------------------
+
+
+def test_registry_and_config_validation_agree():
+    """Every registered weighting validates and reports its fields / reference model through the
+    config; a name outside the registry is refused with the registry listed."""
+    sections = {f.name for f in dataclasses.fields(ObjectiveConfig)}
+    for name, entry in WEIGHTINGS.items():
+        cfg = from_dict(ObjectiveConfig, {"loss": "ce", "weighting": name})
+        assert required_batch_fields(cfg) == {"targets", "loss_mask", "segment_ids"} | entry.batch_fields
+        assert cfg.needs_reference_model == entry.needs_reference_model
+        assert entry.config_section is None or entry.config_section in sections
+    with pytest.raises(ConfigError) as err:
+        from_dict(ObjectiveConfig, {"weighting": "dpo"})
+    assert all(repr(name) in str(err.value) for name in WEIGHTINGS)
+    assert {"none", "dcd", "dcd_prefix", "dft", "idft", "iw_sft"} <= set(WEIGHTINGS) and "todi" not in WEIGHTINGS
+
+
+def test_a_new_weighting_is_one_function_and_one_entry():
+    """A throwaway weighting, w_t = pi_T(y_t) (reads the cached teacher log-probs): registered once,
+    it validates, its batch field is required, and the objective computes the hand-written loss
+    sum_t m_t pi_T(y_t) (-log pi_theta(y_t)) / sum_t m_t."""
+    def teacher_prob(cfg, x):
+        return Weights(jnp.exp(x.teacher_logprobs), jnp.zeros_like(x.mask), jnp.ones((), jnp.float32))
+
+    register_weighting(Weighting("teacher_prob", teacher_prob, batch_fields=frozenset({"teacher_logprobs"})))
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            register_weighting(Weighting("teacher_prob", teacher_prob))
+        cfg = from_dict(ObjectiveConfig, {"weighting": "teacher_prob"})
+        assert "teacher_logprobs" in required_batch_fields(cfg)
+        with pytest.raises(ConfigError, match="weighting=teacher_prob needs `teacher_logprobs`"):
+            check_batch_fields(cfg, {"targets", "loss_mask", "segment_ids"})
+        loss, _, _ = run(cfg)
+        batch = CASE["batch"]
+        logp = ref.log_softmax(np.asarray(CASE["hidden"], np.float64), np.asarray(CASE["unembed"], np.float64))
+        lp = np.take_along_axis(logp, np.asarray(batch["targets"])[..., None], -1)[..., 0]
+        mask = np.asarray(batch["loss_mask"]) * (np.asarray(batch["segment_ids"]) > 0)
+        expected = np.where(mask > 0, np.exp(batch["teacher_logprobs"]) * -lp, 0.0).sum() / mask.sum()
+        np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    finally:
+        WEIGHTINGS.pop("teacher_prob", None)
+
+
+def test_one_mix_matches_the_former_two():
+    """DCD at strength s and schedule lam is mixed once with m = s * lam; it equals the former two
+    mixes (1 - s) + s * ((1 - lam) + lam * w) (tolerance: float rounding)."""
+    kw = dict(target_logprobs=_weight_inputs()["target_logprobs"], teacher_logprobs=_weight_inputs()["teacher_logprobs"],
+              mask=jnp.asarray(CASE["batch"]["loss_mask"] * (CASE["batch"]["segment_ids"] > 0)),
+              segment_ids=jnp.asarray(CASE["batch"]["segment_ids"]), true_vocab_size=ref.VT, step=30)
+    lam = LamSchedule(kind="linear", warmup_steps=100)  # lam(30) = 0.3
+    raw = compute_weights(cfg_of(weighting="dcd", lam=LamSchedule(kind="constant")), **kw).weights
+    once = compute_weights(cfg_of(weighting="dcd", lam=lam, strength=0.6), **kw).weights
+    twice = (1 - 0.6) + 0.6 * ((1 - 0.3) + 0.3 * raw)
+    valid = np.asarray(kw["mask"]) > 0
+    np.testing.assert_allclose(np.asarray(once)[valid], np.asarray(twice)[valid], rtol=1e-6)
+    assert not np.allclose(np.asarray(once)[valid], np.asarray(raw)[valid])

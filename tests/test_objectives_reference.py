@@ -100,13 +100,13 @@ def objective(cfg, hidden, unembed, batch, *, step, ref_hidden=None, ref_unembed
     loss = np.zeros(seg.shape)
     alphas = {}
     for b, t in pos:
-        if cfg.loss == "ce" and cfg.weighting != "todi":
+        if cfg.loss == "ce":
             loss[b, t] = -lp[b, t]
             continue
         ids, a = batch["teacher_topk_ids"][b, t], batch["teacher_topk_logprobs"][b, t]
         P, Q = kl_entries(logp[b, t], ids, a, cfg.kl.tail)
         fwd = np.where(P > 0, P * np.log(np.where(P > 0, P, 1.0) / Q), 0.0)
-        if cfg.weighting == "todi":
+        if cfg.loss == "todi":
             Pf = np.maximum(P, cfg.todi.min_prob)
             al = frozen["alpha"][(b, t)] if frozen else sigmoid(cfg.todi.beta * (np.log(Pf) - np.log(Q)))
             alphas[(b, t)] = al

@@ -10,8 +10,8 @@ from train_fixtures import make_assets
 
 import dcd_jax
 from dcd_jax.data import DataConfig, DataError, build_train_iterator, iter_examples
-from dcd_jax.eval import scoring
-from dcd_jax.eval.scoring import ScoreConfig, score_teacher
+from dcd_jax.teacher import scoring
+from dcd_jax.teacher.scoring import ScoreConfig, score_teacher
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_resume_refuses_parts_of_edited_traces_or_another_topk(assets, tmp_path,
 
 def test_weights_fingerprint_is_exact_and_mesh_independent(assets):
     from dcd_jax.convert.model_dir import load_pretrained
-    from dcd_jax.eval.scoring import weights_fingerprint
+    from dcd_jax.teacher.scoring import weights_fingerprint
     from dcd_jax.sharding import make_mesh
 
     params = load_pretrained(str(assets["student"])).params

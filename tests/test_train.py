@@ -220,15 +220,15 @@ def test_ready_configs_load_with_every_baseline(model_config, objective):
     cfg = load_config(RunConfig, files)
     assert cfg.model.path and cfg.data.path
     if objective in ("kl", "todi", "dcd_kl"):
-        assert cfg.objective.loss == "kl" and cfg.data.topk > 0
+        assert cfg.objective.loss == ("todi" if objective == "todi" else "kl") and cfg.data.topk > 0
     if objective is not None:
-        expected = {"sft": "none", "kl": "none", "dft": "dft", "iw_sft": "iw_sft", "todi": "todi", "dcd_kl": "dcd"}
+        expected = {"sft": "none", "kl": "none", "dft": "dft", "iw_sft": "iw_sft", "todi": "none", "dcd_kl": "dcd"}
         assert cfg.objective.weighting == expected[objective]
 
 
 def test_local_multiprocess_launcher(tmp_path):
     probe = (
-        "from dcd_jax.train.distributed import DistributedConfig, initialize_distributed; import jax; "
+        "from dcd_jax.distributed import DistributedConfig, initialize_distributed; import jax; "
         "initialize_distributed(DistributedConfig()); "
         "print('PROBE', jax.process_index(), jax.process_count(), jax.device_count(), jax.local_device_count())"
     )

@@ -22,7 +22,7 @@ from dcd_jax.convert.mapping import Rule, expected_hf_names, get_path, set_path
 from dcd_jax.convert.safetensors_io import SafetensorsFile
 from dcd_jax.errors import CheckpointError
 from dcd_jax.paths import looks_like_hub_id
-from dcd_jax.models import Transformer, abstract_model, bind
+from dcd_jax.models import abstract_model
 from dcd_jax.models.config import ModelConfig
 from dcd_jax.sharding import named_sharding
 
@@ -177,6 +177,13 @@ def true_vocab_size_of(directory: Path, cfg: ModelConfig, trust_remote_code: boo
     return min(len(tok), cfg.vocab_size)
 
 
+def model_config_of(ckpt: HFCheckpoint, directory: Path, *, trust_remote_code: bool = False, **runtime) -> ModelConfig:
+    """The architecture of an opened HF checkpoint, with the tokenizer's true vocabulary size
+    recorded (losses and samplers exclude the embedding's padding rows past it)."""
+    cfg = ModelConfig.from_hf_config(ckpt.hf_config, source=str(directory / "config.json"), **runtime)
+    return dataclasses.replace(cfg, true_vocab_size=true_vocab_size_of(directory, cfg, trust_remote_code))
+
+
 def load_hf_params(
     ckpt: HFCheckpoint, cfg: ModelConfig, mesh: Mesh | None = None
 ) -> dict[str, Any]:
@@ -211,30 +218,3 @@ def load_hf_params(
         set_path(params, path, jax.make_array_from_callback(shape, sharding, slice_for))
         layer_cache.clear()
     return params
-
-
-def load_hf(
-    path_or_hub_id: str | Path,
-    *,
-    dtype: str = "float32",
-    param_dtype: str | None = None,
-    mesh: Mesh | None = None,
-    remat: str = "none",
-    attention: str = "auto",
-    trust_remote_code: bool = False,
-) -> Transformer:
-    """Load a Llama 3 / Qwen2.5 / Qwen3 HF checkpoint (or a dcd-jax model dir) as a callable Flax model.
-
-    ``model(input_ids, positions=None, segment_ids=None)`` returns fp32 logits [B, T, V]. With
-    ``mesh``, every parameter is created directly in its sharding from the table in
-    :mod:`dcd_jax.sharding`. ``model.cfg.true_vocab_size`` is the tokenizer's vocabulary size
-    (the embedding may have padding rows past it).
-    """
-    from dcd_jax.convert.model_dir import load_pretrained
-
-    loaded = load_pretrained(
-        path_or_hub_id, mesh=mesh, dtype=dtype, param_dtype=param_dtype or dtype, remat=remat,
-        attention=attention, trust_remote_code=trust_remote_code,
-    )
-    graphdef, _, _ = abstract_model(loaded.cfg)
-    return bind(graphdef, loaded.params)

@@ -23,8 +23,15 @@ from jax.sharding import Mesh
 
 from dcd_jax.atomic_files import atomic_write_bytes, atomic_write_text
 from dcd_jax.config import from_dict, to_dict
-from dcd_jax.convert.hf_to_flax import HF_SIDE_FILES, CheckpointError, resolve_model_dir, true_vocab_size_of
-from dcd_jax.models import sharded_abstract_params
+from dcd_jax.convert.hf_to_flax import (
+    HF_SIDE_FILES,
+    CheckpointError,
+    load_hf_params,
+    model_config_of,
+    open_hf_checkpoint,
+    resolve_model_dir,
+)
+from dcd_jax.models import Transformer, abstract_model, bind, sharded_abstract_params
 from dcd_jax.models.config import ModelConfig, resolve_attention
 
 MODEL_META = "model.json"
@@ -130,8 +137,6 @@ def load_pretrained(
 ) -> Pretrained:
     """Load a HF directory / hub id, or a dcd-jax model dir or checkpoint, onto ``mesh``
     (``attention="auto"``: splash on TPU, einsum elsewhere)."""
-    from dcd_jax.convert.hf_to_flax import load_hf_params, open_hf_checkpoint
-
     attention = resolve_attention(attention, jax.default_backend())
     runtime = dict(dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention)
     local = Path(path)
@@ -143,9 +148,33 @@ def load_pretrained(
     else:
         directory = resolve_model_dir(path)
     ckpt = open_hf_checkpoint(directory)
-    cfg = ModelConfig.from_hf_config(ckpt.hf_config, source=str(directory / "config.json"), **runtime)
-    cfg = dataclasses.replace(cfg, true_vocab_size=true_vocab_size_of(directory, cfg, trust_remote_code))
+    cfg = model_config_of(ckpt, directory, trust_remote_code=trust_remote_code, **runtime)
     return Pretrained(cfg, ckpt.hf_config, load_hf_params(ckpt, cfg, mesh), directory)
+
+
+def load_hf(
+    path_or_hub_id: str | Path,
+    *,
+    dtype: str = "float32",
+    param_dtype: str | None = None,
+    mesh: Mesh | None = None,
+    remat: str = "none",
+    attention: str = "auto",
+    trust_remote_code: bool = False,
+) -> Transformer:
+    """Load a Llama 3 / Qwen2.5 / Qwen3 HF checkpoint (or a dcd-jax model dir) as a callable Flax model.
+
+    ``model(input_ids, positions=None, segment_ids=None)`` returns fp32 logits [B, T, V]. With
+    ``mesh``, every parameter is created directly in its sharding from the table in
+    :mod:`dcd_jax.sharding`. ``model.cfg.true_vocab_size`` is the tokenizer's vocabulary size
+    (the embedding may have padding rows past it).
+    """
+    loaded = load_pretrained(
+        path_or_hub_id, mesh=mesh, dtype=dtype, param_dtype=param_dtype or dtype, remat=remat,
+        attention=attention, trust_remote_code=trust_remote_code,
+    )
+    graphdef, _, _ = abstract_model(loaded.cfg)
+    return bind(graphdef, loaded.params)
 
 
 def peek_model_config(path: str | Path) -> ModelConfig | None:

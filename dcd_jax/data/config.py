@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from dcd_jax.config import ConfigError
+from dcd_jax.config import ConfigError, hash_by_value
 
 # Role names some public trace datasets use (ShareGPT style) and what they mean here.
 DEFAULT_ROLE_MAP = {"human": "user", "gpt": "assistant", "model": "assistant"}
@@ -127,10 +127,7 @@ class DataConfig:
     block_records: int = 1024
     read_workers: int = 0
 
-    def __hash__(self) -> int:
-        # Frozen, but `role_map` is a dict: hash its items so the config stays usable as a key.
-        return hash(tuple((f.name, tuple(sorted(v.items())) if isinstance(v, dict) else v)
-                          for f in dataclasses.fields(self) for v in [getattr(self, f.name)]))
+    __hash__ = hash_by_value  # frozen, but `role_map` is a dict
 
     def validate(self) -> None:
         """Reject values that cannot work, naming the option (called by the config loader)."""
@@ -160,6 +157,15 @@ class DataConfig:
         bad = sorted(v for v in self.role_map.values() if v not in ("system", "user", "assistant"))
         if bad:
             raise ConfigError(f"data.role_map: targets {bad} must be one of system, user, assistant")
+
+    def batch_fields(self) -> set[str]:
+        """Fields of the batches this config produces (checked against the objective before any work)."""
+        fields = {"input_ids", "targets", "positions", "segment_ids", "loss_mask"}
+        if self.teacher_scores is not None:
+            fields.add("teacher_logprobs")
+            if self.topk > 0:
+                fields.update({"teacher_topk_ids", "teacher_topk_logprobs"})
+        return fields
 
     def local_batch_size(self, process_count: int) -> int:
         """Rows per batch on one host; the global batch must split evenly across hosts."""

@@ -81,7 +81,7 @@ class ScoresProvenance:
     """Who computed a file of scores and how: stored once per file (Parquet key-value metadata).
 
     ``teacher`` is the name given to ``score-teacher`` (path or hub id), ``teacher_weights`` an
-    exact fingerprint of its parameters as scored (see ``dcd_jax.eval.scoring.weights_fingerprint``).
+    exact fingerprint of its parameters as scored (see ``dcd_jax.teacher.scoring.weights_fingerprint``).
     """
 
     teacher: str

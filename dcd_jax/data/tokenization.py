@@ -23,7 +23,7 @@ Teacher scoring uses the untruncated tokenization, so scores stay valid for any 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -36,6 +36,14 @@ PLAIN_SYSTEM = "{content}\n\n"
 PLAIN_USER = "### User:\n{content}\n\n"
 PLAIN_ASSISTANT = "### Assistant:\n"
 PLAIN_TURN_END = "\n\n"
+
+
+class PromptStyle(Protocol):
+    """How prompts are rendered: :class:`DataConfig` in training; the eval and generate configs
+    carry the same two fields, so a prompt is rendered at inference exactly as in training."""
+
+    template: str  # auto | plain (| raw: the text as is, inference only)
+    system_prompt: str | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,12 +111,12 @@ class TokenizedExample:
 # --------------------------------------------------------------------------- rendering
 
 
-def uses_chat_template(tokenizer: Any, cfg: DataConfig) -> bool:
+def uses_chat_template(tokenizer: Any, cfg: PromptStyle) -> bool:
     """Whether records are rendered with the tokenizer's chat template (else the plain template)."""
     return cfg.template == "auto" and bool(getattr(tokenizer, "chat_template", None))
 
 
-def _with_system(messages: Sequence[Message], cfg: DataConfig) -> list[dict[str, str]]:
+def _with_system(messages: Sequence[Message], cfg: PromptStyle) -> list[dict[str, str]]:
     out = [{"role": m.role, "content": m.content} for m in messages]
     if cfg.system_prompt is not None and (not out or out[0]["role"] != "system"):
         out.insert(0, {"role": "system", "content": cfg.system_prompt})
@@ -168,7 +176,7 @@ def render_example(record: Record, tokenizer: Any, cfg: DataConfig) -> tuple[str
     return full[: spans[-1][1]], spans
 
 
-def render_prompt(prompt: str | Sequence[Message | Mapping[str, str]], tokenizer: Any, cfg: DataConfig) -> str:
+def render_prompt(prompt: str | Sequence[Message | Mapping[str, str]], tokenizer: Any, cfg: PromptStyle) -> str:
     """The text a model is given to write the next assistant turn, rendered as in training.
 
     ``prompt`` is a user message or a conversation (ending before the assistant turn to write).
@@ -182,6 +190,13 @@ def render_prompt(prompt: str | Sequence[Message | Mapping[str, str]], tokenizer
     if uses_chat_template(tokenizer, cfg):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return _render_plain(messages, tokenizer, add_generation_prompt=True)[0]
+
+
+def render_prompts(prompts: Sequence[str], tokenizer: Any, style: PromptStyle) -> list[str]:
+    """:func:`render_prompt` of each prompt; ``style.template == "raw"`` keeps the text as is."""
+    if style.template == "raw":
+        return list(prompts)
+    return [render_prompt(p, tokenizer, style) for p in prompts]
 
 
 # --------------------------------------------------------------------------- tokenization

@@ -1,9 +1,5 @@
-"""Generation and evaluation, separate from training.
+"""Evaluation, separate from training (the sampler is :mod:`dcd_jax.infer`, teacher data :mod:`dcd_jax.teacher`).
 
-* :mod:`~dcd_jax.eval.sampler` - the jitted, batched KV-cache sampler (greedy / temperature /
-  top-k / top-p, ``n`` samples, stop strings, bucketed shapes, sharded on the mesh).
-* :mod:`~dcd_jax.eval.generate` - ``dcd-jax generate``: teacher traces with rejection filtering.
-* :mod:`~dcd_jax.eval.scoring` - ``dcd-jax score-teacher``: cached per-token and top-k teacher log-probs.
 * :mod:`~dcd_jax.eval.grading`, :mod:`~dcd_jax.eval.benchmarks`, :mod:`~dcd_jax.eval.metrics`,
   :mod:`~dcd_jax.eval.stability`, :mod:`~dcd_jax.eval.ifeval` - answer extraction and equivalence,
   benchmark adapters, pass@k / bootstrap CIs, trace stability and ExAccErr, instruction following.

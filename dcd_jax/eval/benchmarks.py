@@ -39,7 +39,7 @@ __all__ = [
     "get_spec",
     "list_benchmarks",
     "register_benchmark",
-    "render_prompt",
+    "fill_prompt_template",
     "read_records",
     "load_benchmark",
     "gold_from_field",
@@ -367,7 +367,7 @@ for _spec in (
 _EXTS = (".jsonl", ".ndjson", ".json", ".parquet", ".csv")
 
 
-def render_prompt(template: str, problem: str) -> str:
+def fill_prompt_template(template: str, problem: str) -> str:
     """Substitute ``{problem}`` in ``template`` (plain replacement, braces elsewhere are literal)."""
     if "{problem}" not in template:
         raise ValueError(f"prompt template must contain '{{problem}}': {template!r}")
@@ -563,7 +563,7 @@ def load_benchmark(
             if _has(row, field):
                 meta[field] = _jsonable(_get(row, field))
         items.append(
-            EvalItem(id=item_id, prompt=render_prompt(spec.prompt_template, str(problem)), gold=gold, meta=meta)
+            EvalItem(id=item_id, prompt=fill_prompt_template(spec.prompt_template, str(problem)), gold=gold, meta=meta)
         )
         if limit is not None and len(items) >= limit:
             break

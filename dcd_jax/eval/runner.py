@@ -15,79 +15,24 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from dcd_jax.config import ConfigError
-from dcd_jax.data import DataConfig, render_prompt
+from dcd_jax.data import PromptStyle, render_prompts
 from dcd_jax.eval import benchmarks as bench_lib
 from dcd_jax.eval import metrics as metrics_lib
 from dcd_jax.eval import report, stability
+from dcd_jax.eval.config import EvalConfig, EvalHookConfig
 from dcd_jax.eval.grading import grade
-from dcd_jax.eval.sampler import Sampler, SamplingConfig
+from dcd_jax.infer.sampler import Sampler, SamplingConfig
+from dcd_jax.infer.scorer import make_scorer, pad_to_bucket
 
 log = logging.getLogger(__name__)
 
-
-@dataclasses.dataclass(frozen=True)
-class EvalConfig:
-    """What to evaluate and how.
-
-    Attributes:
-      benchmarks: benchmark names (``embedded``, ``gsm8k``, ``math``, ``math500``, ``amc23``, ``aime24``,
-        ``aime25``, ``olympiadbench``, ``omni_math``).
-      paths: benchmark -> local file/dir (otherwise its default hub id, which needs network).
-      split: split override for every benchmark (None: each benchmark's default).
-      limit: first N problems of each benchmark.
-      max_new_tokens: generation budget per response.
-      batch_size: rows per generation batch.
-      greedy: run greedy decoding (pass@1).
-      n_samples: sampled responses per problem for avg@n / pass@k (0 or 1: none).
-      temperature, top_p: sampling settings of those samples.
-      seed: sampling seed.
-      template: prompt rendering: ``auto`` (the tokenizer's chat template if it has one, as in
-        training), ``plain`` (the plain training template) or ``raw`` (the prompt text as is).
-      system_prompt: system message for chat rendering (use the one the student was trained with).
-      ifeval: also run the IFEval-style instruction check (needs the ``ifeval`` extra).
-      exaccerr_teacher: teacher model for ExAccErr (opt-in; samples at temperature 1 from both).
-      exaccerr_prompts: prompts used for ExAccErr.
-    """
-
-    benchmarks: tuple[str, ...] = ("embedded",)
-    paths: dict[str, str] = dataclasses.field(default_factory=dict)
-    split: str | None = None
-    limit: int | None = None
-    max_new_tokens: int = 512
-    batch_size: int = 64
-    greedy: bool = True
-    n_samples: int = 0
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
-    template: Literal["auto", "plain", "raw"] = "auto"
-    system_prompt: str | None = None
-    ifeval: bool = False
-    exaccerr_teacher: str | None = None
-    exaccerr_prompts: int = 64
-
-    def validate(self) -> None:
-        if not self.greedy and self.n_samples < 1:
-            raise ConfigError("eval: nothing to do (greedy is off and n_samples is 0)")
-        unknown = sorted(set(self.benchmarks) - set(bench_lib.list_benchmarks()))
-        if unknown:
-            raise ConfigError(f"eval.benchmarks: unknown {unknown}; known: {bench_lib.list_benchmarks()}")
-
-    def __hash__(self) -> int:  # frozen with a dict field: hash by value
-        return hash((self.benchmarks, tuple(sorted(self.paths.items())), self.limit, self.max_new_tokens))
-
-
-def render_prompts(prompts: Sequence[str], tokenizer: Any, cfg: EvalConfig) -> list[str]:
-    """Prompts as the student saw them in training (chat template + system prompt), or raw."""
-    if cfg.template == "raw":
-        return list(prompts)
-    data_cfg = DataConfig(path="-", template=cfg.template, system_prompt=cfg.system_prompt)
-    return [render_prompt(p, tokenizer, data_cfg) for p in prompts]
+# ExAccErr scoring: sequences per forward pass, and their lengths padded to a multiple of this.
+EXACCERR_BATCH_SIZE = 32
+EXACCERR_LENGTH_BUCKET = 64
 
 
 def _sample_cfg(cfg: EvalConfig, *, greedy: bool, n: int = 1) -> SamplingConfig:
@@ -174,8 +119,6 @@ def exaccerr_metrics(student: Any, teacher: Any, tokenizer: Any, prompts: Sequen
 
     Both sample continuations at temperature 1; each continuation is scored by both models.
     """
-    from dcd_jax.eval.scoring import make_scorer
-
     rendered = render_prompts(prompts, tokenizer, cfg)
     sampling = dataclasses.replace(_sample_cfg(cfg, greedy=False), temperature=1.0, top_p=1.0)
     scorers = {
@@ -191,15 +134,10 @@ def exaccerr_metrics(student: Any, teacher: Any, tokenizer: Any, prompts: Sequen
             p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
             seqs.append((p_ids, completions[0].token_ids))
         out: list[np.ndarray] = []
-        batch = 32
+        batch = EXACCERR_BATCH_SIZE
         for start in range(0, len(seqs), batch):
             group = seqs[start : start + batch]
-            length = -(-max(len(p) + len(c) for p, c in group) // 64) * 64
-            ids = np.zeros((batch, length), np.int32)
-            seg = np.zeros((batch, length), np.int32)
-            for row, (p, c) in enumerate(group):
-                ids[row, : len(p) + len(c)] = p + c
-                seg[row, : len(p) + len(c)] = 1
+            ids, seg = pad_to_bucket([p + c for p, c in group], batch, EXACCERR_LENGTH_BUCKET)
             logp = np.asarray(scorers[model_name](params, ids, seg)[0])
             for row, (p, c) in enumerate(group):
                 out.append(logp[row, len(p) - 1 : len(p) - 1 + len(c)])
@@ -258,16 +196,17 @@ def summary_table(results: Mapping[str, Mapping[str, Mapping[str, Any]]], column
     return report.markdown_table(rows, ["method", "benchmark", *columns])
 
 
-def train_eval_hook(hook_cfg: Any, data_cfg: DataConfig):
+def train_eval_hook(hook_cfg: EvalHookConfig, style: PromptStyle):
     """The periodic-evaluation hook of the train loop (``eval:`` section of a run config).
 
-    Prompts are rendered with the run's own template and system prompt; returns flat metrics
-    ``eval/<benchmark>/<metric>`` for metrics.jsonl, TensorBoard and best-checkpoint selection.
+    Prompts are rendered with the run's own template and system prompt (``style``: the run's
+    :class:`~dcd_jax.data.DataConfig`); returns flat metrics ``eval/<benchmark>/<metric>`` for
+    metrics.jsonl, TensorBoard and best-checkpoint selection.
     """
     cfg = EvalConfig(
         benchmarks=(hook_cfg.benchmark,), paths={hook_cfg.benchmark: hook_cfg.path} if hook_cfg.path else {},
         limit=hook_cfg.limit, max_new_tokens=hook_cfg.max_new_tokens, batch_size=hook_cfg.batch_size,
-        template=data_cfg.template, system_prompt=data_cfg.system_prompt,
+        template=style.template, system_prompt=style.system_prompt,
     )
     items = load_items(cfg)
 

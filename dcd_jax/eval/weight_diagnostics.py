@@ -3,7 +3,7 @@
 The training step logs the weight by relative position (``pos<i>_weight`` in ``metrics.jsonl``)
 but cannot know a trace's style. This module recomputes the weights offline, with the training
 code itself (:func:`~dcd_jax.objectives.weights.compute_weights`), from a student checkpoint's
-per-token log-probs on a set of traces (scored by :func:`~dcd_jax.eval.scoring.score_teacher`
+per-token log-probs on a set of traces (scored by :func:`~dcd_jax.teacher.scoring.score_teacher`
 with the student in the teacher's place) and the teacher's cached log-probs:
 
     w_t = compute_weights(cfg, log pi_student(y_t), log pi_T(y_t))   (the set is one batch)
@@ -90,7 +90,7 @@ def weight_diagnostics(objective: Any, student: str, records: Sequence[Mapping[s
     """Mean weight by trace ``style`` and by response position of ``student`` (a model dir or HF dir)
     on ``records`` (distillation traces with ``id``, ``prompt``, ``response``, ``style``)."""
     from dcd_jax.data import DataConfig
-    from dcd_jax.eval.scoring import ScoreConfig, score_teacher
+    from dcd_jax.teacher.scoring import ScoreConfig, score_teacher
 
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)

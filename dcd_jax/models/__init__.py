@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from dcd_jax.models.config import ModelConfig, RopeConfig, UnsupportedModelError
@@ -25,6 +26,7 @@ __all__ = [
     "init_params",
     "bind",
     "param_logical_axes",
+    "positions_from_mask",
     "sharded_abstract_params",
 ]
 
@@ -82,3 +84,9 @@ def sharded_abstract_params(cfg: ModelConfig, mesh: jax.sharding.Mesh | None = N
 def bind(graphdef: nnx.GraphDef, params: dict[str, Any]) -> Transformer:
     """A callable model from a graphdef and a params dict (cheap; use inside jitted functions)."""
     return nnx.merge(graphdef, params)
+
+
+def positions_from_mask(mask: jax.Array) -> jax.Array:
+    """Position of each token among the real tokens of its left-aligned row ``[B, T]``:
+    ``p_t = max(sum_{s <= t} m_s - 1, 0)`` (padding after the row repeats the last position)."""
+    return jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)

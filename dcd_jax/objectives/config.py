@@ -1,15 +1,17 @@
-"""Configuration of the training objective: ``objective: {loss: ce|kl|gkd, weighting: ..., ...}``.
+"""Configuration of the training objective: ``objective: {loss: ce|kl|todi|gkd, weighting: ..., ...}``.
 
 Every option has a documented default; :meth:`ObjectiveConfig.validate` (called by
 :func:`dcd_jax.config.from_dict`) refuses inconsistent settings with a :class:`ConfigError` that
 says what to change. :func:`required_batch_fields` / :func:`check_batch_fields` tell the data
-pipeline which cached teacher fields an objective needs, and how to produce missing ones.
+pipeline which cached teacher fields an objective needs, and how to produce missing ones. The
+weightings, their batch fields and whether they need the reference model come from the registry
+:data:`dcd_jax.objectives.weights.WEIGHTINGS`.
 
 YAML example::
 
     objective:
-      loss: ce                 # ce (token NLL) | kl (forward KL from the teacher's stored top-k) | gkd (live teacher)
-      weighting: dcd           # none | dcd | dcd_prefix | dft | idft | iw_sft | todi
+      loss: ce                 # ce (token NLL) | kl (forward KL from the teacher's stored top-k) | todi | gkd (live teacher)
+      weighting: dcd           # a registered weighting: none | dcd | dcd_prefix | dft | idft | iw_sft
       reduction: token         # token | sequence
       chunk_size: 256          # sequence chunk for the memory-light loss (0 = no chunking)
       dcd: {tau: 1.0, b: 0.0, normalize: true, clip_min: null, clip_max: null}
@@ -22,9 +24,14 @@ import dataclasses
 from typing import AbstractSet, Iterable, Literal
 
 from dcd_jax.config import ConfigError
+from dcd_jax.objectives.weights import WEIGHTINGS
 
-LOSSES = ("ce", "kl", "gkd")
-WEIGHTINGS = ("none", "dcd", "dcd_prefix", "dft", "idft", "iw_sft", "todi")
+LOSSES = ("ce", "kl", "todi", "gkd")
+TEACHER_TOPK = frozenset({"teacher_topk_ids", "teacher_topk_logprobs"})
+# Cached batch fields each loss reads (beyond BASE_FIELDS).
+LOSS_FIELDS = {"ce": frozenset(), "kl": TEACHER_TOPK, "todi": TEACHER_TOPK, "gkd": frozenset()}
+# Losses that are a method of their own: their strength mixes the loss, they take no token weighting.
+METHOD_LOSSES = ("todi", "gkd")
 
 # The command that produces the cached teacher fields (see dcd_jax.cli).
 SCORE_TEACHER_HINT = (
@@ -148,7 +155,7 @@ class IWSFTConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ToDiConfig:
-    """ToDi: per-vocabulary-entry mix of forward and reverse KL on the teacher's top-k support.
+    """ToDi (``loss: todi``): per-vocabulary-entry mix of forward and reverse KL on the teacher's top-k support.
 
     ``alpha_i = sigmoid(beta * log(p_i / q_i))`` (stop-gradient), loss
     ``sum_i alpha_i p_i log(p_i/q_i) + (1 - alpha_i) q_i log(q_i/p_i)``. Teacher probabilities
@@ -211,22 +218,25 @@ class ObjectiveConfig:
     """The training objective: a per-token loss, a stop-gradient per-token weight, a reduction.
 
     ``loss``: ``ce`` = token NLL ``-log pi_theta(y_t)``; ``kl`` = forward KL(pi_T || pi_theta) on
-    the teacher's stored top-k support (tail per ``kl.tail``); ``gkd`` = generalized JSD to a live
-    teacher over the full vocabulary, on partly student-generated batches (``gkd``).
-    ``weighting``: ``none`` (SFT / plain KD), ``dcd`` (the method), ``dcd_prefix`` (DCD on the
-    prefix-mean log-ratio; uses the ``dcd`` and ``lam`` knobs), ``dft``, ``idft``, ``iw_sft``
-    and ``todi`` (KL-type; needs ``loss: kl``) - the offline baselines.
+    the teacher's stored top-k support (tail per ``kl.tail``); ``todi`` = ToDi's per-entry mix of
+    forward and reverse KL on that support (``todi``); ``gkd`` = generalized JSD to a live teacher
+    over the full vocabulary, on partly student-generated batches (``gkd``).
+    ``weighting``: a registered weighting (:data:`~dcd_jax.objectives.weights.WEIGHTINGS`): ``none``
+    (SFT / plain KD), ``dcd`` (the method), ``dcd_prefix`` (DCD on the prefix-mean log-ratio; uses
+    the ``dcd`` and ``lam`` knobs), ``dft``, ``idft``, ``iw_sft`` - the offline baselines. ``todi``
+    and ``gkd`` losses take ``weighting: none``.
     ``reduction``: ``token`` = sum over response tokens / their number (global batch);
     ``sequence`` = mean over each sequence's response tokens, then mean over sequences.
     ``chunk_size``: sequence positions per chunk of the memory-light loss (0 = whole sequence).
+    ``strength``: the one mixing knob ``s`` of every method: weights ``w <- (1 - m) + m * w`` with
+    ``m = s * lam(step)`` for the DCD weightings and ``m = s`` otherwise; ``loss: todi`` mixes its
+    loss, ``(1 - s) * forward KL + s * ToDi``. ``s = 0`` is exactly plain SFT (ce) / KD (kl).
     """
 
-    loss: Literal["ce", "kl", "gkd"] = "ce"
-    weighting: Literal["none", "dcd", "dcd_prefix", "dft", "idft", "iw_sft", "todi"] = "none"
+    loss: Literal["ce", "kl", "todi", "gkd"] = "ce"
+    weighting: str = "none"
     reduction: Literal["token", "sequence"] = "token"
     chunk_size: int = 256
-    # Global strength s of the weighting, for every weighting: w <- (1 - s) + s * w (ToDi:
-    # loss <- (1 - s) * forward KL + s * ToDi). s = 0 is exactly plain SFT (ce) / KD (kl).
     strength: float = 1.0
     dcd: DCDConfig = dataclasses.field(default_factory=DCDConfig)
     lam: LamSchedule = dataclasses.field(default_factory=LamSchedule)
@@ -238,9 +248,14 @@ class ObjectiveConfig:
 
     def validate(self) -> None:
         _check(self.loss in LOSSES, f"objective.loss={self.loss!r}; expected one of {list(LOSSES)}")
+        if self.weighting == "todi":
+            raise ConfigError(
+                "objective.weighting=todi is now objective.loss=todi (ToDi mixes forward and reverse KL per "
+                "vocabulary entry: a loss, not a token weight); set loss: todi, weighting: none"
+            )
         _check(
             self.weighting in WEIGHTINGS,
-            f"objective.weighting={self.weighting!r}; expected one of {list(WEIGHTINGS)}",
+            f"objective.weighting={self.weighting!r}; expected a registered weighting: {sorted(WEIGHTINGS)}",
         )
         _check(
             self.reduction in ("token", "sequence"),
@@ -248,34 +263,30 @@ class ObjectiveConfig:
         )
         _check(self.chunk_size >= 0, f"objective.chunk_size must be >= 0 (0 = no chunking), got {self.chunk_size}")
         _check(0.0 <= self.strength <= 1.0, f"objective.strength must be in [0, 1], got {self.strength}")
-        if self.weighting == "todi" and self.loss != "kl":
-            raise ConfigError(
-                "objective.weighting=todi mixes forward and reverse KL per vocabulary entry, so it needs "
-                "objective.loss=kl (and the teacher's top-k in the data); got loss=ce"
-            )
-        if self.loss == "gkd":
+        if self.loss in METHOD_LOSSES:
             _check(
                 self.weighting == "none",
-                f"objective.loss=gkd takes no token weighting (got weighting={self.weighting}); use weighting=none",
+                f"objective.loss={self.loss} takes no token weighting (got weighting={self.weighting}); use weighting=none",
             )
+        if self.loss == "gkd":
             _check(bool(self.gkd.teacher_path), "objective.loss=gkd needs objective.gkd.teacher_path (the live teacher)")
         for sub in (self.dcd, self.lam, self.idft, self.iw_sft, self.todi, self.gkd):
             sub.validate()
 
     @property
     def needs_reference_model(self) -> bool:
-        """``iw_sft`` needs the frozen initial student's hidden states (``ref_hidden``)."""
-        return self.weighting == "iw_sft"
+        """The weighting reads the frozen initial student (``ref_hidden``; ``iw_sft``)."""
+        return WEIGHTINGS[self.weighting].needs_reference_model
+
+    @property
+    def uses_teacher_topk(self) -> bool:
+        """The loss reads the teacher's cached top-k (``kl``, ``todi``)."""
+        return LOSS_FIELDS[self.loss] >= TEACHER_TOPK
 
 
 def required_batch_fields(cfg: ObjectiveConfig) -> set[str]:
-    """The batch fields ``compute_objective(cfg, ...)`` reads."""
-    fields = set(BASE_FIELDS)
-    if cfg.weighting in ("dcd", "dcd_prefix"):
-        fields.add("teacher_logprobs")
-    if cfg.loss == "kl" or cfg.weighting == "todi":
-        fields.update({"teacher_topk_ids", "teacher_topk_logprobs"})
-    return fields
+    """The batch fields ``compute_objective(cfg, ...)`` reads: the base fields, the loss's and the weighting's."""
+    return set(BASE_FIELDS | LOSS_FIELDS[cfg.loss] | WEIGHTINGS[cfg.weighting].batch_fields)
 
 
 def check_batch_fields(cfg: ObjectiveConfig, available_fields: Iterable[str] | AbstractSet[str]) -> None:
@@ -286,10 +297,10 @@ def check_batch_fields(cfg: ObjectiveConfig, available_fields: Iterable[str] | A
         return
     lines = []
     for name in missing:
-        if name == "teacher_logprobs":
+        if name in LOSS_FIELDS[cfg.loss]:
+            why = f"loss={cfg.loss}"
+        elif name in WEIGHTINGS[cfg.weighting].batch_fields:
             why = f"weighting={cfg.weighting}"
-        elif name.startswith("teacher_topk"):
-            why = f"loss={cfg.loss}" if cfg.loss == "kl" else f"weighting={cfg.weighting}"
         else:
             why = "every objective"
         lines.append(f"{why} needs `{name}` ({FIELD_DOCS.get(name, '?')}) in the data")
@@ -360,7 +371,7 @@ def validate_batch(cfg: ObjectiveConfig, batch, *, true_vocab_size: int) -> None
         raise VocabMismatchError(
             f"{int(bad.sum())} response target ids fall outside the tokenizer vocabulary [0, {true_vocab_size})"
         )
-    if "teacher_topk_ids" in batch and (cfg.loss == "kl" or cfg.weighting == "todi"):
+    if "teacher_topk_ids" in batch and cfg.uses_teacher_topk:
         ids = np.asarray(batch["teacher_topk_ids"])
         lps = np.asarray(batch["teacher_topk_logprobs"])
         if ids.shape[:-1] != shape or lps.shape != ids.shape:

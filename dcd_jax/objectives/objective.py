@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from dcd_jax.objectives import losses, segments
-from dcd_jax.objectives.config import ObjectiveConfig
+from dcd_jax.objectives.config import ObjectiveConfig, required_batch_fields
 from dcd_jax.objectives.gkd import generalized_jsd_chunked
 from dcd_jax.objectives.logprobs import TokenStats, token_logprobs_chunked
 from dcd_jax.objectives.weights import compute_weights
@@ -119,9 +119,8 @@ def compute_objective(
     mask = jnp.where(segment_ids > 0, _as_f32(batch["loss_mask"]), 0.0)
     valid = mask > 0
 
-    use_kl = cfg.loss == "kl" or cfg.weighting == "todi"
     topk_ids = None
-    if use_kl:
+    if cfg.uses_teacher_topk:
         for f in ("teacher_topk_ids", "teacher_topk_logprobs"):
             if f not in batch:
                 raise KeyError(f"loss={cfg.loss} needs `{f}` in the batch")
@@ -153,12 +152,12 @@ def compute_objective(
         teacher_lp = jnp.where(valid, gkd_stats.teacher_target_logprobs, 0.0)
     elif "teacher_logprobs" in batch:
         teacher_lp = jnp.where(valid, _as_f32(batch["teacher_logprobs"]), 0.0)
-    elif cfg.weighting == "dcd":
-        raise KeyError("weighting=dcd needs `teacher_logprobs` in the batch")
+    elif "teacher_logprobs" in required_batch_fields(cfg):
+        raise KeyError(f"weighting={cfg.weighting} needs `teacher_logprobs` in the batch")
     ref_lp = None
-    if cfg.weighting == "iw_sft":
+    if cfg.needs_reference_model:
         if ref_hidden is None or ref_unembed is None:
-            raise ValueError("weighting=iw_sft needs ref_hidden and ref_unembed (the frozen initial student)")
+            raise ValueError(f"weighting={cfg.weighting} needs ref_hidden and ref_unembed (the frozen initial student)")
         ref_lp = token_logprobs_chunked(
             jax.lax.stop_gradient(ref_hidden),
             jax.lax.stop_gradient(ref_unembed),
@@ -170,9 +169,9 @@ def compute_objective(
 
     # Per-token loss.
     metrics: dict[str, jax.Array] = {}
-    if use_kl:
+    if cfg.uses_teacher_topk:
         teacher_topk = losses.sanitize_teacher_topk(batch["teacher_topk_logprobs"], mask)
-        if cfg.weighting == "todi":
+        if cfg.loss == "todi":
             per_token, alpha = losses.todi_token_loss(
                 teacher_topk, stats.gathered_logprobs, stats.rest_logprob,
                 tail=cfg.kl.tail, beta=cfg.todi.beta, min_prob=cfg.todi.min_prob,
@@ -182,7 +181,7 @@ def compute_objective(
             kl_value = losses.forward_kl_token_loss(
                 teacher_topk, stats.gathered_logprobs, stats.rest_logprob, tail=cfg.kl.tail
             )
-            if cfg.strength != 1.0:  # strength 0: plain forward-KL distillation
+            if cfg.strength != 1.0:  # the method's one mix; strength 0: plain forward-KL distillation
                 per_token = (1.0 - cfg.strength) * kl_value + cfg.strength * per_token
         else:
             per_token = kl_value = losses.forward_kl_token_loss(

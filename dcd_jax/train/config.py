@@ -11,10 +11,11 @@ from typing import Literal
 
 from dcd_jax.config import ConfigError
 from dcd_jax.data.config import DataConfig
+from dcd_jax.eval.config import EvalHookConfig
 from dcd_jax.objectives.config import ObjectiveConfig
 from dcd_jax.sharding import check_mesh_sizes
 from dcd_jax.train.checkpoint import CheckpointConfig
-from dcd_jax.train.distributed import DistributedConfig
+from dcd_jax.distributed import DistributedConfig
 from dcd_jax.train.optimizer import OptimConfig
 
 
@@ -54,27 +55,6 @@ class MeshConfig:
 
     def validate(self) -> None:
         check_mesh_sizes((self.data, self.fsdp, self.tensor))
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalHookConfig:
-    """Periodic evaluation during training (through the separate jitted eval loop).
-
-    Attributes:
-      every_steps: evaluate every N steps (0 = never during training).
-      benchmark: benchmark name (``embedded``, ``gsm8k``, ``math500``, ...).
-      path: local file or directory of that benchmark (None: the default location/hub id).
-      limit: evaluate on the first N problems.
-      max_new_tokens: generation budget per problem.
-      batch_size: prompts per generation batch.
-    """
-
-    every_steps: int = 0
-    benchmark: str = "embedded"
-    path: str | None = None
-    limit: int | None = 64
-    max_new_tokens: int = 256
-    batch_size: int = 32
 
 
 @dataclasses.dataclass(frozen=True)

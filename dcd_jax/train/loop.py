@@ -2,11 +2,14 @@
 
 Order of work, so that bad input fails before compute is spent: config -> distributed init ->
 mesh (checked against the device count) -> ``out_dir`` claimed (lock, writable, room for a
-checkpoint; see ``run_dir.py``) -> student + tokenizer -> objective/data field checks -> data
-validation and tokenization -> train state (restored from the latest usable checkpoint of
-``out_dir`` if there is one; a non-finite loss on the first step after a restore falls back to the
-step before) -> jitted step. Each step: host batch -> global arrays -> step -> metrics (read one step late, so
-the host never stalls the device) -> checkpoint / eval / preemption at step boundaries.
+checkpoint; see ``run_dir.py``) -> :func:`build_run`: student + tokenizer -> data validation and
+tokenization -> train state (restored from the latest usable checkpoint of ``out_dir`` if there is
+one; a non-finite loss on the first step after a restore falls back to the step before) -> jitted
+step. :func:`run_loop` then steps: host batch -> global arrays -> step, with small policy objects
+at step boundaries: :class:`StepMetrics` (read one step late, so the host never stalls the device;
+non-finite check; logging every ``log_every``), :class:`PeriodicEval` (every ``eval.every_steps``),
+:class:`CheckpointPolicy` (every ``checkpoint.every_steps``, after an eval, at the end) and the
+preemption flag (SIGTERM / SIGINT: save and exit).
 """
 
 from __future__ import annotations
@@ -20,24 +23,23 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
-import numpy as np
 import yaml
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from dcd_jax.atomic_files import atomic_write_text
-from dcd_jax.config import ConfigError, to_dict
+from dcd_jax.config import to_dict
 from dcd_jax.convert.model_dir import SIDE_DIR, Pretrained, load_pretrained, peek_model_config, write_model_meta
 from dcd_jax.data import build_train_iterator
-from dcd_jax.data.config import DataConfig
 from dcd_jax.models import abstract_model
 from dcd_jax.objectives import check_batch_fields, validate_batch
 from dcd_jax.paths import require_local_or_hub
 from dcd_jax.sharding import make_mesh
 from dcd_jax.train import online
+from dcd_jax.train.batch import check_batch_split, to_global_batch
 from dcd_jax.train.checkpoint import RunCheckpointer
 from dcd_jax.train.config import RunConfig
 from dcd_jax.train.cost import RunCost, teacher_forward_flops_per_token
-from dcd_jax.train.distributed import initialize_distributed
+from dcd_jax.distributed import initialize_distributed
 from dcd_jax.train.flops import mfu
 from dcd_jax.train.metrics import MetricsWriter
 from dcd_jax.train.optimizer import learning_rate_schedule, make_optimizer
@@ -47,7 +49,6 @@ from dcd_jax.train.step import make_train_step
 
 log = logging.getLogger("dcd_jax.train")
 
-BATCH_AXES = ("data", "fsdp")
 RESOLVED_CONFIG = "config.yaml"
 
 
@@ -91,27 +92,6 @@ class TrainResult:
     last_metrics: dict[str, float]
 
 
-def data_fields(cfg: DataConfig) -> set[str]:
-    """Batch fields the data config will produce (checked against the objective before any work)."""
-    fields = {"input_ids", "targets", "positions", "segment_ids", "loss_mask"}
-    if cfg.teacher_scores is not None:
-        fields.add("teacher_logprobs")
-        if cfg.topk > 0:
-            fields.update({"teacher_topk_ids", "teacher_topk_logprobs"})
-    return fields
-
-
-def to_global_batch(local: dict[str, np.ndarray], mesh: Mesh, accum: int) -> dict[str, jax.Array]:
-    """Host rows [B_local, T, ...] -> global arrays [accum, B_global / accum, T, ...] sharded on the batch."""
-    sharding = NamedSharding(mesh, PartitionSpec(None, BATCH_AXES))
-    out = {}
-    for name, value in local.items():
-        micro = value.reshape(accum, value.shape[0] // accum, *value.shape[1:])
-        global_shape = (accum, micro.shape[1] * jax.process_count(), *micro.shape[2:])
-        out[name] = jax.make_array_from_process_local_data(sharding, micro, global_shape)
-    return out
-
-
 class _PreemptionFlag:
     """SIGTERM / SIGINT -> save at the next step boundary, then exit cleanly."""
 
@@ -140,19 +120,6 @@ def _setup_logging() -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def _check_divisibility(cfg: RunConfig, mesh: Mesh) -> None:
-    micro_rows = cfg.data.batch_size // cfg.train.grad_accum
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if micro_rows % shards:
-        raise ConfigError(
-            f"data.batch_size / train.grad_accum = {micro_rows} rows per micro-batch must be divisible by "
-            f"mesh data x fsdp = {shards} (the batch is split over those axes)"
-        )
-    local = cfg.data.local_batch_size(jax.process_count())
-    if local % cfg.train.grad_accum:
-        raise ConfigError(f"per-host rows {local} must be divisible by train.grad_accum={cfg.train.grad_accum}")
-
-
 def _claim_out_dir(cfg: RunConfig) -> RunLock | None:
     """Process 0 locks ``out_dir`` and checks it is writable with room for one checkpoint (after the
     model and data paths are known to exist: a typo must not leave a fresh out_dir behind)."""
@@ -173,16 +140,16 @@ def train(cfg: RunConfig, hooks: TrainHooks | None = None) -> TrainResult:
     hooks = hooks or TrainHooks()
     initialize_distributed(cfg.distributed)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    _check_divisibility(cfg, mesh)
-    check_batch_fields(cfg.objective, data_fields(cfg.data))
-    from dcd_jax.train.plan import check_fits_before_training  # (plan imports this module)
+    check_batch_split(cfg, mesh, jax.process_count())
+    check_batch_fields(cfg.objective, cfg.data.batch_fields())
+    from dcd_jax.train.plan import check_fits_before_training
     check_fits_before_training(cfg)  # on a TPU: refuse what cannot fit before loading any weight
     lock = _claim_out_dir(cfg)
     bad_steps: dict[int, str] = {}
     try:
         while True:
             try:
-                return _train(cfg, hooks, mesh, bad_steps)
+                return run_loop(build_run(cfg, mesh, bad_steps), hooks)
             except _NonFiniteAfterRestore as e:
                 log.warning("checkpoint step %d is unusable (%s); falling back to the previous one", e.step, e)
                 bad_steps[e.step] = str(e)
@@ -191,10 +158,34 @@ def train(cfg: RunConfig, hooks: TrainHooks | None = None) -> TrainResult:
             lock.release()
 
 
-def _train(cfg: RunConfig, hooks: TrainHooks, mesh: Mesh, bad_steps: dict[int, str]) -> TrainResult:
-    is_main = jax.process_index() == 0
-    out_dir = Path(cfg.train.out_dir).absolute()
+@dataclasses.dataclass
+class Run:
+    """A run ready for its first step: model, data, state on the mesh, jitted step, checkpointer."""
 
+    cfg: RunConfig
+    mesh: Mesh
+    out_dir: Path
+    student: Pretrained  # architecture, HF config and tokenizer files (its params moved into ``state``)
+    tokenizer: Any
+    graphdef: Any
+    true_vocab: int
+    data_iter: Any
+    state: dict[str, Any]
+    step_fn: Callable
+    checkpointer: RunCheckpointer
+    start_step: int
+    restored: bool
+    cost: RunCost
+
+    @property
+    def is_main(self) -> bool:
+        return jax.process_index() == 0
+
+
+def build_run(cfg: RunConfig, mesh: Mesh, bad_steps: dict[int, str]) -> Run:
+    """Load the student (and a live teacher for GKD), open the data, build the train state on the
+    mesh, restore the latest usable checkpoint (skipping ``bad_steps``) and jit the step."""
+    out_dir = Path(cfg.train.out_dir).absolute()
     student: Pretrained = load_pretrained(
         cfg.model.path, mesh=mesh, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
         remat=cfg.model.remat, attention=cfg.model.attention, trust_remote_code=cfg.model.trust_remote_code,
@@ -210,19 +201,16 @@ def _train(cfg: RunConfig, hooks: TrainHooks, mesh: Mesh, bad_steps: dict[int, s
     )
     log.info("data: %s", data_iter.stats.summary())
 
-    if is_main:
+    if jax.process_index() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / RESOLVED_CONFIG, yaml.safe_dump(to_dict(cfg), sort_keys=False))
         write_model_meta(out_dir, student.cfg, student.hf_config, student.files_dir)
 
     graphdef, _, param_axes = abstract_model(student.cfg)
-    total_steps = cfg.train.steps
-    tx = make_optimizer(cfg.optim, total_steps, student.params)
-    schedule = learning_rate_schedule(cfg.optim, total_steps)
-    with_ref = cfg.objective.needs_reference_model
-    init = lambda p: init_train_state(p, tx, cfg.train.seed, with_ref)
-    abstract_state = jax.eval_shape(init, student.params)
-    shardings = state_shardings(mesh, param_axes, abstract_state, tx)
+    tx = make_optimizer(cfg.optim, cfg.train.steps, student.params)
+    schedule = learning_rate_schedule(cfg.optim, cfg.train.steps)
+    init = lambda p: init_train_state(p, tx, cfg.train.seed, cfg.objective.needs_reference_model)
+    shardings = state_shardings(mesh, param_axes, jax.eval_shape(init, student.params), tx)
     state = jax.jit(init, out_shardings=shardings)(student.params)
     del student.params
 
@@ -247,110 +235,161 @@ def _train(cfg: RunConfig, hooks: TrainHooks, mesh: Mesh, bad_steps: dict[int, s
     cost = RunCost(0.0 if teacher is None else teacher_forward_flops_per_token(teacher.cfg, cfg.data.seq_len) * tokens_per_step)
     if restored is not None:
         cost.resume_from(out_dir / "metrics.jsonl", start_step)
-    writer = MetricsWriter(out_dir, tensorboard=cfg.train.tensorboard)
-    flops_per_token = student.cfg.flops_per_token(cfg.data.seq_len)
-    progress = None
-    if is_main and cfg.train.progress:
-        from tqdm import tqdm
+    return Run(cfg, mesh, out_dir, student, tokenizer, graphdef, true_vocab, data_iter, state, step_fn,
+               checkpointer, start_step, restored is not None, cost)
 
-        progress = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
-    status = "completed"
-    last: dict[str, float] = {}
-    pending: tuple[int, dict[str, jax.Array], float] | None = None
-    window_start, window_steps = time.perf_counter(), 0
-    step_clock = time.perf_counter()
-    last_saved = start_step if restored is not None else -1
+class StepMetrics:
+    """Reads each step's metrics one step late (the host never stalls the device), refuses a
+    non-finite loss, and writes the metrics every ``train.log_every`` steps."""
 
-    def finish_pending() -> None:
-        """Read the previous step's metrics (by now the device has moved on), log, check finiteness."""
-        nonlocal pending, last, window_start, window_steps, step_clock
-        if pending is None:
+    def __init__(self, run: Run, writer: MetricsWriter, progress):
+        self.run, self.writer, self.progress = run, writer, progress
+        self.pending: tuple[int, dict[str, jax.Array]] | None = None
+        self.last: dict[str, float] = {}
+        self.tokens_per_step = run.cfg.data.batch_size * run.cfg.data.seq_len
+        self.flops_per_token = run.student.cfg.flops_per_token(run.cfg.data.seq_len)
+        self.window_start, self.window_steps = time.perf_counter(), 0
+        self.step_clock = time.perf_counter()
+
+    def push(self, step_no: int, metrics: dict[str, jax.Array]) -> None:
+        """Hand over ``step_no``'s (device) metrics and read the previous step's."""
+        self.flush()
+        self.pending = (step_no, metrics)
+        self.window_steps += 1
+
+    def flush(self) -> None:
+        """Read the pending step's metrics (by now the device has moved on), check finiteness, log."""
+        if self.pending is None:
             return
-        step_no, metrics, _ = pending
-        pending = None
+        run = self.run
+        step_no, metrics = self.pending
+        self.pending = None
         loss = float(metrics["loss"])
-        if not math.isfinite(loss) and restored is not None and step_no == start_step + 1:
-            raise _NonFiniteAfterRestore(start_step, loss)
+        if not math.isfinite(loss) and run.restored and step_no == run.start_step + 1:
+            raise _NonFiniteAfterRestore(run.start_step, loss)
         generated = float(metrics["generated_tokens"]) if "generated_tokens" in metrics else 0.0
         now = time.perf_counter()
-        cost.add_step(generated, now - step_clock)
-        step_clock = now
+        run.cost.add_step(generated, now - self.step_clock)
+        self.step_clock = now
         if not math.isfinite(loss):
+            steps = run.checkpointer.steps()
             raise NonFiniteLossError(
                 f"loss is {loss} at step {step_no}; stopping. The last good checkpoint "
-                f"({checkpointer.steps()[-1] if checkpointer.steps() else 'none'}) is kept in {checkpointer.directory}"
+                f"({steps[-1] if steps else 'none'}) is kept in {run.checkpointer.directory}"
             )
-        if step_no % cfg.train.log_every == 0 or step_no == total_steps:
+        if step_no % run.cfg.train.log_every == 0 or step_no == run.cfg.train.steps:
             host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            elapsed = time.perf_counter() - window_start
-            tps = tokens_per_step * window_steps / max(elapsed, 1e-9)
-            host.update({"tokens_per_second": tps, "step_seconds": elapsed / max(window_steps, 1),
-                         "mfu": mfu(flops_per_token, tps), **cost.step_metrics(generated)})
-            writer.write(step_no, host)
-            last = host
-            window_start, window_steps = time.perf_counter(), 0
-            if progress is not None:
-                progress.set_postfix(loss=f"{host['loss']:.4f}", tok_s=f"{tps:,.0f}")
+            elapsed = time.perf_counter() - self.window_start
+            tps = self.tokens_per_step * self.window_steps / max(elapsed, 1e-9)
+            host.update({"tokens_per_second": tps, "step_seconds": elapsed / max(self.window_steps, 1),
+                         "mfu": mfu(self.flops_per_token, tps), **run.cost.step_metrics(generated)})
+            self.writer.write(step_no, host)
+            self.last = host
+            self.window_start, self.window_steps = time.perf_counter(), 0
+            if self.progress is not None:
+                self.progress.set_postfix(loss=f"{host['loss']:.4f}", tok_s=f"{tps:,.0f}")
 
-    def save(step_no: int, metrics: dict[str, float] | None = None, force: bool = False) -> None:
-        nonlocal last_saved
-        if step_no == last_saved:
+
+class PeriodicEval:
+    """Runs the evaluation hook every ``eval.every_steps`` steps; its metrics are logged."""
+
+    def __init__(self, run: Run, evaluate: Callable[[EvalContext], dict[str, float]] | None, writer: MetricsWriter):
+        self.run, self.evaluate, self.writer = run, evaluate, writer
+        self.every = run.cfg.eval.every_steps if evaluate is not None else 0
+
+    def due(self, step_no: int) -> bool:
+        return bool(self.every) and step_no % self.every == 0
+
+    def __call__(self, step_no: int) -> dict[str, float]:
+        run = self.run
+        metrics = self.evaluate(EvalContext(step_no, run.graphdef, run.state["params"], run.student.cfg,
+                                            run.tokenizer, run.mesh))
+        self.writer.write(step_no, metrics)
+        return metrics
+
+
+class CheckpointPolicy:
+    """Saves every ``checkpoint.every_steps`` steps, after each evaluation (with its metrics, for
+    best-checkpoint selection), on preemption and at the end; a step is saved once."""
+
+    def __init__(self, run: Run, after_checkpoint: Callable[[int], None] | None):
+        self.run, self.after_checkpoint = run, after_checkpoint
+        self.last_saved = run.start_step if run.restored else -1
+
+    def due(self, step_no: int) -> bool:
+        return step_no % self.run.cfg.checkpoint.every_steps == 0
+
+    def save(self, step_no: int, metrics: dict[str, float] | None = None, force: bool = False) -> None:
+        if step_no == self.last_saved:
             return
-        checkpointer.save(step_no, state, data_iter.get_state(), metrics=metrics, force=force)
-        last_saved = step_no
-        if hooks.after_checkpoint is not None:
-            checkpointer.wait()
-            hooks.after_checkpoint(step_no)
+        run = self.run
+        run.checkpointer.save(step_no, run.state, run.data_iter.get_state(), metrics=metrics, force=force)
+        self.last_saved = step_no
+        if self.after_checkpoint is not None:
+            run.checkpointer.wait()
+            self.after_checkpoint(step_no)
 
+
+def run_loop(run: Run, hooks: TrainHooks) -> TrainResult:
+    """Steps from ``run.start_step`` to ``train.steps``, with the metrics, eval, checkpoint and
+    preemption policies at step boundaries; exports the HF directory at the end if asked."""
+    cfg = run.cfg
+    writer = MetricsWriter(run.out_dir, tensorboard=cfg.train.tensorboard)
+    progress = None
+    if run.is_main and cfg.train.progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=cfg.train.steps, initial=run.start_step, desc="train", unit="step", dynamic_ncols=True)
+    step_metrics = StepMetrics(run, writer, progress)
+    evaluation = PeriodicEval(run, hooks.evaluate, writer)
+    checkpoints = CheckpointPolicy(run, hooks.after_checkpoint)
+    status = "completed"
     try:
-        with _PreemptionFlag() as preempt, jax.set_mesh(mesh):
-            for step_no in range(start_step + 1, total_steps + 1):
+        with _PreemptionFlag() as preempt, jax.set_mesh(run.mesh):
+            for step_no in range(run.start_step + 1, cfg.train.steps + 1):
                 try:
-                    local = next(data_iter)
+                    local = next(run.data_iter)
                 except StopIteration:
                     status = "data_exhausted"
                     log.warning("data ran out after %d steps (data.num_epochs=%s)", step_no - 1, cfg.data.num_epochs)
                     break
-                if step_no == start_step + 1:
-                    validate_batch(cfg.objective, local, true_vocab_size=true_vocab)
-                state, metrics = step_fn(state, to_global_batch(local, mesh, cfg.train.grad_accum))
-                finish_pending()
-                pending = (step_no, metrics, time.perf_counter())
-                window_steps += 1
+                if step_no == run.start_step + 1:
+                    validate_batch(cfg.objective, local, true_vocab_size=run.true_vocab)
+                run.state, metrics = run.step_fn(run.state, to_global_batch(local, run.mesh, cfg.train.grad_accum))
+                step_metrics.push(step_no, metrics)
                 if progress is not None:
                     progress.update(1)
 
                 eval_metrics = None
-                if hooks.evaluate is not None and cfg.eval.every_steps and step_no % cfg.eval.every_steps == 0:
-                    finish_pending()
-                    eval_metrics = hooks.evaluate(EvalContext(step_no, graphdef, state["params"], student.cfg, tokenizer, mesh))
-                    writer.write(step_no, eval_metrics)
-                    last.update(eval_metrics)
-                if step_no % cfg.checkpoint.every_steps == 0 or eval_metrics:
-                    finish_pending()  # never checkpoint a state whose loss is not known to be finite
-                    save(step_no, eval_metrics)
+                if evaluation.due(step_no):
+                    step_metrics.flush()
+                    eval_metrics = evaluation(step_no)
+                    step_metrics.last.update(eval_metrics)
+                if checkpoints.due(step_no) or eval_metrics:
+                    step_metrics.flush()  # never checkpoint a state whose loss is not known to be finite
+                    checkpoints.save(step_no, eval_metrics)
                 if preempt.raised is not None:
-                    finish_pending()
+                    step_metrics.flush()
                     log.warning("signal %d: saving step %d and exiting", preempt.raised, step_no)
-                    save(step_no, force=True)
+                    checkpoints.save(step_no, force=True)
                     status = "preempted"
                     break
-            finish_pending()
-            final_step = int(state["step"])
+            step_metrics.flush()
+            final_step = int(run.state["step"])
             if status != "preempted":
-                save(final_step, force=True)
-            checkpointer.wait()
+                checkpoints.save(final_step, force=True)
+            run.checkpointer.wait()
     finally:
         if progress is not None:
             progress.close()
         writer.close()
-        checkpointer.close()
+        run.checkpointer.close()
 
     if cfg.train.export_hf and status != "preempted":
         from dcd_jax.convert import save_hf
 
-        save_hf(state["params"], student.cfg, student.hf_config, out_dir / "hf", side_files_from=out_dir / SIDE_DIR,
-                dtype=cfg.train.export_dtype)
-    log.info("train %s at step %d; data: %s", status, final_step, data_iter.stats.summary())
-    return TrainResult(status, final_step, out_dir, last)
+        save_hf(run.state["params"], run.student.cfg, run.student.hf_config, run.out_dir / "hf",
+                side_files_from=run.out_dir / SIDE_DIR, dtype=cfg.train.export_dtype)
+    log.info("train %s at step %d; data: %s", status, final_step, run.data_iter.stats.summary())
+    return TrainResult(status, final_step, run.out_dir, step_metrics.last)

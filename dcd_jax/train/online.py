@@ -5,7 +5,7 @@ One jitted step ``(state, batch, teacher_params) -> (state, metrics)``:
 1. With probability ``objective.gkd.lmbda`` (a coin drawn from ``fold_in(state.rng, step)``) the
    batch is *regenerated*: each row's first prompt (the tokens of segment 1 up to its first
    response target) is completed by the student at its current parameters with the KV-cache
-   sampler (:func:`dcd_jax.eval.sampler.generate_tokens`), and the row becomes
+   sampler (:func:`dcd_jax.infer.sampler.generate_tokens`), and the row becomes
    ``[prompt, completion, padding]`` with the loss on the completion. The prompt window is
    ``seq_len - max_new_tokens`` and the generation budget ``max_new_tokens``: shapes are fixed,
    so the sampler compiles once with the step, never per step. Rollout keys are derived from the
@@ -30,7 +30,7 @@ from flax import nnx
 
 from dcd_jax.config import ConfigError
 from dcd_jax.convert.model_dir import Pretrained, load_pretrained
-from dcd_jax.eval.sampler import SamplingConfig, generate_tokens, left_align
+from dcd_jax.infer.sampler import SamplingConfig, generate_tokens, left_align
 from dcd_jax.models import abstract_model, bind
 from dcd_jax.objectives import ObjectiveConfig, check_vocab_alignment, compute_objective
 from dcd_jax.train.step import make_train_step

@@ -40,18 +40,16 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from dcd_jax.config import ConfigError
 from dcd_jax.config import replace as replace_config
-from dcd_jax.data.pipeline import BATCH_DTYPES
 from dcd_jax.models import ModelConfig, abstract_model
 from dcd_jax.models.config import resolve_attention
 from dcd_jax.objectives import check_batch_fields
 from dcd_jax.sharding import make_mesh, tree_shardings
+from dcd_jax.train.batch import abstract_train_batch, check_batch_split
 from dcd_jax.train.config import RunConfig
 from dcd_jax.train.flops import peak_flops_per_device
-from dcd_jax.train.loop import BATCH_AXES, data_fields
 from dcd_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from dcd_jax.train.state import init_train_state, state_shardings
 from dcd_jax.train.step import make_train_step
@@ -117,6 +115,24 @@ def parse_topology(text: str) -> tuple[str, str | None, int]:
     if m["cpus"]:
         return "cpu", None, int(m["cpus"])
     return m["chip"], text.strip(), math.prod(int(x) for x in m["shape"].split("x"))
+
+
+def prepare_compile_host(topology: str) -> None:
+    """Compile on this host's CPU backend (a TPU topology needs libtpu, not a TPU); for ``cpu:N``,
+    with N fake host devices. Call before anything starts a JAX backend."""
+    if (topology.startswith("cpu:") and topology[4:].isdigit()
+            and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")):
+        # XLA reads the count when the CPU backend starts (not yet at this point). Restored right
+        # after the backend starts, so processes this one spawns are not affected.
+        flags = os.environ.get("XLA_FLAGS")
+        os.environ["XLA_FLAGS"] = f"{flags or ''} --xla_force_host_platform_device_count={topology[4:]}"
+        jax.config.update("jax_platforms", "cpu")
+        jax.devices()
+        if flags is None:
+            del os.environ["XLA_FLAGS"]
+        else:
+            os.environ["XLA_FLAGS"] = flags
+    jax.config.update("jax_platforms", "cpu")
 
 
 def topology_target(text: str) -> Target:
@@ -212,17 +228,6 @@ def shard_bytes(abstract: Any) -> int:
     return total
 
 
-def _abstract_train_batch(cfg: RunConfig, mesh) -> dict[str, jax.ShapeDtypeStruct]:
-    accum = cfg.train.grad_accum
-    rows, t, k = cfg.data.batch_size // accum, cfg.data.seq_len, cfg.data.topk
-    sharding = NamedSharding(mesh, PartitionSpec(None, BATCH_AXES))
-    out = {}
-    for name in sorted(data_fields(cfg.data)):
-        shape = (accum, rows, t, k) if name.startswith("teacher_topk") else (accum, rows, t)
-        out[name] = jax.ShapeDtypeStruct(shape, BATCH_DTYPES[name], sharding=sharding)
-    return out
-
-
 def _train_program(cfg: RunConfig, model_cfg: ModelConfig, mesh):
     """(jitted step, abstract args, per-chip bytes of its parts, tokens per step)."""
     graphdef, shapes, axes = abstract_model(model_cfg)
@@ -231,7 +236,7 @@ def _train_program(cfg: RunConfig, model_cfg: ModelConfig, mesh):
     abstract_state = jax.eval_shape(init, shapes)
     shardings = state_shardings(mesh, axes, abstract_state, tx)  # outside set_mesh (see module doc)
     state = _with_sharding(abstract_state, shardings)
-    batch = _abstract_train_batch(cfg, mesh)
+    batch = abstract_train_batch(cfg, mesh)
     step = jax.jit(
         make_train_step(graphdef, cfg.objective, tx, learning_rate_schedule(cfg.optim, cfg.train.steps),
                         model_cfg.tokenizer_vocab_size),
@@ -252,7 +257,7 @@ def _params_abstract(model_cfg: ModelConfig, mesh):
 
 
 def _sample_program(cfg: RunConfig, model_cfg: ModelConfig, mesh, batch: int, prompt_len: int):
-    from dcd_jax.eval.sampler import SamplingConfig, _generate_jit, _spec_of
+    from dcd_jax.infer.sampler import SamplingConfig, _generate_jit, _spec_of
     from dcd_jax.sharding import named_sharding
 
     graphdef, params = _params_abstract(model_cfg, mesh)
@@ -267,7 +272,8 @@ def _sample_program(cfg: RunConfig, model_cfg: ModelConfig, mesh, batch: int, pr
 
 
 def _score_program(cfg: RunConfig, model_cfg: ModelConfig, mesh, batch: int):
-    from dcd_jax.eval.scoring import ScoreConfig, make_scorer
+    from dcd_jax.infer.scorer import make_scorer
+    from dcd_jax.teacher.scoring import ScoreConfig
     from dcd_jax.sharding import named_sharding
 
     graphdef, params = _params_abstract(model_cfg, mesh)
@@ -353,11 +359,8 @@ def compile_plan(cfg: RunConfig, target: Target, what: str = "train", *, batch_s
         raise ConfigError(f"--what {what!r}: expected one of {WHAT}")
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=list(target.devices))
     if what == "train":
-        shards = mesh.shape["data"] * mesh.shape["fsdp"]
-        if (cfg.data.batch_size // cfg.train.grad_accum) % shards:
-            raise ConfigError(f"data.batch_size / train.grad_accum = {cfg.data.batch_size // cfg.train.grad_accum} "
-                              f"rows per micro-batch must be divisible by mesh data x fsdp = {shards}")
-        check_batch_fields(cfg.objective, data_fields(cfg.data))
+        check_batch_split(cfg, mesh)
+        check_batch_fields(cfg.objective, cfg.data.batch_fields())
         model_cfg = plan_model_config(cfg, target.platform, path=model_path, download=download)
         fn, args, parts, tokens = _train_program(cfg, model_cfg, mesh)
         batch = cfg.data.batch_size
@@ -367,7 +370,7 @@ def compile_plan(cfg: RunConfig, target: Target, what: str = "train", *, batch_s
             batch = batch_size or cfg.eval.batch_size
             fn, args, parts, tokens = _sample_program(cfg, model_cfg, mesh, batch, prompt_len)
         else:
-            from dcd_jax.eval.scoring import ScoreConfig
+            from dcd_jax.teacher.scoring import ScoreConfig
 
             batch = batch_size or ScoreConfig().batch_size
             fn, args, parts, tokens = _score_program(cfg, model_cfg, mesh, batch)

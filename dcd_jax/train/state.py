@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dcd_jax.sharding import named_sharding
+from dcd_jax.sharding import tree_shardings
 
 TrainState = dict[str, Any]
 
@@ -36,10 +36,7 @@ def init_train_state(params: Any, tx: optax.GradientTransformation, seed: int, w
 def state_shardings(mesh: Mesh, param_axes: Any, abstract_state: TrainState, tx: optax.GradientTransformation) -> Any:
     """NamedShardings for every leaf of ``abstract_state`` (from ``jax.eval_shape(init_train_state, ...)``)."""
     replicated = NamedSharding(mesh, PartitionSpec())
-    is_axes = lambda x: isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
-    param_shardings = jax.tree.map(
-        lambda axes, s: named_sharding(mesh, axes, s.shape), param_axes, abstract_state["params"], is_leaf=is_axes
-    )
+    param_shardings = tree_shardings(mesh, param_axes, abstract_state["params"])
     opt_shardings = optax.tree_map_params(
         tx,
         lambda _, sharding: sharding,

@@ -48,8 +48,7 @@ from dcd_jax.data import (
 from dcd_jax.data.pipeline import open_block_stream
 from dcd_jax.data.shards import BlockPlan
 from dcd_jax.data.teacher_scores import LAYOUT_KEY
-from dcd_jax.models import bind
-from dcd_jax.objectives import token_logprobs_chunked
+from dcd_jax.infer.scorer import make_scorer, pad_to_bucket
 
 log = logging.getLogger(__name__)
 
@@ -115,35 +114,10 @@ def weights_fingerprint(params: Any) -> str:
     return "w-" + h.hexdigest()[:32]
 
 
-def make_scorer(graphdef: Any, true_vocab_size: int, topk: int, chunk_size: int):
-    """Jitted ``(params, input_ids [B, L], segment_ids [B, L]) -> (logp [B, L], topk_lp, topk_ids)``:
-    position t scores token t+1 under the model (the log-prob of ``input_ids[:, t + 1]``)."""
-
-    @jax.jit
-    def score(params, input_ids, segment_ids):
-        model = bind(graphdef, params)
-        positions = jnp.maximum(jnp.cumsum(segment_ids > 0, axis=1) - 1, 0)
-        hidden = model(input_ids, positions, segment_ids, return_hidden=True)
-        targets = jnp.concatenate([input_ids[:, 1:], jnp.zeros_like(input_ids[:, :1])], axis=1)
-        stats = token_logprobs_chunked(
-            hidden, model.unembed_matrix(), targets, true_vocab_size=true_vocab_size, chunk_size=chunk_size,
-            return_entropy=False, top_k=topk,
-        )
-        return stats.target_logprobs, stats.topk_logprobs, stats.topk_ids
-
-    return score
-
-
 def _batches(examples: list, batch_size: int, bucket: int) -> Iterator[tuple[list, np.ndarray, np.ndarray]]:
     for start in range(0, len(examples), batch_size):
         group = examples[start : start + batch_size]
-        length = -(-max(ex.num_tokens for ex in group) // bucket) * bucket
-        ids = np.zeros((batch_size, length), np.int32)
-        seg = np.zeros((batch_size, length), np.int32)
-        for row, ex in enumerate(group):
-            ids[row, : ex.num_tokens] = ex.input_ids
-            seg[row, : ex.num_tokens] = 1
-        yield group, ids, seg
+        yield (group, *pad_to_bucket([ex.input_ids for ex in group], batch_size, bucket))
 
 
 def score_examples(scorer, params, examples: list, cfg: ScoreConfig) -> list[dict[str, Any]]:

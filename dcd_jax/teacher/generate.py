@@ -25,8 +25,8 @@ from dcd_jax.atomic_files import atomic_write_text
 from dcd_jax.config import ConfigError
 from dcd_jax.eval import benchmarks as bench_lib
 from dcd_jax.eval.grading import grade
-from dcd_jax.eval.runner import EvalConfig, render_prompts
-from dcd_jax.eval.sampler import Sampler, SamplingConfig
+from dcd_jax.data import render_prompts
+from dcd_jax.infer.sampler import Sampler, SamplingConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +45,7 @@ class GenerateConfig:
       max_new_tokens: budget per response.
       batch_size: rows per generation batch.
       keep: ``correct`` (rejection sampling on the gold answer) or ``all``.
-      template, system_prompt: prompt rendering (see :class:`~dcd_jax.eval.runner.EvalConfig`).
+      template, system_prompt: prompt rendering (see :class:`~dcd_jax.eval.runner.EvalConfig`), as in training.
       chunk_prompts: prompts per resumable chunk.
       seed: sampling seed.
     """
@@ -122,7 +122,6 @@ def generate_traces(cfg: GenerateConfig, *, teacher=None, tokenizer=None, mesh=N
     sampler = Sampler(teacher[0], teacher[1], tokenizer, mesh)
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                               n=cfg.n, seed=cfg.seed, batch_size=cfg.batch_size)
-    render_cfg = EvalConfig(template=cfg.template, system_prompt=cfg.system_prompt)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -130,7 +129,7 @@ def generate_traces(cfg: GenerateConfig, *, teacher=None, tokenizer=None, mesh=N
         bar = tqdm(total=len(items), initial=len(items) - len(todo), desc="generate", unit="prompt", dynamic_ncols=True)
     for start in range(0, len(todo), cfg.chunk_prompts):
         chunk = todo[start : start + cfg.chunk_prompts]
-        outs = sampler.generate(render_prompts([it.prompt for it in chunk], tokenizer, render_cfg), sampling)
+        outs = sampler.generate(render_prompts([it.prompt for it in chunk], tokenizer, cfg), sampling)
         lines = []
         for item, completions in zip(chunk, outs):
             for j, c in enumerate(completions):

@@ -47,7 +47,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections import Counter
 from typing import Any, Literal, Sequence
 
 import jax
@@ -55,8 +54,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dcd_jax.models import bind
-from dcd_jax.sharding import constrain, named_sharding, traced_for_cpu
+from dcd_jax.models import bind, positions_from_mask
+from dcd_jax.sharding import batch_shards, constrain, named_sharding, traced_for_cpu
 
 __all__ = [
     "SamplingConfig",
@@ -67,21 +66,10 @@ __all__ = [
     "left_align",
     "prompt_bucket_length",
     "batch_bucket_size",
-    "trace_count",
     "row_keys",
 ]
 
 FinishReason = Literal["eos", "stop", "length"]
-
-# Number of times the jitted core was traced (== compiled, modulo the persistent cache), by
-# (batch, prompt length, decode spec). Tests use it to check that bucketing bounds compilation.
-_TRACES: Counter = Counter()
-
-
-def trace_count() -> int:
-    """How many times :func:`generate_tokens`' jitted core has been traced in this process."""
-    return sum(_TRACES.values())
-
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
@@ -281,7 +269,6 @@ def _mask_vocab(logits: jax.Array, limit: int) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("spec",))
 def _generate_jit(graphdef, params, prompt_ids, prompt_mask, rng_keys, temperature, top_p, spec: _DecodeSpec):
     b, p = prompt_ids.shape
-    _TRACES[(b, p, spec)] += 1
     model = bind(graphdef, params)
     vocab_limit = model.cfg.tokenizer_vocab_size
     max_new = spec.max_new_tokens
@@ -293,7 +280,7 @@ def _generate_jit(graphdef, params, prompt_ids, prompt_mask, rng_keys, temperatu
     if not jnp.issubdtype(keys.dtype, jax.dtypes.prng_key):
         keys = jax.random.wrap_key_data(keys)
     lengths_in = mask.sum(axis=1)  # real prompt tokens per row; 0 = a padding row
-    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    positions = positions_from_mask(mask)
 
     cache = _constrain_cache(model.init_cache(b, p + max_new - 1))
     # On CPU, per-layer weight copies made once here (not per step inside the loop; see
@@ -475,7 +462,7 @@ class Sampler:
     def _batch_multiple(self) -> int:
         if self.mesh is None:
             return 1
-        return self.mesh.shape.get("data", 1) * self.mesh.shape.get("fsdp", 1)
+        return batch_shards(self.mesh)
 
     def _eos_ids(self, cfg: SamplingConfig) -> tuple[int, ...]:
         if cfg.eos_token_ids is not None:
