@@ -244,7 +244,8 @@ def hash_cost(n: int = 512) -> dict:
     """
     from dcd_jax.convert.model_dir import load_pretrained
     from dcd_jax.data import DataConfig, content_hash, iter_examples
-    from dcd_jax.data.synthetic import SyntheticTaskConfig, build_tokenizer, generate_problems, make_tiny_student, write_jsonl
+    from dcd_jax.data.synthetic import SyntheticTaskConfig, build_tokenizer, generate_problems, write_jsonl
+    from dcd_jax.tiny_models import make_tiny_student
     from dcd_jax.teacher.scoring import ScoreConfig, make_scorer, score_examples
     from dcd_jax.models import abstract_model
 

@@ -88,7 +88,7 @@ def _qwen2(vocab, hidden, layers, heads, kv_heads, mlp, *, tied=True, theta=1000
 
 # name -> (HF config.json dict, true vocabulary, GPU only?)
 MODELS = {
-    # The demo student (dcd_jax.data.synthetic.STUDENT_SIZES["micro"]) with a 512-row vocabulary.
+    # The demo student (dcd_jax.tiny_models.STUDENT_SIZES["micro"]) with a 512-row vocabulary.
     "tiny": (_qwen2(512, 64, 2, 4, 2, 192), 512, False),
     "25m": (_qwen2(8192, 512, 8, 8, 4, 1408), 8192, False),
     # Qwen/Qwen2.5-0.5B and Qwen/Qwen2.5-1.5B config.json (architecture fields), random weights.

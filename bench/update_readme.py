@@ -39,48 +39,156 @@ def _load(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _shares(counts: dict) -> str:
+    total = max(sum(counts.values()), 1)
+    return ", ".join(f"{k} {v / total:.0%}" for k, v in sorted(counts.items()))
+
+
 def demo_section() -> str | None:
+    # demo_small.json / .png: demo_out/summary.json and comparison.png of `dcd-jax demo --scale small`.
     d = _load("demo_small.json")
     if d is None:
         return None
-    cols = ["accuracy", "length_mean", "truncation_rate", "repetition_rate", "format_failure_rate", "weight_ess"]
+    cols = ["accuracy", "careful_share", "length_mean", "truncation_rate", "repetition_rate", "weight_ess"]
     rows = [[r["method"], *[r.get(c) for c in cols]] for r in d["rows"]]
-    return (
-        f"### The demo (`{d['command']}`, {d['machine']}, {d['wall_minutes']:.1f} min)\n\n"
-        f"Teacher traces kept after rejection sampling: {d['traces_kept']} of {d['traces_sampled']}. "
-        "Greedy accuracy on held-out problems; `weight_ess` = ESS of DCD's token weights / tokens "
-        "(1 = uniform, i.e. SFT).\n\n" + _table(["method", *cols], rows) + "\n\n![demo](bench/results/demo_small.png)\n"
+    steps = sorted({k for r in d["rows"] for k in r["accuracy_by_steps"]}, key=int)
+    by_steps = [[r["method"], *[r["accuracy_by_steps"].get(k) for k in steps]] for r in d["rows"]]
+    stages = ", ".join(f"{k} {v / 60:.1f}" for k, v in d["stage_seconds"].items())
+    curve = ", ".join(f"step {c['step']}: {c['accuracy']:.2f}" for c in d["teacher_val_curve"])
+    teacher = next(r["accuracy"] for r in d["rows"] if r["method"] == "teacher")
+    teacher_row = next(r for r in d["rows"] if r["method"] == "teacher")
+    verdict = ("" if teacher >= 0.7 else
+               f"**The teacher reaches {teacher:.3f} greedy accuracy, short of the 0.7 issue 14 asks for** within "
+               f"this CPU budget (its greedy outputs are {teacher_row['careful_share']:.0%} careful: greedy decoding "
+               "picks its compressed style, which it computes less reliably than its careful one); it still "
+               "clearly beats the student, and the distillation data is the stand-in below. ")
+    text = (
+        f"### The demo (`{d['command']}`, {d['machine']})\n\n"
+        + verdict + f"Stage minutes (sum {d['wall_minutes']:.1f}, each stage's `<stage>.done.json`, measured on a "
+        f"shared 2-core machine while other jobs ran): {stages}. Teacher greedy accuracy on 64 `val` problems "
+        f"during its training: {curve}. "
+        f"Teacher samples kept by rejection sampling: {d['teacher_samples_kept']} of {d['teacher_samples']} "
+        f"({_shares(d['kept_style_counts'])}). Distillation data ({d['distill_source']}): {d['distill_traces']} "
+        f"traces ({_shares(d['distill_style_counts'])}). `student`: the pretrained student before distillation. "
+        "Greedy accuracy on held-out problems of 2-8 operations; `careful_share`: outputs with one operation per "
+        "line; `weight_ess` = ESS of DCD's token weights / tokens (1 = uniform, i.e. SFT).\n\n"
+        + _table(["method", *cols], rows)
+        + "\n\nAccuracy by number of operations:\n\n" + _table(["method", *[f"{k} ops" for k in steps]], by_steps)
+        + "\n\n![demo](bench/results/demo_small.png)\n"
     )
+    probe = _load("regime_probe.json")
+    if probe:
+        runs = "; ".join(f"{k}: " + ", ".join(f"{c['step']}: {c['accuracy']:.2f}" for c in v["curve"])
+                         for k, v in probe["runs"].items())
+        text += (f"\nProbe that sized it (`{probe['command']}`, careful lines without the restated sentences, "
+                 f"constant learning rate; runs not listed here were stopped to free the CPU): greedy accuracy by "
+                 f"step on 96 `val` problems, {runs}. The demo's teacher instead trains on careful lines that "
+                 "restate each sentence before computing it (finding the next fact becomes copying the next "
+                 "sentence), with a cosine schedule: the `val` curve above.\n")
+    return text
+
+
+def _ci(p: dict) -> str:
+    if not p:
+        return "n/a"
+    return f"{p['mean']:+.3f} [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}] ({p['positive']}/{p['n']} seeds > 0)"
+
+
+def _verdict(p: dict) -> str:
+    if not p:
+        return "not measured"
+    if p["n"] < 2:
+        return "one seed only, no interval"
+    if p["ci"][0] > 0:
+        return "above SFT beyond the paired 95% CI"
+    if p["ci"][1] < 0:
+        return "below SFT beyond the paired 95% CI"
+    return "not distinguishable from SFT (the paired 95% CI contains 0)"
+
+
+def _regime_caveat(d: dict) -> str:
+    """A plain statement when the run falls short of the regime issue 14 asks for (from the JSON alone)."""
+    teacher = d["baselines"].get("teacher", {})
+    student = d["baselines"].get("competent", {}).get("accuracy")
+    best = max((m["accuracy"]["mean"] for m in d["methods"].values()), default=None)
+    if not teacher or teacher["accuracy"] >= 0.7:
+        return ""
+    text = (f"The teacher falls short of the regime issue 14 asks for: its greedy accuracy is {teacher['accuracy']:.3f} "
+            f"(>= 0.7 asked; its greedy outputs are {teacher.get('careful_share', 0):.0%} careful), the pretrained "
+            f"student's {student:.3f}" + (f", the best distilled mean {best:.3f}. " if best is not None else ". "))
+    if best is not None and best < 0.15:
+        text += "At this accuracy the methods are hard to separate; the output styles and weights below say more. "
+    return text
 
 
 def experiment_section() -> str | None:
     d = _load("experiment.json")
     if d is None:
         return None
-    cols = ["accuracy", "avg@8", "length_mean", "truncation_rate", "repetition_rate", "exaccerr_pct"]
+    cols = ["accuracy", "careful_share", "lines_per_output", "multi_op_line_share", "length_mean", "truncation_rate",
+            "repetition_rate"]
 
     def cell(m, c):
         v = d["methods"][m].get(c)
         return "n/a" if v is None else f"{v['mean']:.3f} ± {v['std']:.3f}"
 
-    rows = [[m, *[cell(m, c) for c in cols]] for m in d["methods"]]
-    sweep = [[s["tau"], s["b"], s.get("accuracy"), s.get("avg@8"), s.get("exaccerr_pct")] for s in d.get("sweep", [])]
-    ranked = sorted(d["methods"], key=lambda m: -d["methods"][m]["accuracy"]["mean"])
-    ranking = ", ".join(f"{m} {d['methods'][m]['accuracy']['mean']:.3f}" for m in ranked)
+    rows = [[m, d["methods"][m]["accuracy"]["n"], *[cell(m, c) for c in cols]] for m in d["methods"]]
+    base = d["baselines"]
+    rows += [[f"undistilled {k}" if k != "teacher" else "teacher", 1, *[_fmt(base[k].get(c)) for c in cols]]
+             for k in ("competent", "teacher") if k in base]
+    summary = d["summary"]
+    gap = summary["dcd_minus_sft"]
+    steps = list(summary["gap_by_steps"])
+    by_steps = [[m, *[_fmt(d["methods"][m]["accuracy_by_steps"].get(k)) for k in steps]]
+                for m in d["methods"] if m in ("SFT", "DCD-CE", "DCD-prefix", "KL", "DCD-KL")]
+    by_steps.append(["DCD-CE − SFT (paired)", *[_ci(summary["gap_by_steps"][k]) for k in steps]])
+    students = [[k, _fmt(v.get("undistilled")), _fmt(v.get("SFT")), _fmt(v.get("DCD-CE")), _ci(v.get("dcd_minus_sft"))]
+                for k, v in summary["students"].items()]
+    sweep = [[s["setting"], s["accuracy_val"], s.get("truncation_rate"), _shares(s.get("style_shares", {}))]
+             for s in d["sweep"]]
+    diag = next((r for r in d["runs"] if r["method"] == "DCD-CE" and "weights_before" in r), None)
     text = (
-        f"### DCD vs. the offline baselines (`{d['command']}`)\n\n"
-        f"{len(d['seeds'])} seeds (data order), {d['student_steps']} student steps each, same data "
-        f"({d['teacher_traces']} teacher traces). Mean ± sd over seeds. `avg@8`: mean accuracy of 8 samples "
-        "at temperature 1. `exaccerr_pct`: %ExAccErr (Arora et al., 2022) against the teacher at the longest "
-        "prefix length both reach, 100·(R≤l − l·ε≤l)/(l·ε≤l); below 0 means less accumulated error than the "
-        "linear bound; a Monte-Carlo estimate from 64 prompts, so noisy.\n\n"
-        f"Ranked by mean greedy accuracy: {ranking}.\n\n"
-        + _table(["method", *cols], rows)
-        + "\n\n![experiment](bench/results/experiment.png)\n"
+        f"### The DCD study (`{d['command']}`)\n\n"
+        f"**Result: DCD-CE − SFT greedy accuracy = {_ci(gap)} — {_verdict(gap)}.** "
+
+        + _regime_caveat(d) +
+        f"{d['finished_runs']} of {d['planned_runs']} planned runs finished "
+        f"({d['wall_seconds'] / 60:.0f} min); every run {d['student_steps']} steps at lr {d['student_lr']}, "
+        "same data, data order set by the seed.\n\n"
+        f"Regime (issue 14): problems of 2-8 operations; the student is pretrained on other problems (careful "
+        f"style only) before distillation. Distillation data: {d['distill_data']['traces']} traces "
+        f"({d['distill_data']['source']}: correct programmatic traces in the teacher's style mix, "
+        f"{_shares(d['distill_data']['style_counts'])}, scored by the teacher), a stand-in for a teacher that writes "
+        f"both styles correctly: this CPU-trained teacher's own correct samples are "
+        f"{_shares(d['teacher_samples']['kept_style_counts'])} "
+        f"({d['teacher_samples']['kept']} kept of {d['teacher_samples']['sampled']}). "
+        f"DCD setting from the validation sweep: `{json.dumps(d['dcd_setting']) if d['dcd_setting'] else 'defaults'}`.\n\n"
+        "Mean ± sd over seeds (`n` seeds) on the eval split; `careful_share`: greedy outputs with one operation per "
+        "line and a final answer; `lines_per_output`: computation lines per greedy output; `multi_op_line_share`: "
+        "share of those lines with two or more operations (compressed); `truncation_rate`: outputs cut at the "
+        "token budget without an answer.\n\n" + _table(["method", "n", *cols], rows)
+        + "\n\nAccuracy by number of operations (the trace-length sweep, one eval split):\n\n"
+        + _table(["method", *[f"{k} ops" for k in steps]], by_steps)
     )
-    if sweep:
-        text += ("\nDCD-CE sensitivity (seed 0; the main table uses tau 1, b 0):\n\n"
-                 + _table(["tau", "b", "accuracy", "avg@8", "exaccerr_pct"], sweep) + "\n")
+    if students:
+        text += "\n\nStudent competence (accuracy; DCD-CE − SFT paired by seed):\n\n" + _table(
+            ["student", "undistilled", "SFT", "DCD-CE", "DCD-CE − SFT"], students)
+    if diag:
+        styles = sorted(diag["weights_before"]["by_style"])
+        text += ("\n\nWhat DCD emphasizes (seed 0; mean token weight of 128 distillation traces by their style, "
+                 "1 = SFT's weight):\n\n" + _table(
+                     ["when", *styles],
+                     [["start (pretrained student)", *[diag["weights_before"]["by_style"].get(s) for s in styles]],
+                      ["end of distillation", *[diag["weights_after"]["by_style"].get(s) for s in styles]]]))
+        text += ("\n\nThe same weights by position in the response (fifths) and the student's NLL by trace style:\n\n"
+                 + _table(["when", *[f"fifth {i + 1}" for i in range(len(diag["weights_before"]["by_position"]))],
+                           *[f"NLL {s}" for s in styles]],
+                          [[w, *diag[k]["by_position"], *[diag[k]["student_nll_by_style"].get(s) for s in styles]]
+                           for w, k in (("start", "weights_before"), ("end", "weights_after"))]))
+    text += ("\n\nValidation sweep of DCD-CE (seed 0, `val` split; never the eval split; the best setting is used "
+             "for every DCD run, ties go to the paper's tau 1):\n\n"
+             + _table(["setting", "val accuracy", "truncation", "output styles"], sweep)
+             + "\n\n![experiment](bench/results/experiment.png)\n")
     return text
 
 

@@ -1,13 +1,32 @@
-"""``dcd-jax demo``: the paper's whole offline pipeline in miniature, with no download.
+"""``dcd-jax demo``: the paper's offline pipeline in miniature, in the regime it is about, with no download.
 
-  (a) assets    task data (embedded arithmetic word problems), tokenizer, fresh HF checkpoints
-  (b) teacher   train a larger tiny transformer on programmatic traces in a mix of styles
-  (c) traces    generate teacher traces with the jitted sampler, keep the correct ones
-  (d) scores    score them once with the teacher (cached per-token and top-k log-probs)
-  (e) student   convert the fresh tiny HF student to a dcd-jax model dir
-  (f) sft, dcd  distill it with SFT and with DCD: same steps, same data order
-  (g) eval      evaluate teacher and both students with the eval loop
-  (h) report    comparison table, plot PNG, HF-format students
+The paper's claim concerns a *pretrained* student distilled on *long* teacher traces whose style it
+cannot always follow: imitating a trace the student would not have written teaches it to produce
+confident errors that compound along its own prefixes. The demo builds that regime on CPU:
+
+  (a) assets    embedded arithmetic word problems of 2 to 8 operations, each a small fact (careful
+                traces ~30-125 tokens, longer with more operations):
+                teacher training data, distillation prompts, validation and eval splits; the
+                student's pretraining data (other narrative, ``ledger`` template, careful style
+                only); tokenizer; fresh HF checkpoints for teacher and student
+  (b) pretrain  the student's base stage: SFT on its pretraining data, exported as an HF checkpoint
+                -- it arrives at distillation with its own (careful) style and partial competence,
+                as a real base model does (a random-init student is the cold start, see issue 14)
+  (c) teacher   train a tiny transformer on the distillation task itself, for much longer than the
+                student's base stage, in a mix of styles: careful one-operation lines, compressed
+                multi-operation lines, terse expressions (the teacher must clearly beat the student)
+  (d) traces    sample the teacher on some prompts, keep the correct traces (rejection sampling)
+                and measure their style mix (``traces.done.json``)
+  (e) distill   the distillation data: with ``distill_data="sampled"`` the kept teacher traces;
+                with ``"standin"`` (the default scales) correct programmatic traces in the teacher's
+                style mix -- a CPU-trained teacher writes the compressed style correctly too rarely for
+                rejection sampling to keep it, which would leave no style mismatch to correct
+  (f) scores    score the distillation data once with the teacher (cached per-token and top-k log-probs)
+  (g) student   convert the pretrained student's HF checkpoint to a dcd-jax model dir, as for a real one
+  (h) sft, dcd  distill it with SFT and with DCD: same steps, same data order
+  (i) eval      teacher, undistilled student and both distilled students on held-out problems:
+                accuracy, accuracy by number of operations, style of the outputs
+  (j) report    comparison table, plot PNG, HF-format students
 
 Each stage writes its artifacts under ``--out`` and a ``<stage>.done.json`` marker last, so a
 second run reuses finished stages and a killed run resumes at the stage it was in (training
@@ -34,41 +53,58 @@ log = logging.getLogger("dcd_jax.demo")
 class DemoScale:
     """Sizes of one demo scale (``--scale``)."""
 
-    task: SyntheticTaskConfig  # difficulty and style mix of the teacher's training traces
-    n_prompts: int  # prompts the teacher answers to make the distillation data
-    n_eval: int  # held-out evaluation problems
+    task: SyntheticTaskConfig  # the distillation task: difficulty and the teacher's style mix
+    pretrain_task: SyntheticTaskConfig  # the student's base-stage data (other template, careful style)
+    n_prompts: int  # distillation prompts
+    n_eval: int  # held-out evaluation problems (split "eval")
+    n_val: int  # validation problems (split "val"; the study tunes on it)
+    n_sampled_prompts: int  # prompts the teacher samples to measure the style mix it keeps
     teacher_size: str
     student_size: str
     teacher_steps: int
+    pretrain_steps: int
     student_steps: int
     batch_size: int
     seq_len: int
     teacher_lr: float
+    pretrain_lr: float
     student_lr: float
     samples_per_prompt: int
     temperature: float
     max_new_tokens: int
     topk: int
     keep: str = "correct"  # rejection filtering; "all" at micro scale, a plumbing check whose teacher is too small to be right
+    distill_data: str = "standin"  # "standin": correct programmatic traces in the teacher's mix; "sampled": kept samples
 
 
-# Two-step problems with small numbers: a 1M-parameter teacher learns them in a few CPU minutes.
-_EASY = dict(min_steps=1, max_steps=2, max_start=12, max_operand=6, max_value=30)
+# Long problems whose every operation is a small fact (operands <= 9, amounts <= 20): a tiny model
+# learns the facts fast, so difficulty comes from the number of operations (errors compound over
+# lines), not from multi-digit arithmetic (digits are single tokens; big numbers kept the issue-14
+# teacher at floor accuracy). Probe: bench/regime_probe.py, bench/results/regime_probe.json.
+_LONG = dict(min_steps=2, max_steps=8, max_start=9, max_operand=9, max_value=20, restate=True)
+_MIX = {"careful": 0.5, "compressed": 0.35, "terse": 0.15}
+_PRETRAIN = dict(_LONG, min_steps=1, max_steps=6, template="ledger", style_mix={"careful": 1.0})
 SCALES = {
     "micro": DemoScale(
-        task=SyntheticTaskConfig(n_examples=400, **_EASY), n_prompts=48, n_eval=24, teacher_size="micro",
-        student_size="micro", teacher_steps=30, student_steps=12, batch_size=8, seq_len=192, teacher_lr=1e-2,
-        student_lr=5e-3, samples_per_prompt=2, temperature=1.0, max_new_tokens=48, topk=4, keep="all",
+        task=SyntheticTaskConfig(n_examples=400, style_mix=_MIX, **dict(_LONG, max_steps=4)),
+        pretrain_task=SyntheticTaskConfig(n_examples=200, **dict(_PRETRAIN, max_steps=3)),
+        n_prompts=48, n_eval=24, n_val=8, n_sampled_prompts=8, teacher_size="micro", student_size="micro",
+        teacher_steps=20, pretrain_steps=10, student_steps=12, batch_size=8, seq_len=256, teacher_lr=1e-2,
+        pretrain_lr=1e-2, student_lr=5e-3, samples_per_prompt=2, temperature=1.0, max_new_tokens=48, topk=4, keep="all",
     ),
     "small": DemoScale(
-        task=SyntheticTaskConfig(n_examples=20000, **_EASY), n_prompts=1024, n_eval=256, teacher_size="tiny",
-        student_size="micro", teacher_steps=400, student_steps=250, batch_size=16, seq_len=256, teacher_lr=3e-3,
-        student_lr=3e-3, samples_per_prompt=2, temperature=1.0, max_new_tokens=64, topk=8,
+        task=SyntheticTaskConfig(n_examples=20000, style_mix=_MIX, **_LONG),
+        pretrain_task=SyntheticTaskConfig(n_examples=8000, **_PRETRAIN),
+        n_prompts=1024, n_eval=200, n_val=100, n_sampled_prompts=64, teacher_size="tiny", student_size="tiny",
+        teacher_steps=1200, pretrain_steps=900, student_steps=120, batch_size=8, seq_len=512, teacher_lr=3e-3,
+        pretrain_lr=3e-3, student_lr=1e-3, samples_per_prompt=2, temperature=1.0, max_new_tokens=288, topk=8,
     ),
     "full": DemoScale(
-        task=SyntheticTaskConfig(n_examples=60000, **dict(_EASY, max_steps=3)), n_prompts=4096, n_eval=512,
-        teacher_size="small", student_size="tiny", teacher_steps=3000, student_steps=1200, batch_size=32, seq_len=256,
-        teacher_lr=2e-3, student_lr=2e-3, samples_per_prompt=4, temperature=1.0, max_new_tokens=96, topk=16,
+        task=SyntheticTaskConfig(n_examples=60000, style_mix=_MIX, **dict(_LONG, max_steps=12)),
+        pretrain_task=SyntheticTaskConfig(n_examples=60000, **_PRETRAIN),
+        n_prompts=4096, n_eval=512, n_val=256, n_sampled_prompts=256, teacher_size="small", student_size="tiny",
+        teacher_steps=4000, pretrain_steps=1500, student_steps=1200, batch_size=32, seq_len=384, teacher_lr=2e-3,
+        pretrain_lr=2e-3, student_lr=1e-3, samples_per_prompt=4, temperature=1.0, max_new_tokens=256, topk=16,
     ),
 }
 
@@ -88,10 +124,12 @@ def run_stage(out: Path, name: str, fn: Callable[[], dict[str, Any]]) -> dict[st
 
 
 def _train(model: str, data: dict[str, Any], objective: dict[str, Any], steps: int, lr: float, out_dir: Path,
-           scale: DemoScale, seed: int) -> dict[str, Any]:
+           scale: DemoScale, seed: int, val_path: Path | None = None) -> dict[str, Any]:
+    """Train ``model`` for ``steps``; with ``val_path``, greedy accuracy on (up to 64 of) its problems
+    every quarter of the run (the learning curve, ``val_curve``)."""
     from dcd_jax.config import from_dict
     from dcd_jax.train.config import RunConfig
-    from dcd_jax.train.loop import train
+    from dcd_jax.train.loop import TrainHooks, train
     from dcd_jax.train.metrics import read_metrics
 
     cfg = from_dict(RunConfig, {
@@ -102,19 +140,76 @@ def _train(model: str, data: dict[str, Any], objective: dict[str, Any], steps: i
         "checkpoint": {"every_steps": max(steps // 4, 1), "keep": 1},
         "train": {"steps": steps, "out_dir": str(out_dir), "log_every": max(steps // 50, 1), "export_hf": True,
                   "seed": seed},
+        "eval": {"every_steps": max(steps // 4, 1) if val_path else 0, "benchmark": "embedded",
+                 "path": str(val_path) if val_path else None, "limit": 64, "max_new_tokens": scale.max_new_tokens,
+                 "batch_size": 64},
     })
-    result = train(cfg)
+    hooks = TrainHooks()
+    if val_path:
+        from dcd_jax.eval.runner import train_eval_hook
+
+        hooks = TrainHooks(evaluate=train_eval_hook(cfg.eval, cfg.data))
+    result = train(cfg, hooks)
+    if result.step < steps:  # stopped early (e.g. SIGTERM after a checkpoint): the stage is not done
+        raise RuntimeError(f"training in {out_dir} stopped at step {result.step} of {steps}; rerun to resume")
     rows = [r for r in read_metrics(out_dir / "metrics.jsonl") if "loss" in r]
     tail = rows[-max(len(rows) // 5, 1):]
     mean = lambda key: sum(r.get(key, 0.0) for r in tail) / len(tail)
+    curve = [{"step": r["step"], "accuracy": r["eval/embedded/pass@1"]} for r in read_metrics(out_dir / "metrics.jsonl")
+             if "eval/embedded/pass@1" in r]
     return {"hf": str(out_dir / "hf"), "steps": result.step, "final_loss": mean("loss"),
             "ess_token_frac": mean("ess_token_frac"), "weight_std": mean("weight_std"),
-            "tokens_per_second": mean("tokens_per_second")}
+            "tokens_per_second": mean("tokens_per_second"), **({"val_curve": curve} if curve else {})}
 
 
-def run_demo(out: str | Path = "demo_out", scale: "str | DemoScale" = "small", seed: int = 0) -> dict[str, Any]:
-    """Run (or resume) the demo under ``out``; returns the comparison summary."""
-    from dcd_jax.data.synthetic import build_tokenizer, generate_problems, make_tiny_student, write_jsonl
+def distill_records(task: SyntheticTaskConfig, n_prompts: int) -> list[dict[str, Any]]:
+    """The stand-in distillation data: split ``prompts``, every trace correct, in ``task.style_mix``."""
+    from dcd_jax.data.synthetic import generate_problems
+
+    return generate_problems(dataclasses.replace(task, split="prompts", n_examples=n_prompts, error_rate=0.0))
+
+
+def convert_student(hf_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """HF checkpoint -> dcd-jax model dir, exactly as for a real student."""
+    from dcd_jax.convert import load_hf_params, open_hf_checkpoint, save_model_dir
+    from dcd_jax.models.config import ModelConfig
+
+    ckpt = open_hf_checkpoint(hf_dir)
+    cfg = ModelConfig.from_hf_config(ckpt.hf_config)
+    save_model_dir(out_dir, load_hf_params(ckpt, cfg), cfg, ckpt.hf_config, side_files_from=hf_dir)
+    return {"student_flax": str(out_dir), "student_hf": str(hf_dir), "params": cfg.num_params}
+
+
+def prepare_student(out: str | Path, scale: "str | DemoScale" = "small", kind: str = "competent",
+                    seed: int = 0) -> dict[str, str]:
+    """A distillation-ready student for the study, after the demo's shared stages (cached):
+    ``competent`` (the demo's pretrained student), ``weak`` (the same base stage with a quarter of
+    the steps) or ``random`` (no base stage: the cold start). Returns ``{"flax": model dir, "hf": HF dir}``."""
+    out = Path(out).absolute()
+    s = SCALES[scale] if isinstance(scale, str) else scale
+    run_demo(out, scale, seed, distill=False)
+    runs, assets = out / "runs", out / "assets"
+    if kind == "competent":
+        return {"flax": str(out / "student_flax"), "hf": str(runs / "pretrain" / "hf")}
+    if kind == "weak":
+        run_stage(out, "pretrain_weak", lambda: _train(
+            str(assets / "student_init"), {"path": str(assets / "pretrain.jsonl")}, {"weighting": "none"},
+            max(s.pretrain_steps // 4, 1), s.pretrain_lr, runs / "pretrain_weak", s, seed))
+        run_stage(out, "student_weak", lambda: convert_student(runs / "pretrain_weak" / "hf", out / "student_flax_weak"))
+        return {"flax": str(out / "student_flax_weak"), "hf": str(runs / "pretrain_weak" / "hf")}
+    if kind == "random":
+        run_stage(out, "student_random", lambda: convert_student(assets / "student_init", out / "student_flax_random"))
+        return {"flax": str(out / "student_flax_random"), "hf": str(assets / "student_init")}
+    raise ValueError(f"kind={kind!r}; expected competent, weak or random")
+
+
+def run_demo(out: str | Path = "demo_out", scale: "str | DemoScale" = "small", seed: int = 0,
+             distill: bool = True) -> dict[str, Any]:
+    """Run (or resume) the demo under ``out``; returns the comparison summary (``distill=False``:
+    stop after the student conversion, the stages the study shares, and return ``{}``)."""
+    from dcd_jax.data.synthetic import build_tokenizer, generate_problems, write_jsonl
+    from dcd_jax.eval.weight_diagnostics import style_counts
+    from dcd_jax.tiny_models import make_tiny_student
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -122,55 +217,69 @@ def run_demo(out: str | Path = "demo_out", scale: "str | DemoScale" = "small", s
     out.mkdir(parents=True, exist_ok=True)
     s = SCALES[scale] if isinstance(scale, str) else scale
     assets, traces, runs = out / "assets", out / "traces", out / "runs"
+    task = dataclasses.replace(s.task, seed=seed)
 
     def stage_assets():
         tok = build_tokenizer(assets / "tokenizer", seed=seed)
-        task = dataclasses.replace(s.task, seed=seed)
         write_jsonl(generate_problems(task), assets / "teacher_train.jsonl")
-        prompts = dataclasses.replace(task, split="prompts", n_examples=s.n_prompts)
-        write_jsonl(generate_problems(prompts), assets / "prompts.jsonl")
+        write_jsonl(generate_problems(dataclasses.replace(s.pretrain_task, seed=seed, split="pretrain")),
+                    assets / "pretrain.jsonl")
+        write_jsonl(distill_records(task, s.n_prompts), assets / "prompts.jsonl")
+        write_jsonl(generate_problems(dataclasses.replace(task, split="val", n_examples=s.n_val)), assets / "val.jsonl")
         write_jsonl(generate_problems(dataclasses.replace(task, split="eval", n_examples=s.n_eval)), assets / "eval.jsonl")
         make_tiny_student(assets / "teacher_init", tok, size=s.teacher_size, seed=seed + 1, max_position_embeddings=1024)
-        make_tiny_student(assets / "student", tok, size=s.student_size, seed=seed, max_position_embeddings=1024)
+        make_tiny_student(assets / "student_init", tok, size=s.student_size, seed=seed, max_position_embeddings=1024)
         return {"tokenizer_size": len(tok)}
+
+    def stage_pretrain():
+        return _train(str(assets / "student_init"), {"path": str(assets / "pretrain.jsonl")}, {"weighting": "none"},
+                      s.pretrain_steps, s.pretrain_lr, runs / "pretrain", s, seed)
 
     def stage_teacher():
         return _train(str(assets / "teacher_init"), {"path": str(assets / "teacher_train.jsonl")},
-                      {"weighting": "none"}, s.teacher_steps, s.teacher_lr, runs / "teacher", s, seed)
+                      {"weighting": "none"}, s.teacher_steps, s.teacher_lr, runs / "teacher", s, seed,
+                      val_path=assets / "val.jsonl")
 
     def stage_traces():
         from dcd_jax.teacher.generate import GenerateConfig, generate_traces
 
         cfg = GenerateConfig(teacher=str(runs / "teacher" / "hf"), prompts=str(assets / "prompts.jsonl"), split="prompts",
-                             out=str(traces / "train.jsonl"), n=s.samples_per_prompt, temperature=s.temperature,
-                             max_new_tokens=s.max_new_tokens, keep=s.keep, seed=seed)
+                             out=str(traces / "sampled.jsonl"), n=s.samples_per_prompt, temperature=s.temperature,
+                             max_new_tokens=s.max_new_tokens, keep=s.keep, seed=seed, limit=s.n_sampled_prompts)
         stats = generate_traces(cfg)
-        if stats["traces_in_file"] == 0:
-            raise RuntimeError("the teacher produced no correct trace; train it longer (--scale) or check the data")
-        return stats
+        kept = [json.loads(line)["response"] for line in open(traces / "sampled.jsonl")]
+        return {**stats, "kept_style_counts": style_counts(kept)}
+
+    def stage_distill():
+        if s.distill_data == "sampled":
+            records = [json.loads(line) for line in open(traces / "sampled.jsonl")]
+            if not records:
+                raise RuntimeError("the teacher produced no correct trace; train it longer (--scale) or check the data")
+        else:
+            records = distill_records(task, s.n_prompts)
+        write_jsonl(records, traces / "train.jsonl")
+        return {"source": s.distill_data, "traces": len(records),
+                "style_counts": style_counts(r["response"] for r in records)}
 
     def stage_scores():
         from dcd_jax.data import DataConfig
         from dcd_jax.teacher.scoring import ScoreConfig, score_teacher
 
         path = score_teacher(DataConfig(path=str(traces / "train.jsonl")),
-                             ScoreConfig(teacher=str(runs / "teacher" / "hf"), topk=s.topk, batch_size=16))
+                             ScoreConfig(teacher=str(runs / "teacher" / "hf"), topk=s.topk, batch_size=16),
+                             progress=False)
         return {"scores": str(path)}
-
-    def stage_student():
-        from dcd_jax.convert import load_hf_params, open_hf_checkpoint, save_model_dir
-        from dcd_jax.models.config import ModelConfig
-
-        ckpt = open_hf_checkpoint(assets / "student")
-        cfg = ModelConfig.from_hf_config(ckpt.hf_config)
-        save_model_dir(out / "student_flax", load_hf_params(ckpt, cfg), cfg, ckpt.hf_config, side_files_from=assets / "student")
-        return {"student_flax": str(out / "student_flax"), "params": cfg.num_params}
 
     run_stage(out, "assets", stage_assets)
     teacher = run_stage(out, "teacher", stage_teacher)
-    gen = run_stage(out, "traces", stage_traces)
+    pretrain = run_stage(out, "pretrain", stage_pretrain)
+    sampled = run_stage(out, "traces", stage_traces)
+    gen = run_stage(out, "distill", stage_distill)
     run_stage(out, "scores", stage_scores)
-    student = run_stage(out, "student", stage_student)
+    # Exactly as a real student: its HF checkpoint (here the pretrained one) through HF -> Flax.
+    student = run_stage(out, "student", lambda: convert_student(runs / "pretrain" / "hf", out / "student_flax"))
+    if not distill:
+        return {}
     data = {"path": str(traces / "train.jsonl"), "teacher_scores": str(traces / "train.teacher.parquet"), "topk": s.topk}
     methods = {"sft": {"weighting": "none"}, "dcd": {"weighting": "dcd", "lam": {"warmup_steps": s.student_steps // 5}}}
     trained = {
@@ -180,55 +289,95 @@ def run_demo(out: str | Path = "demo_out", scale: "str | DemoScale" = "small", s
     }
 
     def stage_eval():
-        from dcd_jax.eval.runner import EvalConfig, run_eval
+        models = {"teacher": teacher["hf"], "student": student["student_hf"], **{n: r["hf"] for n, r in trained.items()}}
+        return evaluate_models(models, assets / "eval.jsonl", out / "results", s.max_new_tokens)
 
-        cfg = EvalConfig(benchmarks=("embedded",), paths={"embedded": str(assets / "eval.jsonl")},
-                         max_new_tokens=s.max_new_tokens, batch_size=64)
-        models = {"teacher": teacher["hf"], **{name: r["hf"] for name, r in trained.items()}}
-        return run_eval(models, cfg, out / "results")
-
-    results = run_stage(out, "eval", stage_eval)["results"]
-    return report(out, results, trained, teacher, gen, student, scale if isinstance(scale, str) else "custom")
+    results = run_stage(out, "eval", stage_eval)
+    return report(out, results, {"student": pretrain, **trained}, teacher, gen, sampled, student,
+                  scale if isinstance(scale, str) else "custom")
 
 
-COLUMNS = ("accuracy", "length_mean", "truncation_rate", "repetition_rate", "format_failure_rate",
+def evaluate_models(models: dict[str, str], eval_path: Path, out: Path, max_new_tokens: int, **eval_options) -> dict:
+    """Greedy eval of ``models`` on the embedded problems, plus accuracy by number of operations and
+    the style of the greedy outputs (read from the generations the eval writes)."""
+    from dcd_jax.eval.runner import EvalConfig, run_eval
+    from dcd_jax.eval.weight_diagnostics import output_diagnostics
+
+    cfg = EvalConfig(benchmarks=("embedded",), paths={"embedded": str(eval_path)}, max_new_tokens=max_new_tokens,
+                     batch_size=256, **eval_options)
+    full = run_eval(models, cfg, out)
+    steps = {json.loads(line)["id"]: json.loads(line)["num_steps"] for line in open(eval_path)}
+    for name in models:
+        greedy = [json.loads(line) for line in open(out / "generations" / name / "generations" / "embedded.jsonl")]
+        greedy = [g for g in greedy if g["kind"] == "greedy"]
+        full["results"][name]["embedded"].update(output_diagnostics(greedy, steps))
+    return full
+
+
+COLUMNS = ("accuracy", "careful_share", "length_mean", "truncation_rate", "repetition_rate", "format_failure_rate",
            "weight_ess", "final_loss")
 
 
-def report(out: Path, results: dict, trained: dict, teacher: dict, gen: dict, student: dict,
+def _share_text(counts: dict[str, int]) -> str:
+    total = max(sum(counts.values()), 1)
+    return ", ".join(f"{k} {v / total:.0%}" for k, v in sorted(counts.items()))
+
+
+def report(out: Path, results: dict, trained: dict, teacher: dict, gen: dict, sampled: dict, student: dict,
            scale_name: str = "custom") -> dict[str, Any]:
     """Print the comparison table; write ``report.md``, ``summary.json`` and ``comparison.png``."""
     from dcd_jax.eval.report import markdown_table
 
+    results = results["results"]
     rows = []
     for name in ("teacher", *trained):
         m = results[name]["embedded"]
         train_info = trained.get(name, teacher)
         rows.append({
             "method": name, "accuracy": m["pass@1"], "accuracy_ci": m.get("pass@1_ci"),
+            "careful_share": m["style_shares"].get("careful", 0.0), "style_shares": m["style_shares"],
+            "accuracy_by_steps": m["accuracy_by_steps"],
             "length_mean": m.get("length_mean"), "truncation_rate": m.get("truncation_rate"),
             "repetition_rate": m.get("repetition_rate"), "format_failure_rate": m.get("format_failure_rate"),
-            "weight_ess": train_info.get("ess_token_frac"), "final_loss": train_info.get("final_loss"),
+            "weight_ess": train_info.get("ess_token_frac") if name in ("sft", "dcd") else None,
+            "final_loss": train_info.get("final_loss"),
         })
-    table = markdown_table(rows, ["method", *COLUMNS])
+    table = markdown_table([{k: v for k, v in r.items() if k not in ("style_shares", "accuracy_by_steps")}
+                            for r in rows], ["method", *COLUMNS])
+    steps = sorted({k for r in rows for k in r["accuracy_by_steps"]}, key=int)
+    by_steps = markdown_table([{"method": r["method"], **{f"{k} ops": r["accuracy_by_steps"].get(k) for k in steps}}
+                               for r in rows], ["method", *[f"{k} ops" for k in steps]])
+    standin = gen["source"] == "standin"
     text = (
-        f"# dcd-jax demo\n\nTeacher traces kept: {gen['traces_in_file']} of {gen['generated']} sampled "
-        f"({gen['prompts']} prompts). Student: {student['params']:,} parameters.\n\n{table}\n\n"
-        "accuracy: greedy pass@1 on held-out problems (95% bootstrap CI); length in tokens; weight_ess: "
-        "effective sample size of the token weights / tokens (1 = uniform, SFT); final_loss: mean training loss "
-        "over the last 20% of steps (DCD's is weighted, so not comparable to SFT's).\n"
+        f"# dcd-jax demo\n\nTeacher samples kept by rejection sampling: {sampled['traces_in_file']} of "
+        f"{sampled['generated']} ({sampled['prompts']} prompts); their styles: "
+        f"{_share_text(sampled['kept_style_counts'])}.\n"
+        f"Distillation data: {gen['traces']} traces, "
+        + ("correct programmatic traces in the teacher's style mix, scored by the teacher (stand-in for a teacher "
+           "that writes the compressed style correctly)" if standin else "the kept teacher samples")
+        + f"; styles: {_share_text(gen['style_counts'])}.\n"
+        f"Student: {student['params']:,} parameters, pretrained on other problems (careful style) before "
+        f"distillation; `student` is it undistilled.\n\n{table}\n\nAccuracy by number of operations:\n\n{by_steps}\n\n"
+        "accuracy: greedy pass@1 on held-out problems (95% bootstrap CI); careful_share: share of greedy outputs "
+        "with one operation per line; length in tokens; weight_ess: effective sample size of the token weights / "
+        "tokens (1 = uniform, SFT); final_loss: mean training loss over the last 20% of steps (DCD's is weighted, "
+        "so not comparable to SFT's).\n"
     )
     atomic_write_text(out / "report.md", text)
     import platform
 
-    stage_seconds = sum(json.loads(p.read_text()).get("seconds", 0.0) for p in out.glob("*.done.json"))
+    stage_seconds = {p.name.removesuffix(".done.json"): json.loads(p.read_text()).get("seconds", 0.0)
+                     for p in sorted(out.glob("*.done.json"))}
     summary = {
         "command": f"dcd-jax demo --scale {scale_name}", "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
-        "wall_minutes": stage_seconds / 60, "traces_kept": gen["traces_in_file"], "traces_sampled": gen["generated"],
+        "wall_minutes": sum(stage_seconds.values()) / 60, "stage_seconds": stage_seconds,
+        "teacher_val_curve": teacher.get("val_curve", []), "teacher_samples_kept": sampled["traces_in_file"],
+        "teacher_samples": sampled["generated"], "kept_style_counts": sampled["kept_style_counts"],
+        "distill_source": gen["source"], "distill_traces": gen["traces"], "distill_style_counts": gen["style_counts"],
         "student_params": student["params"], "rows": rows,
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
-    _plot(out, rows, trained)
+    _plot(out, rows, {k: v for k, v in trained.items() if k in ("sft", "dcd")})
     print(text)
     return summary
 
@@ -245,7 +394,7 @@ def _plot(out: Path, rows: list[dict], trained: dict) -> None:
     names = [r["method"] for r in rows]
     acc = [r["accuracy"] for r in rows]
     err = [[a - r["accuracy_ci"][0] for a, r in zip(acc, rows)], [r["accuracy_ci"][1] - a for a, r in zip(acc, rows)]]
-    ax1.bar(names, acc, yerr=err, capsize=4, color=["#888888", "#4C72B0", "#DD8452"][: len(names)])
+    ax1.bar(names, acc, yerr=err, capsize=4, color=["#888888", "#4C72B0", "#55A868", "#DD8452"][: len(names)])
     ax1.set_ylabel("greedy accuracy (held-out)")
     ax1.set_ylim(0, 1)
     ax1.set_title("embedded task")

@@ -22,10 +22,9 @@ from dcd_jax.data.synthetic import (
     classify_style,
     extract_answer,
     generate_problems,
-    make_tiny_student,
     teacher_training_records,
-    write_synthetic_assets,
 )
+from dcd_jax.tiny_models import make_tiny_student, write_synthetic_assets
 
 TOKENIZER_DIR = Path(__file__).parent / "fixtures" / "data" / "synthetic_tokenizer"
 ALL_STYLES = {s: 1.0 for s in STYLES}
@@ -190,10 +189,17 @@ def test_assets_and_tiny_student_load_as_hf_checkpoints(tmp_path):
 
 
 def test_long_problems_ledger_template_and_output_styles():
-    """Long problems (for the paper's regime): 2..8 operations, traces of ~30-160 tokens; the ``ledger`` template (the
-    student's pretraining data) tells other stories about the same numbers; the style classifier
-    reads careful (one operation per line) vs compressed lines from text alone."""
-    long = dict(min_steps=2, max_steps=8, max_start=20, max_operand=9, max_value=99, style_mix=ALL_STYLES)
+    """The demo's regime: 2..8 operations whose every step is a small fact (every number <= 20);
+    careful traces restate each sentence, then compute it (~45-215 tokens, growing with the number
+    of operations); the ``ledger`` template (the student's pretraining data) tells other stories
+    about the same numbers; the style classifier reads careful (one operation per line) vs
+    compressed lines from text alone."""
+    from dcd_jax.demo import SCALES
+
+    regime = SCALES["small"].task
+    long = dict(min_steps=regime.min_steps, max_steps=regime.max_steps, max_start=regime.max_start,
+                max_operand=regime.max_operand, max_value=regime.max_value, restate=regime.restate,
+                style_mix=ALL_STYLES)
     story = generate_problems(SyntheticTaskConfig(seed=3, n_examples=400, **long))
     ledger = generate_problems(SyntheticTaskConfig(seed=3, n_examples=400, template="ledger", **long))
     assert {r["num_steps"] for r in story} == set(range(2, 9))
@@ -201,8 +207,15 @@ def test_long_problems_ledger_template_and_output_styles():
     for s, l in zip(story, ledger):
         # Same draws except the narrative: answers, steps and styles agree.
         assert (s["answer"], s["num_steps"], s["style"]) == (l["answer"], l["num_steps"], l["style"])
-        assert l["prompt"].startswith("The ") and ledger_answer(l["prompt"]) == int(l["answer"]) <= 99
+        assert l["prompt"].startswith("The ") and ledger_answer(l["prompt"]) == int(l["answer"]) <= 20
+        assert story_answer(s["prompt"]) == int(s["answer"])
         assert l["solution"].startswith(l["prompt"].split(" has ")[0] + " starts with")
+        lines = l["solution"].split("\n")[1:-1]
+        sentences = l["prompt"].split(". ")[1:-1]  # the problem's sentences are restated, in order
+        assert [x for x in lines if " = " not in x] == [x.rstrip(".") + "." for x in sentences]
+        for line in (x for x in lines if " = " in x):  # every computation line: one small fact
+            a, op, b, _, c = line.rstrip(".").split(" ")
+            assert max(int(a), int(b), int(c)) <= 20 and int(c) >= 0, line
         for line in l["response"].split("\n")[:-1]:
             if " = " in line:
                 lhs, rhs = line.rstrip(".").split(" = ")
@@ -215,6 +228,6 @@ def test_long_problems_ledger_template_and_output_styles():
     lengths = collections.defaultdict(list)
     for r in story:
         lengths[r["num_steps"]].append(len(tok(r["solution"])["input_ids"]))
-    assert 25 <= min(lengths[2]) and max(lengths[8]) <= 200 and np.mean(lengths[8]) >= 2.5 * np.mean(lengths[2])
+    assert 40 <= min(lengths[2]) and max(lengths[8]) <= 240 and np.mean(lengths[8]) >= 2.5 * np.mean(lengths[2])
     with pytest.raises(ConfigError, match="template"):
         from_dict(SyntheticTaskConfig, {"template": "novel"})

@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-STAGES = ("assets", "teacher", "traces", "scores", "student", "sft", "dcd", "eval")
+STAGES = ("assets", "pretrain", "teacher", "traces", "distill", "scores", "student", "sft", "dcd", "eval")
 
 
 # `dcd-jax demo ...` in a fresh process, which then lists the modules it imported.
@@ -85,27 +85,52 @@ def test_demo_micro_runs_every_stage_and_caches(tmp_path):
     for stage in STAGES:
         assert (out / f"{stage}.done.json").is_file(), stage
     # (a) task data, tokenizer and fresh HF checkpoints
-    for f in ("teacher_train.jsonl", "prompts.jsonl", "eval.jsonl", "tokenizer/tokenizer.json",
-              "student/config.json", "teacher_init/model.safetensors.index.json"):
+    for f in ("teacher_train.jsonl", "pretrain.jsonl", "prompts.jsonl", "val.jsonl", "eval.jsonl",
+              "tokenizer/tokenizer.json", "student_init/config.json", "teacher_init/model.safetensors.index.json"):
         assert (out / "assets" / f).is_file(), f
-    # (b) the trained teacher exported to HF format; (c) its traces; (d) their cached scores
+    pretrain = [json.loads(line) for line in (out / "assets" / "pretrain.jsonl").open()]
+    assert {r["style"] for r in pretrain} == {"careful"} and all(r["prompt"].startswith("The ") for r in pretrain)
+    # (b) the student's base stage, exported as an HF checkpoint; (g) converted from it, as a real student
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    def weights(d):
+        return {k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    pretrained, init = weights(out / "runs" / "pretrain" / "hf"), weights(out / "assets" / "student_init")
+    key = "model.embed_tokens.weight"
+    assert not np.array_equal(pretrained[key], init[key])  # the base stage really trained it
+    from dcd_jax.convert.model_dir import load_pretrained
+
+    student = load_pretrained(str(out / "student_flax"))
+    flat = {"/".join(str(getattr(k, "key", k)) for k in path): v
+            for path, v in __import__("jax").tree_util.tree_leaves_with_path(student.params)}
+    embed = next(v for k, v in flat.items() if "embed" in k)
+    np.testing.assert_array_equal(np.asarray(embed)[: pretrained[key].shape[0]], pretrained[key])
+    # (c) the teacher exported to HF format; (d) its sampled traces and their measured style mix;
+    # (e) the distillation data (stand-in: correct programmatic traces in the teacher's style mix)
     assert (out / "runs" / "teacher" / "hf" / "model.safetensors.index.json").is_file()
+    sampled = json.loads((out / "traces.done.json").read_text())
+    assert sum(sampled["kept_style_counts"].values()) == sampled["traces_in_file"] > 0
     traces = [json.loads(line) for line in (out / "traces" / "train.jsonl").open()]
-    assert traces and all({"prompt", "response", "answer", "correct"} <= set(t) for t in traces)
+    assert len(traces) == 48 and all({"prompt", "response", "answer", "style"} <= set(t) for t in traces)
+    assert {t["style"] for t in traces} >= {"careful", "compressed"} and all(t["trace_correct"] for t in traces)
     assert (out / "traces" / "train.teacher.parquet").is_file()
-    # (e) the student converted; (f) SFT and DCD students, same steps, exported to HF
-    assert (out / "student_flax" / "model.json").is_file()
+    # (h) SFT and DCD students, same steps, exported to HF
     sft = json.loads((out / "sft.done.json").read_text())
     dcd = json.loads((out / "dcd.done.json").read_text())
     assert sft["steps"] == dcd["steps"] > 0
     assert sft["ess_token_frac"] == 1.0 and 0 < dcd["ess_token_frac"] <= 1.0  # DCD really re-weights
     for name in ("sft", "dcd"):
         assert (out / "runs" / name / "hf" / "config.json").is_file()
-    # (g) evaluation of all three; (h) table, plot, report
+    # (i) evaluation of teacher, undistilled student and both distilled ones; (j) table, plot, report
     summary = json.loads((out / "results" / "summary.json").read_text())
-    assert set(summary["results"]) == {"teacher", "sft", "dcd"}
+    assert set(summary["results"]) == {"teacher", "student", "sft", "dcd"}
+    report = json.loads((out / "summary.json").read_text())
+    for row in report["rows"]:
+        assert set(row["accuracy_by_steps"]) <= {"2", "3", "4"} and abs(sum(row["style_shares"].values()) - 1) < 1e-9
     assert (out / "comparison.png").stat().st_size > 5000 and (out / "report.md").is_file()
-    assert "| method |" in printed and "| dcd |" in printed
+    assert "| method |" in printed and "| dcd |" in printed and "Accuracy by number of operations" in printed
 
     # Every library the demo imported is installed by `pip install -e .` alone (README command 1):
     # a fresh venv once lacked jinja2, which transformers needs for chat templates but does not require.

@@ -113,7 +113,7 @@ def test_eval_cli_with_the_real_sampler(tmp_path):
 
     from transformers import AutoTokenizer
 
-    from dcd_jax.data.synthetic import make_tiny_student
+    from dcd_jax.tiny_models import make_tiny_student
 
     assets = make_assets(tmp_path / "assets", n_examples=8)
     other = make_tiny_student(tmp_path / "other", AutoTokenizer.from_pretrained(assets["student"]), size="micro", seed=1)

@@ -281,7 +281,8 @@ def test_gkd_config_loads_and_refuses_a_missing_teacher():
 def gkd_assets(tmp_path_factory):
     from train_fixtures import make_assets
 
-    from dcd_jax.data.synthetic import build_tokenizer, make_tiny_student
+    from dcd_jax.data.synthetic import build_tokenizer
+    from dcd_jax.tiny_models import make_tiny_student
 
     assets = make_assets(tmp_path_factory.mktemp("gkd_assets"), n_examples=64)
     assets["teacher"] = make_tiny_student(assets["student"].parent / "teacher", build_tokenizer(), size="tiny", seed=7,

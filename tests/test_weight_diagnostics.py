@@ -62,3 +62,27 @@ def test_output_diagnostics_accuracy_by_steps_and_style_shares():
     out = output_diagnostics(generations, {"a": 2, "b": 3, "c": 3, "d": 8})
     assert out["accuracy_by_steps"] == {2: 1.0, 3: 0.5, 8: 0.0}
     assert out["style_shares"] == {"answer_only": 0.25, "careful": 0.25, "compressed": 0.25, "other": 0.25}
+
+
+def test_output_styles_of_restated_careful_traces():
+    """The demo regime's careful traces restate each sentence of the problem on its own line: the
+    restated sentences (words, no ``=``) do not count as computation lines, so the trace stays
+    ``careful``; a multi-operation line anywhere makes it ``compressed``; no answer is ``other``."""
+    from dcd_jax.data.synthetic import SyntheticTaskConfig, classify_style, generate_problems
+
+    cfg = SyntheticTaskConfig(n_examples=40, min_steps=3, max_steps=6, max_start=9, max_operand=9, max_value=20,
+                              restate=True, style_mix={"careful": 1.0, "compressed": 1.0})
+    for r in generate_problems(cfg):
+        sentences = r["prompt"].split(". ")[1:-1]
+        assert all(s.rstrip(".") + "." in r["solution"].split("\n") for s in sentences)
+        assert classify_style(r["solution"]) == "careful"
+        assert classify_style(r["response"]) == ("careful" if r["style"] == "careful" else "compressed")
+        assert classify_style(r["solution"].rsplit("\n", 1)[0]) == "other"
+    generations = [
+        {"id": "a", "response": "Ann starts with 3 apples.\nShe finds 2 more apples.\n3 + 2 = 5.\nThe answer is 5.",
+         "correct": True},
+        {"id": "b", "response": "Ann starts with 3 apples.\nShe finds 2 more apples.\n3 + 2 * 4 = 11.\nThe answer is 11.",
+         "correct": False},
+    ]
+    assert output_diagnostics(generations, {"a": 2, "b": 2}) == {"accuracy_by_steps": {2: 0.5},
+                                                                  "style_shares": {"careful": 0.5, "compressed": 0.5}}

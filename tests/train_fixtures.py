@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dcd_jax.data.synthetic import SyntheticTaskConfig, build_tokenizer, generate_problems, make_tiny_student, write_jsonl
+from dcd_jax.data.synthetic import SyntheticTaskConfig, build_tokenizer, generate_problems, write_jsonl
+from dcd_jax.tiny_models import make_tiny_student
 
 
 def make_assets(root: Path, n_examples: int = 400) -> dict[str, Path]:

@@ -10,7 +10,8 @@ is what distribution correction is for. This module makes the effect visible on 
   trace per problem in one of :data:`STYLES`:
 
   - ``careful``: one operation per line, every intermediate result written (a small student can
-    follow it: each line needs one small computation);
+    follow it: each line needs one small computation); with ``restate`` each sentence of the
+    problem is copied before its computation;
   - ``compressed``: two steps per line, intermediate results partly skipped;
   - ``terse``: the whole computation as one expression and its value;
   - ``answer_only``: just the answer.
@@ -21,8 +22,9 @@ is what distribution correction is for. This module makes the effect visible on 
 * :func:`teacher_training_records` - problems with their canonical solutions, to train a teacher.
 * :func:`build_tokenizer` - a small Qwen2-style byte-level BPE (digits always single tokens,
   ~500 entries) with a ChatML-like chat template, saved in Hugging Face format.
-* :func:`make_tiny_student` - a random-weight Qwen2/Qwen3 checkpoint (safetensors) with that
-  tokenizer, so the default job takes the same HF -> Flax path as a real checkpoint.
+
+Checkpoints for the task (random tiny Qwen2/Qwen3 students and teachers) are written by
+:mod:`dcd_jax.tiny_models`, a layer above the data code.
 
 Generation is pure Python and seeded per example (example ``i`` depends only on ``seed``,
 ``split`` and ``i``): 10k problems take well under a second.
@@ -92,6 +94,9 @@ class SyntheticTaskConfig:
       error_rate: Fraction of traces whose last computation is off by 1-3.
       template: Narrative of the problems (:data:`TEMPLATES`): ``story`` (a person's items) or
         ``ledger`` (a place's stock, other sentences; the demo pretrains its student on it).
+      restate: Careful traces restate each sentence of the problem on its own line before its
+        computation (the demo's regime: finding the next fact becomes copying the next sentence,
+        which a tiny model learns fast; the compressed and terse styles skip it).
     """
 
     seed: int = 0
@@ -107,6 +112,7 @@ class SyntheticTaskConfig:
     )
     error_rate: float = 0.0
     template: str = "story"
+    restate: bool = False
 
     def __hash__(self) -> int:
         # Frozen, but `style_mix` is a dict: hash its items so the config stays usable as a key.
@@ -196,9 +202,11 @@ def _sentence(template: str, step: _Step, **names: str) -> str:
                                                   **names)
 
 
-def _careful_lines(steps: list[_Step], name: str, item: str) -> list[str]:
+def _careful_lines(steps: list[_Step], name: str, item: str, restated: list[str] | None = None) -> list[str]:
     lines = [f"{name} starts with {steps[0].before} {item}."]
-    for s in steps:
+    for i, s in enumerate(steps):
+        if restated:  # the problem's sentence first, then its computation
+            lines.append(restated[i])
         if s.kind in ("add_groups", "sub_groups"):
             lines.append(f"{s.a} * {s.b} = {s.a * s.b}.")
             op = "+" if s.kind == "add_groups" else "-"
@@ -223,8 +231,10 @@ def _expression(steps: list[_Step]) -> str:
     return expr
 
 
-def _trace(style: str, steps: list[_Step], name: str, item: str, final: int) -> str:
-    """A teacher trace in ``style`` whose last stated value is ``final``."""
+def _trace(style: str, steps: list[_Step], name: str, item: str, final: int,
+           restated: list[str] | None = None) -> str:
+    """A teacher trace in ``style`` whose last stated value is ``final`` (careful traces restate
+    each sentence of the problem before its computation when ``restated`` gives them)."""
     answer = f"The answer is {final}."
     if style == "answer_only":
         return answer
@@ -237,7 +247,7 @@ def _trace(style: str, steps: list[_Step], name: str, item: str, final: int) -> 
             value = final if i + 2 >= len(steps) else chunk[-1].after
             lines.append(f"{_expression(chunk)} = {value}.")
         return "\n".join(lines + [answer])
-    lines = _careful_lines(steps, name, item)
+    lines = _careful_lines(steps, name, item, restated)
     if final != steps[-1].after:  # a slip in the last computation
         lines[-1] = lines[-1].rsplit("=", 1)[0] + f"= {final}."
     return "\n".join(lines + [answer])
@@ -266,21 +276,23 @@ def generate_problem(cfg: SyntheticTaskConfig, index: int) -> dict[str, Any]:
     if cfg.template == "ledger":  # drawn last: story problems stay what they were
         place = rng.choice(_PLACES)
         name = f"The {place}"
-        story = " ".join(_sentence("ledger", s, who=name, item=item, container=container) for s in steps)
+        sentences = [_sentence("ledger", s, who=name, item=item, container=container) for s in steps]
+        story = " ".join(sentences)
         prompt = f"The {place} has {steps[0].before} {item}. {story} How many {item} does the {place} have now?"
     else:
-        story = " ".join(_sentence("story", s, who=pronoun, item=item, other=other, container=container)
-                         for s in steps)
+        sentences = [_sentence("story", s, who=pronoun, item=item, other=other, container=container) for s in steps]
+        story = " ".join(sentences)
         prompt = f"{name} has {steps[0].before} {item}. {story} How many {item} does {name} have now?"
+    restated = sentences if cfg.restate else None
     return {
         "id": f"{cfg.split}-{cfg.seed}-{index}",
         "prompt": prompt,
-        "response": _trace(style, steps, name, item, final),
+        "response": _trace(style, steps, name, item, final, restated),
         "answer": str(answer),
         "style": style,
         "num_steps": len(steps),
         "trace_correct": final == answer,
-        "solution": _trace("careful", steps, name, item, answer),
+        "solution": _trace("careful", steps, name, item, answer, restated),
     }
 
 
@@ -332,7 +344,7 @@ def write_jsonl(records: Iterable[Mapping[str, Any]], path: str | Path) -> Path:
     return path
 
 
-# --------------------------------------------------------------------------- tokenizer and student
+# --------------------------------------------------------------------------- tokenizer
 
 
 def build_tokenizer(out_dir: str | Path | None = None, *, vocab_size: int = 512, seed: int = 0) -> Any:
@@ -374,117 +386,3 @@ def build_tokenizer(out_dir: str | Path | None = None, *, vocab_size: int = 512,
     if out_dir is not None:
         tokenizer.save_pretrained(str(out_dir))
     return tokenizer
-
-
-# hidden, layers, heads, kv heads, mlp
-STUDENT_SIZES = {
-    "micro": (64, 2, 4, 2, 192),
-    "tiny": (128, 4, 4, 2, 384),
-    "small": (256, 6, 8, 4, 768),
-    "base": (512, 8, 8, 4, 1536),
-}
-
-
-def tiny_student_config(tokenizer: Any, *, size: str = "micro", arch: str = "qwen2",
-                        max_position_embeddings: int = 2048) -> dict[str, Any]:
-    """The HF ``config.json`` of a tiny Qwen2 / Qwen3 student for ``tokenizer`` (tied embeddings,
-    vocabulary rounded up to a multiple of 64, like Qwen's padded embedding rows)."""
-    if size not in STUDENT_SIZES:
-        raise ValueError(f"size={size!r}; expected one of {sorted(STUDENT_SIZES)}")
-    if arch not in ("qwen2", "qwen3"):
-        raise ValueError(f"arch={arch!r}; expected qwen2 or qwen3")
-    hidden, layers, heads, kv_heads, mlp = STUDENT_SIZES[size]
-    return {
-        "architectures": ["Qwen2ForCausalLM" if arch == "qwen2" else "Qwen3ForCausalLM"],
-        "model_type": arch,
-        "vocab_size": -(-len(tokenizer) // 64) * 64,
-        "hidden_size": hidden,
-        "intermediate_size": mlp,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
-        "head_dim": hidden // heads,
-        "max_position_embeddings": max_position_embeddings,
-        "rope_theta": 10000.0,
-        "rms_norm_eps": 1e-6,
-        "hidden_act": "silu",
-        "tie_word_embeddings": True,
-        "use_sliding_window": False,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
-
-
-def make_tiny_student(
-    out_dir: str | Path, tokenizer: Any, *, size: str = "micro", arch: str = "qwen2", seed: int = 0,
-    max_position_embeddings: int = 2048,
-) -> Path:
-    """Save a random-weight Qwen2 / Qwen3 HF checkpoint (safetensors) and ``tokenizer`` to ``out_dir``.
-
-    Sizes: :data:`STUDENT_SIZES` (``micro`` ~0.1M parameters ... ``base`` ~25M). The weights are
-    drawn in JAX and written by the HF exporter, so no PyTorch is needed; the checkpoint then
-    loads through the same HF -> Flax path as a real one (and in ``transformers``).
-    """
-    from dcd_jax.convert.flax_to_hf import new_hf_checkpoint
-
-    config = tiny_student_config(tokenizer, size=size, arch=arch, max_position_embeddings=max_position_embeddings)
-    out_dir = Path(out_dir)
-    tokenizer.save_pretrained(str(out_dir))
-    new_hf_checkpoint(config, out_dir, seed=seed)
-    gen = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-           "pad_token_id": tokenizer.pad_token_id}
-    (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2))
-    _check_tokenizer_round_trip(out_dir, tokenizer)
-    return out_dir
-
-
-def _check_tokenizer_round_trip(directory: Path, tokenizer: Any) -> None:
-    """Refuse a checkpoint whose saved tokenizer loads back (``AutoTokenizer``) as a different one.
-
-    transformers picks the tokenizer class from the model type for some architectures and rebuilds
-    it from the vocabulary, dropping a custom normalizer / pre-tokenizer; data tokenized with the
-    original would then not match what the trainer and sampler see.
-    """
-    from transformers import AutoTokenizer
-
-    from dcd_jax.data.teacher_scores import tokenizer_fingerprint
-
-    loaded = AutoTokenizer.from_pretrained(str(directory))
-    if tokenizer_fingerprint(loaded) != tokenizer_fingerprint(tokenizer):
-        raise ValueError(
-            f"{directory}: the saved tokenizer loads back as {type(loaded).__name__}, which tokenizes differently "
-            f"from the given {type(tokenizer).__name__}; use a tokenizer of the class transformers assigns to this "
-            "architecture (build_tokenizer does) or another arch"
-        )
-
-
-def write_synthetic_assets(
-    out_dir: str | Path, task: SyntheticTaskConfig = SyntheticTaskConfig(), *, n_eval: int = 500,
-    student_size: str = "micro", teacher_size: str = "small",
-) -> dict[str, Path]:
-    """Everything the default job needs, under ``out_dir``.
-
-    ``tokenizer/``; ``student/`` (random ``student_size`` checkpoint); ``teacher_init/`` (random
-    ``teacher_size`` checkpoint to train on the solutions); ``train.jsonl`` (teacher traces in the
-    configured style mix); ``teacher_sft.jsonl`` (canonical solutions, same problems);
-    ``eval.jsonl`` (``n_eval`` problems of split ``eval``). Returns the paths by those names.
-    """
-    out = Path(out_dir)
-    tokenizer = build_tokenizer(out / "tokenizer", seed=task.seed)
-    train = generate_problems(task)
-    paths = {
-        "tokenizer": out / "tokenizer",
-        "student": make_tiny_student(out / "student", tokenizer, size=student_size, seed=task.seed),
-        "teacher_init": make_tiny_student(out / "teacher_init", tokenizer, size=teacher_size, seed=task.seed + 1),
-        "train": write_jsonl(train, out / "train.jsonl"),
-        "teacher_sft": write_jsonl(
-            [dict(r, response=r["solution"], style="careful", trace_correct=True) for r in train],
-            out / "teacher_sft.jsonl",
-        ),
-        "eval": write_jsonl(
-            generate_problems(dataclasses.replace(task, split="eval", n_examples=n_eval, error_rate=0.0)),
-            out / "eval.jsonl",
-        ),
-    }
-    return paths
