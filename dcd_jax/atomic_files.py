@@ -59,20 +59,33 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Replace ``path`` with ``data``: readers (and a restart after a kill) see the old or the new file."""
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Write a file under a temporary name (yielded: a writer opens it itself, e.g. a streamed
+    Parquet writer) and rename it over ``path`` once the block ends; an exception leaves ``path``
+    as it was and removes the temporary."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     _sweep_leftovers(path)
     tmp = path.with_name(f".{path.name}{TMP_TAG}{os.getpid()}")
-    with open(tmp, "wb") as f:
-        _crash_point("write")
-        f.write(data)
-        f.flush()
+    try:
+        yield tmp
         _crash_point("fsync")
-        os.fsync(f.fileno())
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _crash_point("rename")
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Replace ``path`` with ``data``: readers (and a restart after a kill) see the old or the new file."""
+    with atomic_file(path) as tmp:
+        _crash_point("write")
+        tmp.write_bytes(data)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

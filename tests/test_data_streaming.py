@@ -22,6 +22,7 @@ from dcd_jax.data import (
     tokenizer_fingerprint,
     write_teacher_scores,
 )
+from dcd_jax.data.pretokenize import write_tokenized_records
 from dcd_jax.data.shards import plan_blocks, read_block
 from dcd_jax.data.synthetic import STYLES, SyntheticTaskConfig, generate_problems, write_jsonl
 from dcd_jax.teacher.scoring import merge_parts
@@ -229,14 +230,23 @@ def test_streamed_training_resumes_bitwise_through_the_checkpoint(tmp_path):
 
 
 def tokenized_copy(tok, path, out):
-    """The records of ``path`` as tokenized records (the student's ids and mask), JSONL or Parquet by suffix."""
-    rows = [{"id": ex.id, "input_ids": ex.input_ids.tolist(), "response_mask": ex.response_mask.astype(int).tolist(),
-             "tokenizer_fingerprint": tokenizer_fingerprint(tok), "answer": ex.answer}
-            for ex in iter_examples(stream_cfg(path, streaming=False), tok, apply_length=False)]
-    if out.suffix == ".jsonl":
-        return write_jsonl(rows, out)
-    pq.write_table(pa.Table.from_pylist(rows), out, row_group_size=BLOCK)
+    """The records of ``path`` as tokenized records (the student's ids and mask), JSONL or Parquet by suffix,
+    written by the product's pretokenizer (``dcd-jax data tokenize``)."""
+    stats = write_tokenized_records(stream_cfg(path, streaming=False), tok, out, rows_per_group=BLOCK)
+    assert stats.examples == N
     return out
+
+
+def test_pretokenizing_a_bad_corpus_names_the_record_and_leaves_no_file(tok, tmp_path):
+    records = [{"id": f"r{i}", "prompt": f"{i} + 1?", "response": f"{i + 1}"} for i in range(5)]
+    records[3] = {"id": "r3", "prompt": "3 + 1?"}
+    path = write_jsonl(records, tmp_path / "bad.jsonl")
+    out = tmp_path / "tokens.parquet"
+    with pytest.raises(DataError, match=rf"^{path}:4: .*'response'"):
+        write_tokenized_records(stream_cfg(path), tok, out, rows_per_group=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]  # no partial output, no temporary
+    stats = write_tokenized_records(stream_cfg(path, on_bad_record="skip"), tok, out, rows_per_group=2)
+    assert stats.examples == 4 and pq.read_table(out).column("id").to_pylist() == ["r0", "r1", "r2", "r4"]
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "parquet"])
