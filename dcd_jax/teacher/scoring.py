@@ -22,10 +22,10 @@ would compute now; otherwise it stops, naming the first record that differs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dcd_jax.atomic_files import atomic_file
 from dcd_jax.config import ConfigError
 from dcd_jax.data import (
     DataConfig,
@@ -137,9 +138,8 @@ def score_examples(scorer, params, examples: list, cfg: ScoreConfig) -> list[dic
 
 
 def _atomic_write(path: Path, rows: list, provenance: ScoresProvenance) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write_teacher_scores(tmp, rows, provenance)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        write_teacher_scores(tmp, rows, provenance)
 
 
 def check_part(part: Path, chunk: list, provenance: ScoresProvenance, parts: Path) -> None:
@@ -186,20 +186,21 @@ def merge_parts(parts: Path, plan: BlockPlan, provenance: ScoresProvenance, out:
         block_rows.append(pq.ParquetFile(part).metadata.num_rows)
     layout = {"block_records": plan.block_records, "block_rows": block_rows, "plan": plan.to_json()}
     metadata = {**provenance.to_metadata(), LAYOUT_KEY: json.dumps(layout).encode()}
-    tmp = out.with_name(out.name + ".tmp")
-    writer = None
-    for block, n in zip(plan.blocks, block_rows):
-        if n == 0:  # every record of the block was skipped: no row group
-            continue
-        table = pq.read_table(parts / f"part-b{block.index:07d}.parquet").replace_schema_metadata(metadata)
-        if writer is None:
-            writer = pq.ParquetWriter(tmp, table.schema)
-        writer.write_table(table)
-    if writer is None:
-        raise DataError("no record could be scored", location=Location(plan.blocks[0].file if plan.blocks else "?"),
-                        reason="unreadable")
-    writer.close()
-    os.replace(tmp, out)
+    wrote = False
+    with atomic_file(out) as tmp:
+        with contextlib.ExitStack() as stack:
+            writer = None
+            for block, n in zip(plan.blocks, block_rows):
+                if n == 0:  # every record of the block was skipped: no row group
+                    continue
+                table = pq.read_table(parts / f"part-b{block.index:07d}.parquet").replace_schema_metadata(metadata)
+                if writer is None:
+                    writer = stack.enter_context(pq.ParquetWriter(tmp, table.schema))
+                writer.write_table(table)
+                wrote = True
+        if not wrote:
+            raise DataError("no record could be scored",
+                            location=Location(plan.blocks[0].file if plan.blocks else "?"), reason="unreadable")
     return sum(block_rows)
 
 
