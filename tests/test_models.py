@@ -125,11 +125,13 @@ def test_attention_kernel_is_a_runtime_choice_not_saved(tmp_path):
         ModelConfig.from_hf_config(loaded.hf_config, attention="flash")
 
 
-@pytest.mark.parametrize("dtype,atol", [("float32", 2e-5), ("bfloat16", 3e-2)])
-def test_blockwise_causal_attention_equals_full_einsum_attention(dtype, atol):
+@pytest.mark.parametrize("dtype,atol,per_row", [("float32", 2e-5, False), ("bfloat16", 3e-2, False),
+                                                ("float32", 2e-5, True)])
+def test_blockwise_causal_attention_equals_full_einsum_attention(dtype, atol, per_row):
     """The training pass's blockwise attention (query blocks, upper triangle skipped, custom
-    backward that recomputes each block's probabilities) gives the full masked softmax's output
-    and q/k/v gradients on packed rows with padding, GQA and a T that is not a multiple of the block."""
+    backward that recomputes each block's probabilities; the whole batch at once, or one row at
+    a time as on CPU) gives the full masked softmax's output and q/k/v gradients on packed rows
+    with padding, GQA and a T that is not a multiple of the block."""
     import jax
     import jax.numpy as jnp
 
@@ -147,7 +149,7 @@ def test_blockwise_causal_attention_equals_full_einsum_attention(dtype, atol):
         return _einsum_attention(q, k, v, attention_mask(segments, slots, segments, slots), q.dtype)
 
     def blockwise(q, k, v):
-        return blockwise_causal_attention(q, k, v, segments, block=8)
+        return blockwise_causal_attention(q, k, v, segments, block=8, per_row=per_row)
 
     outs = {}
     for name, fn in (("full", full), ("blockwise", blockwise)):
