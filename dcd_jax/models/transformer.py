@@ -86,6 +86,22 @@ def attention_mask(q_segment: jax.Array, q_slot: jax.Array, kv_segment: jax.Arra
     return (same & causal)[:, None, None, :, :]
 
 
+def dense(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
+    """``y = x . w`` over x's last ``contract`` dims and w's first ``contract`` dims (a projection).
+
+    On CPU it runs as one 2-D dot ``[N, in] @ [in, out]`` on reshaped (not copied) operands.
+    Its gradient ``dw = x^T dy`` is then again a dot with a single contracting dim, which XLA:CPU
+    reads in place; with the leading [B, T] dims kept, ``dw`` contracts two dims and XLA:CPU
+    first copies ``x`` and ``dy`` into transposed layouts (a third of the tiny model's step).
+    Accelerators get the plain ``tensordot``.
+    """
+    if not traced_for_cpu():
+        return jnp.tensordot(x, w, axes=contract)
+    lead, inner, out = x.shape[:x.ndim - contract], w.shape[:contract], w.shape[contract:]
+    y = x.reshape(-1, math.prod(inner)) @ w.reshape(math.prod(inner), -1)
+    return y.reshape(*lead, *out)
+
+
 def _einsum_attention(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array, dtype) -> jax.Array:
     """softmax(q k^T / sqrt(hd) masked) v for q [B, T, H, hd], keys/values [B, S, KV, hd]; fp32 scores."""
     b, t, h, hd = q.shape
@@ -228,7 +244,7 @@ class Attention(nnx.Module):
 
     def _project(self, proj: nnx.Dict, x: jax.Array) -> jax.Array:
         dtype = x.dtype
-        y = jnp.einsum("btd,dhk->bthk", x, proj["kernel"][...].astype(dtype))
+        y = dense(x, proj["kernel"][...].astype(dtype))
         if "bias" in proj:
             y = y + proj["bias"][...].astype(dtype)
         return y
@@ -274,7 +290,7 @@ class Attention(nnx.Module):
             mask = attention_mask(q_segment, q_slot, kv_segment, kv_slot)
             out = _einsum_attention(q, keys, values, mask, x.dtype)
         out = constrain(out, ("batch", "length", "act_heads", "head_dim"))
-        y = jnp.einsum("bthk,hkd->btd", out, self.o_proj["kernel"][...].astype(x.dtype))
+        y = dense(out, self.o_proj["kernel"][...].astype(x.dtype), contract=2)
         if "bias" in self.o_proj:
             y = y + self.o_proj["bias"][...].astype(x.dtype)
         return y, new_cache
@@ -291,10 +307,10 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = x.dtype
-        gate = x @ self.gate_proj["kernel"][...].astype(dtype)
-        up = x @ self.up_proj["kernel"][...].astype(dtype)
+        gate = dense(x, self.gate_proj["kernel"][...].astype(dtype))
+        up = dense(x, self.up_proj["kernel"][...].astype(dtype))
         hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
-        return hidden @ self.down_proj["kernel"][...].astype(dtype)
+        return dense(hidden, self.down_proj["kernel"][...].astype(dtype))
 
 
 class DecoderLayer(nnx.Module):
@@ -310,6 +326,10 @@ class DecoderLayer(nnx.Module):
         x = x + self.mlp(self.post_attn_norm(x))
         return constrain(x, ("batch", "length", "act_embed")), new_cache
 
+
+# On CPU the training / scoring pass runs up to this many layers as straight-line code instead of
+# a layer scan (compile time grows with depth; the scan's per-layer copies matter for small models).
+MAX_UNROLLED_LAYERS = 8
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole layer
@@ -360,6 +380,14 @@ class Transformer(nnx.Module):
 
         if self.cfg.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
+        if cache is None and traced_for_cpu() and self.cfg.num_layers <= MAX_UNROLLED_LAYERS:
+            # Unrolled on CPU: a scan would copy each layer's weights out of the stack and its
+            # residuals into [L, ...] buffers every step; ``lax.split``'s gradient is one concatenate.
+            layers = jax.tree.map(lambda a: jax.lax.split(a, [1] * self.cfg.num_layers), layer_state)
+            for i in range(self.cfg.num_layers):
+                x, _ = body(x, (jax.tree.map(lambda parts, i=i: parts[i][0], layers,
+                                             is_leaf=lambda v: isinstance(v, list)), None))
+            return self.final_norm(x), None
         x, new_cache = jax.lax.scan(body, x, (layer_state, cache))
         return self.final_norm(x), new_cache
 
