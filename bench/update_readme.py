@@ -236,13 +236,17 @@ def train_step_section() -> str | None:
             get = lambda name, key: (res.get(name) or {}).get(key)
             rows.append([r["model"], f"{r['num_params'] / 1e6:.1f}M", f"{r['batch']}x{r['seq']}",
                          get("ours SFT", "tokens_per_s"), get("torch SFT", "tokens_per_s"),
-                         ratios.get("ours_vs_torch_tokens_per_s"), ratios.get("dcd_ce_over_sft_step_time"),
-                         ratios.get("dcd_kl_over_sft_step_time"), get("ours SFT", "peak_mib"), get("ours SFT", "mfu")])
+                         ratios.get("ours_vs_torch_tokens_per_s"), ratios.get("ours_vs_torch_cpu_time_throughput"),
+                         ratios.get("dcd_ce_over_sft_step_time"), ratios.get("dcd_kl_over_sft_step_time"),
+                         get("ours SFT", "sys_s"), get("ours SFT", "peak_mib"), get("ours SFT", "mfu")])
         text = (
             f"### Train step (`python bench/train_step.py`, {path.name}: {d['device']['device_kind']}, "
             f"{d['device'].get('cpu_count', '?')} cores{_load_note(d.get('load_average_1_5_15', {}).get('start'))})\n\n"
-            + _table(["model", "params", "BxT", "ours tok/s", "torch tok/s", "ours/torch", "DCD-CE/SFT time",
-                      "DCD-KL/SFT time", "ours peak MiB", "MFU"], rows)
+            + "ours/torch: tokens/s over wall time; CPU-time: the same over process CPU seconds per step (what a "
+            "step costs when other jobs share the cores, where wall time also counts waiting for them); ours sys s: "
+            "the kernel's share of our step's CPU time (page faults on the step's freshly mapped buffers).\n\n"
+            + _table(["model", "params", "BxT", "ours tok/s", "torch tok/s", "ours/torch", "ours/torch CPU-time",
+                      "DCD-CE/SFT time", "DCD-KL/SFT time", "ours sys s", "ours peak MiB", "MFU"], rows)
         )
         profile = _train_step_profile(d)
         if profile:

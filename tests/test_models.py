@@ -77,6 +77,39 @@ def test_remat_policies_give_identical_logits(tmp_path):
         np.testing.assert_allclose(grad, outs[0][1], atol=1e-6)
 
 
+def test_cpu_layout_path_equals_accelerator_path(tmp_path, monkeypatch):
+    """On CPU the training pass unrolls the layers, runs projections as 2-D dots and attention one
+    row at a time; elsewhere it scans the layers and keeps [B, T, ...] operands. Both programs give
+    the same loss and parameter gradients on packed rows (the accelerator one traced here on CPU)."""
+    import jax
+    import jax.numpy as jnp
+
+    import dcd_jax.models.transformer as transformer
+    from dcd_jax.convert.hf_to_flax import open_hf_checkpoint, load_hf_params
+    from dcd_jax.models import ModelConfig, abstract_model, bind
+
+    d = save_hf_model("qwen2", tmp_path / "q")
+    ckpt = open_hf_checkpoint(d)
+    cfg = ModelConfig.from_hf_config(ckpt.hf_config)
+    graphdef, _, _ = abstract_model(cfg)
+    params = load_hf_params(ckpt, cfg)
+    rng = np.random.RandomState(4)
+    ids = rng.randint(0, VOCAB, (3, 20))
+    segments = np.array([[1] * 12 + [2] * 8, [1] * 20, [1] * 15 + [0] * 5], np.int32)
+    weights = jnp.asarray(rng.normal(size=(3, 20, VOCAB)), jnp.float32)
+
+    def loss(p):
+        return jnp.sum(bind(graphdef, p)(ids, segment_ids=segments) * weights * (segments > 0)[..., None])
+
+    cpu = jax.value_and_grad(loss)(params)
+    monkeypatch.setattr(transformer, "traced_for_cpu", lambda: False)
+    accelerator = jax.value_and_grad(loss)(params)
+    assert float(cpu[0]) == pytest.approx(float(accelerator[0]), rel=1e-5)
+    for got, want in zip(jax.tree.leaves(cpu[1]), jax.tree.leaves(accelerator[1])):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-4)
+    assert np.abs(np.asarray(cpu[1]["layers"]["attn"]["k_proj"]["kernel"])).max() > 1e-3
+
+
 def test_dot_product_attention_kernel_equals_einsum_on_packed_rows(tmp_path):
     """attention="xla" (jax.nn.dot_product_attention, the cuDNN path's XLA twin) gives the einsum
     path's logits and gradients on a packed row with padding, GQA and llama3 rope."""
@@ -125,11 +158,13 @@ def test_attention_kernel_is_a_runtime_choice_not_saved(tmp_path):
         ModelConfig.from_hf_config(loaded.hf_config, attention="flash")
 
 
-@pytest.mark.parametrize("dtype,atol", [("float32", 2e-5), ("bfloat16", 3e-2)])
-def test_blockwise_causal_attention_equals_full_einsum_attention(dtype, atol):
+@pytest.mark.parametrize("dtype,atol,per_row", [("float32", 2e-5, False), ("bfloat16", 3e-2, False),
+                                                ("float32", 2e-5, True)])
+def test_blockwise_causal_attention_equals_full_einsum_attention(dtype, atol, per_row):
     """The training pass's blockwise attention (query blocks, upper triangle skipped, custom
-    backward that recomputes each block's probabilities) gives the full masked softmax's output
-    and q/k/v gradients on packed rows with padding, GQA and a T that is not a multiple of the block."""
+    backward that recomputes each block's probabilities; the whole batch at once, or one row at
+    a time as on CPU) gives the full masked softmax's output and q/k/v gradients on packed rows
+    with padding, GQA and a T that is not a multiple of the block."""
     import jax
     import jax.numpy as jnp
 
@@ -147,7 +182,7 @@ def test_blockwise_causal_attention_equals_full_einsum_attention(dtype, atol):
         return _einsum_attention(q, k, v, attention_mask(segments, slots, segments, slots), q.dtype)
 
     def blockwise(q, k, v):
-        return blockwise_causal_attention(q, k, v, segments, block=8)
+        return blockwise_causal_attention(q, k, v, segments, block=8, per_row=per_row)
 
     outs = {}
     for name, fn in (("full", full), ("blockwise", blockwise)):
