@@ -206,7 +206,7 @@ def compute_section() -> str | None:
                         sorted(d["methods"].items(), key=lambda kv: -kv[1]["accuracy"]))
     return (
         f"### Offline DCD vs online GKD per unit of compute (`{d['command']}`)\n\n"
-        f"The demo's teacher, traces and random-init student; {len(d['seeds'])} seeds (data order), "
+        f"Measured before the issue-14 regime landed, on that demo's teacher, short traces and random-init student (not rerun on the current demo); {len(d['seeds'])} seeds (data order), "
         f"{d['student_steps']} steps for SFT, DCD-CE and GKD; GKD-wall: GKD with the steps its full run had "
         f"finished when SFT's ended (same wall time, compile included). GKD: lmbda {g['lmbda']} (share of "
         f"batches the student regenerates), beta {g['beta']}, the live teacher scoring every batch over the "
