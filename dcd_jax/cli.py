@@ -20,15 +20,71 @@ start with `dcd-jax demo`, which runs all of it on an embedded task with no down
 
 
 def _parse_mesh(text: str | None):
+    """``--mesh data,fsdp,tensor`` -> the jax mesh (None: one device), through :class:`MeshConfig`."""
     if not text:
         return None
-    from dcd_jax.sharding import make_mesh
+    from dcd_jax.train.config import MeshConfig
 
-    try:
-        data, fsdp, tensor = (int(x) for x in text.split(","))
-    except ValueError:
-        raise ConfigError(f"--mesh expects three integers data,fsdp,tensor (e.g. 1,-1,1), got {text!r}") from None
-    return make_mesh(data, fsdp, tensor)
+    return MeshConfig.parse(text).make()
+
+
+# Sugar flags of the commands configured by dcd_jax.train.commands: argparse dest -> the config key
+# it sets (exactly as `key=value` would; dataclass defaults apply when a flag is not given, so every
+# flag has default=None). Flags that need a conversion (--mesh, --model, --path) are in _flag_values.
+FLAG_KEYS: dict[str, dict[str, str]] = {
+    "eval": {
+        "out": "out", "dtype": "dtype", "benchmarks": "eval.benchmarks", "split": "eval.split",
+        "limit": "eval.limit", "max_new_tokens": "eval.max_new_tokens", "batch_size": "eval.batch_size",
+        "n": "eval.n_samples", "temperature": "eval.temperature", "template": "eval.template",
+        "system_prompt": "eval.system_prompt", "ifeval": "eval.ifeval", "exaccerr_teacher": "eval.exaccerr_teacher",
+        "seed": "eval.seed",
+    },
+    "generate": {
+        "teacher": "generate.teacher", "benchmark": "generate.benchmark", "prompts": "generate.prompts",
+        "out": "generate.out", "keep": "generate.keep", "split": "generate.split", "limit": "generate.limit",
+        "max_new_tokens": "generate.max_new_tokens", "batch_size": "generate.batch_size", "n": "generate.n",
+        "temperature": "generate.temperature", "template": "generate.template",
+        "system_prompt": "generate.system_prompt", "seed": "generate.seed",
+    },
+    "score-teacher": {
+        "teacher": "score.teacher", "out": "score.out", "topk": "score.topk", "batch_size": "score.batch_size",
+        "dtype": "score.dtype",
+    },
+}
+MESH_KEY = {"eval": "mesh", "generate": "mesh", "score-teacher": "teacher_mesh"}
+
+
+def mesh_flag_keys(text: str, prefix: str = "mesh") -> dict[str, int]:
+    """``--mesh 1,-1,1`` -> ``{"mesh.data": 1, "mesh.fsdp": -1, "mesh.tensor": 1}``."""
+    from dcd_jax.train.config import MeshConfig
+
+    mesh = MeshConfig.parse(text)
+    return {f"{prefix}.data": mesh.data, f"{prefix}.fsdp": mesh.fsdp, f"{prefix}.tensor": mesh.tensor}
+
+
+def _flag_values(args: argparse.Namespace, command: str) -> dict:
+    """The dotted config keys set by ``command``'s flags (only the flags given)."""
+    out = {key: getattr(args, dest) for dest, key in FLAG_KEYS[command].items() if getattr(args, dest) is not None}
+    if command == "eval":
+        if args.benchmarks is not None:
+            out["eval.benchmarks"] = [b for b in args.benchmarks.split(",") if b]
+        if args.model:
+            out["models"] = _key_values(args.model, "--model")
+        if args.path:
+            out["eval.paths"] = _key_values(args.path, "--path")
+    if args.mesh:
+        out.update(mesh_flag_keys(args.mesh, MESH_KEY[command]))
+    return out
+
+
+def load_command_config(args: argparse.Namespace, command: str):
+    """The config of ``eval`` / ``generate`` / ``score-teacher``: ``--config`` files, then the flags,
+    then ``key=value`` overrides, through the one loader (:func:`dcd_jax.config.load_config`)."""
+    from dcd_jax.config import load_config
+    from dcd_jax.train.commands import EvalCommandConfig, GenerateCommandConfig, ScoreCommandConfig
+
+    cls = {"eval": EvalCommandConfig, "generate": GenerateCommandConfig, "score-teacher": ScoreCommandConfig}[command]
+    return load_config(cls, args.config, args.overrides, flags=_flag_values(args, command))
 
 
 def cmd_convert_hf_to_flax(args: argparse.Namespace) -> int:
@@ -129,19 +185,15 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_score_teacher(args: argparse.Namespace) -> int:
-    from dcd_jax.config import from_dict
-    from dcd_jax.teacher.scoring import ScoreConfig, score_teacher
     from dcd_jax.distributed import initialize_distributed
+    from dcd_jax.teacher.scoring import score_teacher
+    from dcd_jax.train.config import make_mesh_or_one_device
 
-    cfg = _load_run_config(args)
+    cfg = load_command_config(args, "score-teacher")
     initialize_distributed(cfg.distributed)
-    score = from_dict(ScoreConfig, {
-        "teacher": args.teacher, "out": args.out, "topk": args.topk, "batch_size": args.batch_size,
-        "dtype": args.dtype,
-    })
-    out = score_teacher(cfg.data, score, mesh=_parse_mesh(args.mesh))
-    print(f"teacher scores -> {out}  (train with data.teacher_scores={out} data.topk={args.topk} "
-          f"data.teacher={args.teacher})")
+    out = score_teacher(cfg.data, cfg.score, mesh=make_mesh_or_one_device(cfg.teacher_mesh))
+    print(f"teacher scores -> {out}  (train with data.teacher_scores={out} data.topk={cfg.score.topk} "
+          f"data.teacher={cfg.score.teacher})")
     return 0
 
 
@@ -156,59 +208,49 @@ def _key_values(pairs: Sequence[str] | None, what: str) -> dict[str, str]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from dcd_jax.config import from_dict
-    from dcd_jax.eval.runner import EvalConfig, run_eval, summary_table
+    from dcd_jax.eval.runner import run_eval, summary_table
+    from dcd_jax.train.config import make_mesh_or_one_device
 
-    models = _key_values(args.model, "--model")
-    if not models:
-        raise ConfigError("give at least one --model NAME=PATH")
-    cfg = from_dict(EvalConfig, {
-        "benchmarks": args.benchmarks.split(","), "paths": _key_values(args.path, "--path"), "split": args.split,
-        "limit": args.limit, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
-        "n_samples": args.n, "temperature": args.temperature, "template": args.template,
-        "system_prompt": args.system_prompt, "ifeval": args.ifeval, "exaccerr_teacher": args.exaccerr_teacher,
-        "seed": args.seed,
-    })
-    full = run_eval(models, cfg, args.out, mesh=_parse_mesh(args.mesh), dtype=args.dtype)
+    cfg = load_command_config(args, "eval")
+    full = run_eval(dict(cfg.models), cfg.eval, cfg.out, mesh=make_mesh_or_one_device(cfg.mesh), dtype=cfg.dtype)
     print(summary_table(full["results"], ["pass@1", "pass@1_ci", "length_mean", "truncation_rate", "repetition_rate",
                                           "format_failure_rate"]))
-    print(f"results: {args.out}/summary.json, {args.out}/chart.png, {args.out}/generations/")
+    print(f"results: {cfg.out}/summary.json, {cfg.out}/chart.png, {cfg.out}/generations/")
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from dcd_jax.config import from_dict
-    from dcd_jax.teacher.generate import GenerateConfig, generate_traces
+    from dcd_jax.teacher.generate import generate_traces
+    from dcd_jax.train.config import make_mesh_or_one_device
 
-    cfg = from_dict(GenerateConfig, {
-        "teacher": args.teacher, "benchmark": args.benchmark, "prompts": args.prompts, "split": args.split,
-        "out": args.out, "limit": args.limit, "n": args.n, "temperature": args.temperature,
-        "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "keep": args.keep,
-        "template": args.template, "system_prompt": args.system_prompt, "seed": args.seed,
-    })
-    stats = generate_traces(cfg, mesh=_parse_mesh(args.mesh))
+    cfg = load_command_config(args, "generate")
+    stats = generate_traces(cfg.generate, mesh=make_mesh_or_one_device(cfg.mesh))
     print(f"{stats['kept']} traces kept of {stats['generated']} generated for {stats['prompts']} prompts "
-          f"({stats['skipped_done']} already done) -> {args.out}")
+          f"({stats['skipped_done']} already done) -> {cfg.generate.out}")
     return 0
 
 
-def _add_generation_args(p: argparse.ArgumentParser, *, temperature: float) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=512, help="generation budget per response")
-    p.add_argument("--batch-size", type=int, default=64, help="rows per generation batch")
-    p.add_argument("--n", type=int, default=1, help="sampled responses per prompt")
-    p.add_argument("--temperature", type=float, default=temperature, help="sampling temperature")
-    p.add_argument("--template", default="auto", choices=["auto", "plain", "raw"],
-                   help="prompt rendering: the tokenizer's chat template (as in training), plain, or raw text")
-    p.add_argument("--system-prompt", default=None, help="system message for chat rendering")
-    p.add_argument("--limit", type=int, default=None, help="first N prompts")
-    p.add_argument("--split", default=None, help="split of the prompt set / benchmarks")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mesh", default=None, help="data,fsdp,tensor mesh (default: one device)")
+def _add_generation_args(p: argparse.ArgumentParser, section: str) -> None:
+    # default=None everywhere: the defaults are the dataclass's, stated once (configs/commands/*.yaml)
+    n_key = "n_samples" if section == "eval" else "n"
+    p.add_argument("--max-new-tokens", type=int, default=None, help=f"generation budget per response ({section}.max_new_tokens)")
+    p.add_argument("--batch-size", type=int, default=None, help=f"rows per generation batch ({section}.batch_size)")
+    p.add_argument("--n", type=int, default=None, help=f"sampled responses per prompt ({section}.{n_key})")
+    p.add_argument("--temperature", type=float, default=None, help=f"sampling temperature ({section}.temperature)")
+    p.add_argument("--template", default=None, choices=["auto", "plain", "raw"],
+                   help="prompt rendering: the tokenizer's chat template (as in training), plain, or raw text "
+                   f"({section}.template)")
+    p.add_argument("--system-prompt", default=None, help=f"system message for chat rendering ({section}.system_prompt)")
+    p.add_argument("--limit", type=int, default=None, help=f"first N prompts ({section}.limit)")
+    p.add_argument("--split", default=None, help=f"split of the prompt set / benchmarks ({section}.split)")
+    p.add_argument("--seed", type=int, default=None, help=f"sampling seed ({section}.seed)")
+    p.add_argument("--mesh", default=None, help="data,fsdp,tensor mesh = mesh.data/fsdp/tensor (default: one device)")
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, action="append", default=None,
-                   help="run config YAML (see configs/base.yaml); repeat to merge several, left to right")
+                   help="config YAML (see configs/base.yaml, configs/commands/); repeat to merge several, left to right; "
+                   "flags and key=value overrides apply on top")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=1e-5 data.seq_len=2048")
 
 
@@ -257,34 +299,38 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the teacher once over the traces of the config's data section (tokenized exactly as "
         "training will) and write its log-probs to a Parquet file for data.teacher_scores.",
     )
-    sc.add_argument("--teacher", required=True, help="teacher model: HF dir, hub id or dcd-jax model dir")
-    sc.add_argument("--out", default=None, help="output Parquet (default: <data>.teacher.parquet next to the data)")
-    sc.add_argument("--topk", type=int, default=20, help="top-k log-probs per response token (for loss: kl / todi)")
-    sc.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
-    sc.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="teacher compute dtype")
-    sc.add_argument("--mesh", default=None, help="data,fsdp,tensor mesh for the teacher (default: one device)")
+    sc.add_argument("--teacher", default=None, help="teacher model: HF dir, hub id or dcd-jax model dir (score.teacher; required)")
+    sc.add_argument("--out", default=None, help="output Parquet (score.out; default: <data>.teacher.parquet next to the data)")
+    sc.add_argument("--topk", type=int, default=None, help="top-k log-probs per response token, for loss: kl / todi (score.topk)")
+    sc.add_argument("--batch-size", type=int, default=None, help="sequences per forward pass (score.batch_size)")
+    sc.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="teacher compute dtype (score.dtype)")
+    sc.add_argument("--mesh", default=None, help="data,fsdp,tensor mesh for the teacher = teacher_mesh.data/fsdp/tensor "
+                    "(default: one device; the config's mesh: is the training mesh and is not used)")
     _add_config_args(sc)
     sc.set_defaults(func=cmd_score_teacher)
 
     gen = sub.add_parser("generate", help="teacher traces for a prompt set, keeping correct ones (resumable)")
-    gen.add_argument("--teacher", required=True, help="teacher model: HF dir, hub id or dcd-jax model dir")
-    gen.add_argument("--benchmark", default="embedded", help="prompt-set adapter (embedded = {id, prompt, answer} JSONL)")
-    gen.add_argument("--prompts", default=None, help="local prompt file or dir in that adapter's schema")
-    gen.add_argument("--out", required=True, help="output JSONL of traces (a rerun resumes it)")
-    gen.add_argument("--keep", default="correct", choices=["correct", "all"], help="rejection filtering on the gold answer")
-    _add_generation_args(gen, temperature=0.7)
+    gen.add_argument("--teacher", default=None, help="teacher model: HF dir, hub id or dcd-jax model dir (generate.teacher; required)")
+    gen.add_argument("--benchmark", default=None, help="prompt-set adapter, embedded = {id, prompt, answer} JSONL (generate.benchmark)")
+    gen.add_argument("--prompts", default=None, help="local prompt file or dir in that adapter's schema (generate.prompts)")
+    gen.add_argument("--out", default=None, help="output JSONL of traces; a rerun resumes it (generate.out)")
+    gen.add_argument("--keep", default=None, choices=["correct", "all"], help="rejection filtering on the gold answer (generate.keep)")
+    _add_generation_args(gen, "generate")
+    _add_config_args(gen)
     gen.set_defaults(func=cmd_generate)
 
     ev = sub.add_parser("eval", help="evaluate checkpoints on math benchmarks (pass@1, avg@k, stability)")
-    ev.add_argument("--model", action="append", metavar="NAME=PATH", help="checkpoint to evaluate (repeatable)")
-    ev.add_argument("--benchmarks", default="embedded", help="comma-separated: embedded, gsm8k, math, math500, amc23, "
-                    "aime24, aime25, olympiadbench, omni_math")
-    ev.add_argument("--path", action="append", metavar="BENCH=PATH", help="local file/dir of a benchmark (repeatable)")
-    ev.add_argument("--out", default="results", help="results folder")
-    ev.add_argument("--ifeval", action="store_true", help="also run the IFEval-style instruction check")
-    ev.add_argument("--exaccerr-teacher", default=None, help="teacher model for ExAccErr (opt-in)")
-    ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
-    _add_generation_args(ev, temperature=1.0)
+    ev.add_argument("--model", action="append", metavar="NAME=PATH", help="checkpoint to evaluate, repeatable (models.NAME)")
+    ev.add_argument("--benchmarks", default=None, help="comma-separated: embedded, gsm8k, math, math500, amc23, "
+                    "aime24, aime25, olympiadbench, omni_math (eval.benchmarks)")
+    ev.add_argument("--path", action="append", metavar="BENCH=PATH", help="local file/dir of a benchmark, repeatable (eval.paths.BENCH)")
+    ev.add_argument("--out", default=None, help="results folder (out)")
+    ev.add_argument("--ifeval", action="store_const", const=True, default=None,
+                    help="also run the IFEval-style instruction check (eval.ifeval)")
+    ev.add_argument("--exaccerr-teacher", default=None, help="teacher model for ExAccErr, opt-in (eval.exaccerr_teacher)")
+    ev.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="compute dtype (dtype)")
+    _add_generation_args(ev, "eval")
+    _add_config_args(ev)
     ev.set_defaults(func=cmd_eval)
 
     pl = sub.add_parser(

@@ -200,18 +200,35 @@ def _fix_yaml_floats(data: Any) -> Any:
     return data
 
 
+def nest_dotted(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"a.b": 1, "a.c": 2}`` -> ``{"a": {"b": 1, "c": 2}}`` (values kept as they are, not parsed)."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
 def load_config(
-    cls: type[T], path: str | Path | Sequence[str | Path] | None = None, overrides: Sequence[str] = ()
+    cls: type[T], path: str | Path | Sequence[str | Path] | None = None, overrides: Sequence[str] = (),
+    flags: Mapping[str, Any] | None = None,
 ) -> T:
-    """Load ``cls`` from YAML file(s) and dotted ``key=value`` overrides.
+    """Load ``cls`` from YAML file(s), command-line flags and dotted ``key=value`` overrides.
 
     Several files merge left to right, so a baseline can be a one-line file applied on top of a
     model config (``--config configs/qwen2.5-1.5b-dcd.yaml --config configs/objectives/sft.yaml``).
+    ``flags`` maps dotted keys to already-typed values (what a command's sugar flags set, see
+    ``dcd_jax.cli``); they apply after the files and before the overrides, so ``--topk 8`` is exactly
+    ``score.topk=8``.
     """
     paths = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
     data: dict[str, Any] = {}
     for p in paths:
         data = deep_merge(data, read_yaml(p))
+    data = deep_merge(data, nest_dotted(flags or {}))
     data = deep_merge(data, parse_overrides(overrides))
     where = " + ".join(str(p) for p in paths) or cls.__name__
     try:

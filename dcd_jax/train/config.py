@@ -56,6 +56,29 @@ class MeshConfig:
     def validate(self) -> None:
         check_mesh_sizes((self.data, self.fsdp, self.tensor))
 
+    def make(self, devices=None):
+        """The jax ``Mesh`` of these sizes (over ``devices``, default all): the one place a config becomes a mesh."""
+        from dcd_jax.sharding import make_mesh
+
+        return make_mesh(self.data, self.fsdp, self.tensor, devices=devices)
+
+    @classmethod
+    def parse(cls, text: str) -> "MeshConfig":
+        """``"1,-1,1"`` (the ``--mesh`` flag) -> ``MeshConfig(data=1, fsdp=-1, tensor=1)``."""
+        try:
+            data, fsdp, tensor = (int(x) for x in text.split(","))
+        except ValueError:
+            raise ConfigError(f"--mesh expects three integers data,fsdp,tensor (e.g. 1,-1,1), got {text!r}") from None
+        mesh = cls(data, fsdp, tensor)
+        mesh.validate()
+        return mesh
+
+
+def make_mesh_or_one_device(mesh: "MeshConfig | None", devices=None):
+    """The mesh of a command whose mesh is optional: ``None`` = one device (the first), as
+    eval / generate / score-teacher / convert always did; otherwise ``mesh.make()``."""
+    return None if mesh is None else mesh.make(devices)
+
 
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:

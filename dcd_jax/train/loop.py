@@ -33,7 +33,6 @@ from dcd_jax.data import build_train_iterator
 from dcd_jax.models import abstract_model
 from dcd_jax.objectives import check_batch_fields, validate_batch
 from dcd_jax.paths import require_local_or_hub
-from dcd_jax.sharding import make_mesh
 from dcd_jax.train import online
 from dcd_jax.train.batch import check_batch_split, to_global_batch
 from dcd_jax.train.checkpoint import RunCheckpointer
@@ -139,7 +138,7 @@ def train(cfg: RunConfig, hooks: TrainHooks | None = None) -> TrainResult:
     cfg.require_model()
     hooks = hooks or TrainHooks()
     initialize_distributed(cfg.distributed)
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    mesh = cfg.mesh.make()
     check_batch_split(cfg, mesh, jax.process_count())
     check_batch_fields(cfg.objective, cfg.data.batch_fields())
     from dcd_jax.train.plan import check_fits_before_training

@@ -46,7 +46,7 @@ from dcd_jax.config import replace as replace_config
 from dcd_jax.models import ModelConfig, abstract_model
 from dcd_jax.models.config import resolve_attention
 from dcd_jax.objectives import check_batch_fields
-from dcd_jax.sharding import make_mesh, tree_shardings
+from dcd_jax.sharding import tree_shardings
 from dcd_jax.train.batch import abstract_train_batch, check_batch_split
 from dcd_jax.train.config import RunConfig
 from dcd_jax.train.flops import peak_flops_per_device
@@ -357,7 +357,7 @@ def compile_plan(cfg: RunConfig, target: Target, what: str = "train", *, batch_s
     """Compile ``what`` (train | sample | score) of ``cfg`` for ``target`` and read its needs per chip."""
     if what not in WHAT:
         raise ConfigError(f"--what {what!r}: expected one of {WHAT}")
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=list(target.devices))
+    mesh = cfg.mesh.make(devices=list(target.devices))
     if what == "train":
         check_batch_split(cfg, mesh)
         check_batch_fields(cfg.objective, cfg.data.batch_fields())
