@@ -173,14 +173,30 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0 if report.fits else 1
 
 
-def cmd_data_inspect(args: argparse.Namespace) -> int:
+def _config_and_student_tokenizer(args: argparse.Namespace):
     from dcd_jax.convert.model_dir import load_pretrained_tokenizer
-    from dcd_jax.data import inspect_data
 
     cfg = _load_run_config(args)
     cfg.require_model()
-    tokenizer = load_pretrained_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    return cfg, load_pretrained_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    from dcd_jax.data import inspect_data
+
+    cfg, tokenizer = _config_and_student_tokenizer(args)
     print(inspect_data(cfg.data, tokenizer, limit=args.limit, processes=args.processes))
+    return 0
+
+
+def cmd_data_tokenize(args: argparse.Namespace) -> int:
+    from dcd_jax.data.pretokenize import write_tokenized_records
+
+    cfg, tokenizer = _config_and_student_tokenizer(args)
+    stats = write_tokenized_records(cfg.data, tokenizer, args.out)
+    skipped = sum(stats.skipped.values())
+    print(f"{stats.examples} tokenized records ({stats.tokens} tokens, {skipped} skipped) -> {args.out}  "
+          f"(train with data.path={args.out}; teacher scores of the text stay valid)")
     return 0
 
 
@@ -362,6 +378,15 @@ def build_parser() -> argparse.ArgumentParser:
                          help="read as P processes would (streamed; reports the bytes each reads)")
     _add_config_args(inspect)
     inspect.set_defaults(func=cmd_data_inspect)
+    tokenize = data_sub.add_parser(
+        "tokenize", help="tokenize the traces once with the student tokenizer (the fastest records to stream)",
+        description="Write the config's data.path as tokenized records (input_ids, response_mask, "
+        "tokenizer_fingerprint), rendered and tokenized exactly as training would, at full length. Training "
+        "on them skips rendering and tokenization (bench/data_scale.py: the text path's main cost) and gives "
+        "bit for bit the batches of the text; teacher scores of the text stay valid.")
+    tokenize.add_argument("--out", required=True, type=Path, help="output .jsonl or .parquet (written atomically)")
+    _add_config_args(tokenize)
+    tokenize.set_defaults(func=cmd_data_tokenize)
 
     demo = sub.add_parser("demo", help="run the whole pipeline in miniature on the embedded task (no download)")
     demo.add_argument("--out", type=Path, default=Path("demo_out"), help="working directory (stages are cached here)")

@@ -10,7 +10,7 @@ from dcd_jax.cli import build_parser
 from dcd_jax.cli import main as cli_main
 
 COMMANDS = [["convert", "hf-to-flax"], ["convert", "flax-to-hf"], ["train"], ["score-teacher"], ["generate"], ["eval"],
-            ["data", "inspect"], ["demo"]]
+            ["data", "inspect"], ["data", "tokenize"], ["demo"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
@@ -45,10 +45,17 @@ def test_pipeline_commands(assets, tmp_path, capsys):
                      f"data.path={assets['train']}"]) == 0
     assert scores.is_file()
 
-    # train with DCD-KL on the scored data, then export to HF
+    # data tokenize: the traces as tokenized records; the scores of the text stay valid for them
+    tokens = tmp_path / "tokens.parquet"
+    assert cli_main(["data", "tokenize", "--out", str(tokens), f"model.path={assets['student']}",
+                     f"data.path={assets['train']}"]) == 0
+    assert "24 tokenized records" in capsys.readouterr().out
+
+    # train with DCD-KL on the scored (tokenized) data, then export to HF
     out = tmp_path / "run"
     overrides = base_overrides(assets, out, **{"train.steps": 2, "objective.loss": "kl", "objective.weighting": "dcd",
-                                               "data.teacher_scores": scores, "data.topk": 4, "train.export_hf": "true"})
+                                               "data.path": tokens, "data.teacher_scores": scores, "data.topk": 4,
+                                               "train.export_hf": "true"})
     assert cli_main(["train", *overrides]) == 0
     assert (out / "hf" / "config.json").is_file() and (out / "config.yaml").is_file()
     assert cli_main(["train", *overrides]) == 0  # already complete: resumes at step 2 and stops
