@@ -32,7 +32,6 @@ steps its full run had finished when SFT's ended); greedy accuracy next to each 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import random
 import statistics
@@ -100,6 +99,18 @@ def merge(base: dict, override: dict) -> dict:
     for k, v in override.items():
         out[k] = merge(out.get(k, {}), v) if isinstance(v, dict) else v
     return out
+
+
+def score_records(model: str | Path, records: list[dict], work: Path) -> Path:
+    """``model``'s per-token log-probs of ``records`` (a scores Parquet file under ``work``)."""
+    from dcd_jax.data import DataConfig
+    from dcd_jax.teacher.scoring import ScoreConfig, score_teacher
+
+    work.mkdir(parents=True, exist_ok=True)
+    traces = work / "traces.jsonl"
+    traces.write_text("".join(json.dumps(dict(r)) + "\n" for r in records))
+    return score_teacher(DataConfig(path=str(traces)), ScoreConfig(teacher=str(model), topk=0, batch_size=32,
+                                                                   out=str(work / "student.parquet")), progress=False)
 
 
 def main() -> None:
@@ -203,10 +214,9 @@ def main() -> None:
                   "train": trained, **summarize_eval(ev)}
         if obj["weighting"] in DCD_WEIGHTINGS and group != "sweep" and seed == seeds[0]:
             cfg = from_dict(ObjectiveConfig, obj)
-            result["weights_before"] = weight_diagnostics(cfg, students[student]["flax"], diag_records,
-                                                          data["teacher_scores"], run_dir / "diag_before")
-            result["weights_after"] = weight_diagnostics(cfg, trained["hf"], diag_records, data["teacher_scores"],
-                                                         run_dir / "diag_after")
+            for when, model in (("before", students[student]["flax"]), ("after", trained["hf"])):
+                scores = score_records(model, diag_records, run_dir / f"diag_{when}")
+                result[f"weights_{when}"] = weight_diagnostics(cfg, diag_records, scores, data["teacher_scores"])
         if obj["weighting"] in DCD_WEIGHTINGS:  # other weightings: their own logs (metrics.jsonl) only
             result["position_weights"] = position_weights_over_training(run_dir / "metrics.jsonl")
         result.update(line_statistics(run_dir / "results" / "generations" / "m" / "generations" / "embedded.jsonl"))

@@ -31,7 +31,6 @@ ALLOWED: dict[str, set[str]] = {
 
 # Known exceptions, each with its reason (to be removed, not added to).
 EXCEPTIONS = {
-    ("dcd_jax.eval.weight_diagnostics", "dcd_jax.teacher.scoring"): "scores the student with the teacher scorer",
 }
 
 

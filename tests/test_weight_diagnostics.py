@@ -1,5 +1,6 @@
 """Mechanism diagnostics: weight by trace style and by response position; output style and accuracy by length."""
 
+import json
 import math
 
 import numpy as np
@@ -86,3 +87,28 @@ def test_output_styles_of_restated_careful_traces():
     ]
     assert output_diagnostics(generations, {"a": 2, "b": 2}) == {"accuracy_by_steps": {2: 0.5},
                                                                   "style_shares": {"careful": 0.5, "compressed": 0.5}}
+
+
+def test_weight_diagnostics_from_two_scores_files(tmp_path):
+    """From the scores files of two models on the same traces: when the student is the teacher every
+    log-ratio is 0, so normalized DCD weights are 1 for every style and position; the student's NLL
+    by style is the mean of its stored per-token log-probs."""
+    from train_fixtures import make_assets
+
+    from dcd_jax.data import DataConfig
+    from dcd_jax.eval.weight_diagnostics import read_logprobs, weight_diagnostics
+    from dcd_jax.teacher.scoring import ScoreConfig, score_teacher
+
+    assets = make_assets(tmp_path / "assets", n_examples=12)
+    records = [json.loads(line) for line in assets["train"].open()]
+    scores = score_teacher(DataConfig(path=str(assets["train"])),
+                           ScoreConfig(teacher=str(assets["student"]), topk=0, out=str(tmp_path / "s.parquet")),
+                           progress=False)
+    cfg = ObjectiveConfig(weighting="dcd", lam=LamSchedule(kind="constant"))
+    out = weight_diagnostics(cfg, records, scores, scores)
+    styles = {r["style"] for r in records}
+    assert set(out["by_style"]) == styles and len(styles) > 1
+    assert all(abs(w - 1.0) < 1e-5 for w in [*out["by_style"].values(), *out["by_position"]])
+    lp = read_logprobs(scores)
+    careful = np.concatenate([lp[str(r["id"])] for r in records if r["style"] == "careful"])
+    assert abs(out["student_nll_by_style"]["careful"] + careful.mean()) < 1e-4

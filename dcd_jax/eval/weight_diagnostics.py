@@ -14,7 +14,6 @@ with the student in the teacher's place) and the teacher's cached log-probs:
 from __future__ import annotations
 
 import collections
-import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -85,21 +84,12 @@ def read_logprobs(path: str | Path) -> dict[str, np.ndarray]:
                                                               table.column("teacher_logprobs").to_pylist())}
 
 
-def weight_diagnostics(objective: Any, student: str, records: Sequence[Mapping[str, Any]], teacher_scores: str | Path,
-                       work_dir: str | Path) -> dict[str, Any]:
-    """Mean weight by trace ``style`` and by response position of ``student`` (a model dir or HF dir)
-    on ``records`` (distillation traces with ``id``, ``prompt``, ``response``, ``style``)."""
-    from dcd_jax.data import DataConfig
-    from dcd_jax.teacher.scoring import ScoreConfig, score_teacher
-
-    work = Path(work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    traces = work / "traces.jsonl"
-    traces.write_text("".join(json.dumps(dict(r)) + "\n" for r in records))
-    scores = score_teacher(DataConfig(path=str(traces)), ScoreConfig(teacher=str(student), topk=0, batch_size=32,
-                                                                      out=str(work / "student.parquet")),
-                           progress=False)
-    student_lp, teacher_lp = read_logprobs(scores), read_logprobs(teacher_scores)
+def weight_diagnostics(objective: Any, records: Sequence[Mapping[str, Any]], student_scores: str | Path,
+                       teacher_scores: str | Path) -> dict[str, Any]:
+    """Mean weight by trace ``style`` and by response position on ``records`` (distillation traces
+    with ``id`` and ``style``), from the student's and the teacher's per-token log-probs of them
+    (two scores files, e.g. ``dcd-jax score-teacher`` run once with each model)."""
+    student_lp, teacher_lp = read_logprobs(student_scores), read_logprobs(teacher_scores)
     ids = [str(r["id"]) for r in records]
     weights, mask = token_weights(objective, [student_lp[i] for i in ids], [teacher_lp[i] for i in ids])
     return {"by_style": mean_weight_by_group(weights, mask, [r["style"] for r in records]),
