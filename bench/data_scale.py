@@ -35,7 +35,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -195,7 +194,7 @@ def worker(spec: dict) -> dict:
     if spec.get("read_workers"):
         fields["read_workers"] = spec["read_workers"]
     cfg = DataConfig(**fields)
-    t0, cpu0 = time.perf_counter(), time.process_time()
+    t0 = time.perf_counter()
     it = build_train_iterator(cfg, tok, process_index=spec["process"], process_count=spec["processes"])
     bounded = spec.get("bounded_blocks", 0) * spec["block"]  # stop once that many records (blocks) were read
     first_tokens, t_first, cpu_first = 0, None, None
