@@ -64,8 +64,8 @@ def demo_section() -> str | None:
                "clearly beats the student, and the distillation data is the stand-in below. ")
     text = (
         f"### The demo (`{d['command']}`, {d['machine']})\n\n"
-        + verdict + f"Stage minutes (sum {d['wall_minutes']:.1f}, each stage's `<stage>.done.json`, measured on a "
-        f"shared 2-core machine while other jobs ran): {stages}. Teacher greedy accuracy on 64 `val` problems "
+        + verdict + f"Stage minutes (sum {d['wall_minutes']:.1f}, each stage's `<stage>.done.json`; "
+        f"{d.get('conditions', 'measured on a shared 2-core machine while other jobs ran')}): {stages}. Teacher greedy accuracy on 64 `val` problems "
         f"during its training: {curve}. "
         f"Teacher samples kept by rejection sampling: {d['teacher_samples_kept']} of {d['teacher_samples']} "
         f"({_shares(d['kept_style_counts'])}). Distillation data ({d['distill_source']}): {d['distill_traces']} "
@@ -149,7 +149,8 @@ def experiment_section() -> str | None:
     diag = next((r for r in d["runs"] if r["method"] == "DCD-CE" and "weights_before" in r), None)
     text = (
         f"### The DCD study (`{d['command']}`)\n\n"
-        f"**Result: DCD-CE − SFT greedy accuracy = {_ci(gap)} — {_verdict(gap)}.** "
+        + (f"Run on {d['code']}. " if d.get("code") else "")
+        + f"**Result: DCD-CE − SFT greedy accuracy = {_ci(gap)} — {_verdict(gap)}.** "
 
         + _regime_caveat(d) +
         f"{d['finished_runs']} of {d['planned_runs']} planned runs finished "
