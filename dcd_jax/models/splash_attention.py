@@ -47,7 +47,11 @@ def _kernel(num_heads: int, length: int, block: int, interpret: bool):
         block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
         block_q_dq=block, block_kv_dq=block,
     )
-    return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+    # The kernel keeps the mask's block tables as arrays. Built inside a trace (the first call is),
+    # they would be that trace's tracers, cached here and leaked into the next trace; concrete
+    # arrays are safe to share across traces and layers.
+    with jax.ensure_compile_time_eval():
+        return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
 def _runs_on_tpu(mesh: jax.sharding.AbstractMesh) -> bool:

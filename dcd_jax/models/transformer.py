@@ -380,10 +380,7 @@ class Transformer(nnx.Module):
 
         if self.cfg.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
-        # (Not with splash, which runs on CPU only in Pallas interpret mode for tests: its cached
-        # kernel, built inside the first layer's shard_map trace, would leak into the second's.)
-        if (cache is None and traced_for_cpu() and self.cfg.num_layers <= MAX_UNROLLED_LAYERS
-                and self.cfg.attention != "splash"):
+        if cache is None and traced_for_cpu() and self.cfg.num_layers <= MAX_UNROLLED_LAYERS:
             # Unrolled on CPU: a scan would copy each layer's weights out of the stack and its
             # residuals into [L, ...] buffers every step; ``lax.split``'s gradient is one concatenate.
             layers = jax.tree.map(lambda a: jax.lax.split(a, [1] * self.cfg.num_layers), layer_state)
