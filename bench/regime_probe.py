@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--max-new-tokens", type=int, default=288)
+    parser.add_argument("--mix", default=None, help='teacher style mix as JSON, e.g. {"careful": 0.6, "compressed": 0.4}')
     parser.add_argument("--work", default="probe_out")
     parser.add_argument("--out", default="bench/results/regime_probe.json")
     args = parser.parse_args()
@@ -43,6 +44,8 @@ def main() -> None:
     from dcd_jax.train.metrics import read_metrics
 
     task = SCALES["small"].task
+    if args.mix:
+        task = dataclasses.replace(task, style_mix=json.loads(args.mix))
     work = Path(args.work).absolute()
     tok = build_tokenizer(work / "tokenizer")
     write_jsonl(generate_problems(task), work / "train.jsonl")
