@@ -192,7 +192,6 @@ def main() -> None:
     traces = demo_dir / "traces"
     data = {"path": str(traces / "train.jsonl"), "teacher_scores": str(traces / "train.teacher.parquet"),
             "topk": scale.topk}
-    diag_records = [json.loads(line) for line in open(traces / "train.jsonl")][:128]
     root.mkdir(exist_ok=True)
     done: list[dict] = []
 
@@ -236,6 +235,7 @@ def main() -> None:
         baselines[name] = json.loads(marker.read_text())
 
     students["competent"] = prepare_student(demo_dir, args.scale, "competent")  # the demo's stages (cached)
+    diag_records = [json.loads(line) for line in open(traces / "train.jsonl")][:128]  # written by those stages
     baseline("teacher", teacher)
     baseline("competent", students["competent"]["hf"])
     dcd_setting: dict = {}
