@@ -192,7 +192,7 @@ def main() -> None:
     traces = demo_dir / "traces"
     data = {"path": str(traces / "train.jsonl"), "teacher_scores": str(traces / "train.teacher.parquet"),
             "topk": scale.topk}
-    root.mkdir(exist_ok=True)
+    root.mkdir(parents=True, exist_ok=True)
     done: list[dict] = []
 
     def run(group: str, name: str, student: str, seed: int, objective: dict, dcd_setting: dict) -> dict:
@@ -285,7 +285,7 @@ def compute_main(args) -> None:
             "topk": scale.topk}
     student = str(demo_dir / "student_flax")
     root = demo_dir / "experiment"
-    root.mkdir(exist_ok=True)
+    root.mkdir(parents=True, exist_ok=True)
 
     def run(name: str, objective: dict, seed: int, steps: int | None = None, greedy_only: bool = False) -> dict:
         from dcd_jax.train.cost import run_cost
