@@ -89,7 +89,11 @@ def test_demo_micro_runs_every_stage_and_caches(tmp_path):
               "tokenizer/tokenizer.json", "student_init/config.json", "teacher_init/model.safetensors.index.json"):
         assert (out / "assets" / f).is_file(), f
     pretrain = [json.loads(line) for line in (out / "assets" / "pretrain.jsonl").open()]
-    assert {r["style"] for r in pretrain} == {"careful"} and all(r["prompt"].startswith("The ") for r in pretrain)
+    # the base stage: careful traces of shorter problems than the distillation task, none of its prompts
+    assert {r["style"] for r in pretrain} == {"careful"} and max(r["num_steps"] for r in pretrain) <= 3
+    held_out = {json.loads(line)["prompt"] for f in ("prompts.jsonl", "eval.jsonl", "val.jsonl")
+                for line in (out / "assets" / f).open()}
+    assert not held_out & {r["prompt"] for r in pretrain}
     # (b) the student's base stage, exported as an HF checkpoint; (g) converted from it, as a real student
     import numpy as np
     from safetensors.numpy import load_file
