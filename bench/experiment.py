@@ -183,10 +183,12 @@ def main() -> None:
                 **json.loads(p.read_text()),
                 **line_statistics(root / p.stem / "generations" / "m" / "generations" / "embedded.jsonl")}
         setting = choose_dcd_setting([r for r in finished if r["group"] == "sweep"])
-        write_results(out_path, finished, baselines, setting, args, scale, demo_dir, json.loads(
-            out_path.read_text())["wall_seconds"] if out_path.is_file() else 0.0, len(plan))
+        previous = json.loads(out_path.read_text()) if out_path.is_file() else {}
+        write_results(out_path, finished, baselines, setting, args, scale, demo_dir, previous.get("wall_seconds", 0.0),
+                      len(plan), previous.get("code", "unknown (report rewritten without the run's JSON)"))
         return
 
+    code = code_version()
     students: dict = {}  # competent | weak | random -> {"flax", "hf"}, prepared when first needed
     teacher = str(demo_dir / "runs" / "teacher" / "hf")
     traces = demo_dir / "traces"
@@ -247,7 +249,8 @@ def main() -> None:
         if student not in baselines:
             baseline(student, students[student]["hf"])
         done.append(run(group, name, student, seed, objective, dcd_setting if group != "sweep" else {}))
-        write_results(out_path, done, baselines, dcd_setting, args, scale, demo_dir, time.time() - start, len(plan))
+        write_results(out_path, done, baselines, dcd_setting, args, scale, demo_dir, time.time() - start, len(plan),
+                      code)
     print(json.dumps(json.loads(out_path.read_text())["summary"], indent=2))
 
 
@@ -429,8 +432,18 @@ def paired(runs: list[dict], group: str, student: str, a: str, b: str, key=lambd
     return paired_difference([key(by[(a, s)]) for s in seeds], [key(by[(b, s)]) for s in seeds])
 
 
+def code_version() -> str:
+    """The commit the study's code is at (``+dirty`` with uncommitted changes): the runs' provenance."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    git = lambda *a: subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True).stdout.strip()  # noqa: E731
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def write_results(path: Path, runs: list[dict], baselines: dict, dcd_setting: dict, args, scale, demo_dir: Path,
-                  seconds: float, planned: int) -> None:
+                  seconds: float, planned: int, code: str) -> None:
     main_runs = [r for r in runs if r["group"] == "main"]
     methods = {m: aggregate([r for r in main_runs if r["method"] == m]) for m in METHODS
                if any(r["method"] == m for r in main_runs)}
@@ -460,6 +473,8 @@ def write_results(path: Path, runs: list[dict], baselines: dict, dcd_setting: di
         "teacher_samples": {"kept": sampled["traces_in_file"], "sampled": sampled["generated"],
                             "kept_style_counts": sampled["kept_style_counts"]},
         "dcd_setting": dcd_setting,
+        "pretrain_task": {k: getattr(scale.pretrain_task, k) for k in ("template", "min_steps", "max_steps", "style_mix")},
+        "code": code,
         "sweep": [{"setting": r["method"], "accuracy_val": r["accuracy"], "careful_share": r["careful_share"],
                    "truncation_rate": r.get("truncation_rate"), "style_shares": r["style_shares"]}
                   for r in runs if r["group"] == "sweep"],

@@ -121,6 +121,16 @@ def _regime_caveat(d: dict) -> str:
     return text
 
 
+def _pretraining(d: dict) -> str:
+    """The student's base stage, from the study JSON (older runs did not record it)."""
+    p = d.get("pretrain_task")
+    if not p:
+        return "on other problems (careful style only)"
+    narrative = "the task's own narrative" if p["template"] == "story" else f"another narrative (`{p['template']}`)"
+    return (f"on problems of {p['min_steps']}-{p['max_steps']} operations in {narrative}, "
+            f"{_shares({k: int(v * 100) for k, v in p['style_mix'].items()})} style")
+
+
 def experiment_section() -> str | None:
     d = _load("experiment.json")
     if d is None:
@@ -156,8 +166,8 @@ def experiment_section() -> str | None:
         f"{d['finished_runs']} of {d['planned_runs']} planned runs finished "
         f"({d['wall_seconds'] / 60:.0f} min); every run {d['student_steps']} steps at lr {d['student_lr']}, "
         "same data, data order set by the seed.\n\n"
-        f"Regime (issue 14): problems of 2-8 operations; the student is pretrained on other problems (careful "
-        f"style only) before distillation. Distillation data: {d['distill_data']['traces']} traces "
+        f"Regime (issue 14): problems of 2-8 operations; the student is pretrained {_pretraining(d)} before "
+        f"distillation. Distillation data: {d['distill_data']['traces']} traces "
         f"({d['distill_data']['source']}: correct programmatic traces in the teacher's style mix, "
         f"{_shares(d['distill_data']['style_counts'])}, scored by the teacher), a stand-in for a teacher that writes "
         f"both styles correctly: this CPU-trained teacher's own correct samples are "

@@ -7,7 +7,7 @@ confident errors that compound along its own prefixes. The demo builds that regi
   (a) assets    embedded arithmetic word problems of 2 to 8 operations, each a small fact (careful
                 traces ~30-125 tokens, longer with more operations):
                 teacher training data, distillation prompts, validation and eval splits; the
-                student's pretraining data (other narrative, ``ledger`` template, careful style
+                student's pretraining data (shorter problems of 1-4 operations, careful style
                 only); tokenizer; fresh HF checkpoints for teacher and student
   (b) pretrain  the student's base stage: SFT on its pretraining data, exported as an HF checkpoint
                 -- it arrives at distillation with its own (careful) style and partial competence,
