@@ -100,8 +100,8 @@ SCALES = {
         task=SyntheticTaskConfig(n_examples=20000, style_mix=_MIX, **_LONG),
         pretrain_task=SyntheticTaskConfig(n_examples=8000, **_PRETRAIN),
         n_prompts=1024, n_eval=200, n_val=100, n_sampled_prompts=64, teacher_size="tiny", student_size="tiny",
-        teacher_steps=1200, pretrain_steps=900, student_steps=120, batch_size=8, seq_len=512, teacher_lr=3e-3,
-        pretrain_lr=3e-3, student_lr=1e-3, samples_per_prompt=2, temperature=1.0, max_new_tokens=288, topk=8,
+        teacher_steps=1200, pretrain_steps=900, student_steps=240, batch_size=8, seq_len=512, teacher_lr=3e-3,
+        pretrain_lr=3e-3, student_lr=2e-3, samples_per_prompt=2, temperature=1.0, max_new_tokens=288, topk=8,
     ),
     "full": DemoScale(
         task=SyntheticTaskConfig(n_examples=60000, style_mix=_MIX, **dict(_LONG, max_steps=12)),
