@@ -255,7 +255,18 @@ _CACHE_AXES = {
 }
 
 
-def _constrain_cache(cache: dict[str, jax.Array]) -> dict[str, jax.Array]:
+# The CPU layout (``init_cache(per_layer=True)``): per-layer heads-major k/v, shared segments.
+_PER_LAYER_CACHE_AXES = {
+    "k": ("batch", "act_kv_heads", "cache_length", "head_dim"),
+    "v": ("batch", "act_kv_heads", "cache_length", "head_dim"),
+    "segment_ids": ("batch", "cache_length"),
+}
+
+
+def _constrain_cache(cache: dict) -> dict:
+    if isinstance(cache["k"], (list, tuple)):
+        return {name: [constrain(x, _PER_LAYER_CACHE_AXES[name]) for x in value] if isinstance(value, (list, tuple))
+                else constrain(value, _PER_LAYER_CACHE_AXES[name]) for name, value in cache.items()}
     return {name: constrain(value, _CACHE_AXES[name]) for name, value in cache.items()}
 
 
@@ -282,10 +293,12 @@ def _generate_jit(graphdef, params, prompt_ids, prompt_mask, rng_keys, temperatu
     lengths_in = mask.sum(axis=1)  # real prompt tokens per row; 0 = a padding row
     positions = positions_from_mask(mask)
 
-    cache = _constrain_cache(model.init_cache(b, p + max_new - 1))
-    # On CPU, per-layer weight copies made once here (not per step inside the loop; see
-    # Transformer.forward_with_cache). Elsewhere the stacked weights are read as they are.
-    layers = model.unstacked_layers() if traced_for_cpu() else None
+    on_cpu = traced_for_cpu()
+    # On CPU, per-layer heads-major cache buffers updated in place (Transformer.init_cache) and
+    # per-layer weight copies made once here, not per step inside the loop (see
+    # Transformer.forward_with_cache). Elsewhere the stacked cache and weights are used as they are.
+    cache = _constrain_cache(model.init_cache(b, p + max_new - 1, per_layer=on_cpu))
+    layers = model.unstacked_layers() if on_cpu else None
     logits, cache = _prefill(model, ids, positions, mask, cache, layers)
     cache = _constrain_cache(cache)
 
