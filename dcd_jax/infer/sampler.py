@@ -30,7 +30,10 @@ multiples of ``prompt_bucket``) and batches to powers of two up to ``batch_size`
 evaluation compiles O(log(longest prompt) * log(batch_size)) programs at most.
 
 Memory: the prefill unembeds only each row's last prompt position (not [B, P, V] logits); the KV
-cache holds ``P_bucket + max_new_tokens - 1`` slots per row in the model's compute dtype.
+cache holds ``P_bucket + max_new_tokens - 1`` slots per row in the model's compute dtype. On CPU
+the loop also reads copies of the weights in decode layouts (:func:`cpu_decode_weights`: per-layer
+arrays, fused q/k/v and gate/up kernels, a [D, V] unembedding), which a :class:`Sampler` makes once
+and keeps (about twice the layer weights plus the unembedding, held next to the params).
 
 Random streams: the key of the ``j``-th sample of prompt ``i`` is
 ``fold_in(fold_in(key(seed), i), j)``, independent of batch composition, chunking, padding,
@@ -39,7 +42,9 @@ ordering and sharding; the same seed gives the same completions.
 Sharding: with a mesh, prompt rows are split over the ``batch`` logical axis (``data`` x
 ``fsdp``), parameters stay in the shardings they carry (tensor-parallel weights), and the KV
 cache is constrained to ``(layers, batch, cache_length, act_kv_heads, head_dim)`` through
-:mod:`dcd_jax.sharding`. The batch is padded to a multiple of the batch-shard count.
+:mod:`dcd_jax.sharding` (on CPU, where it is a list of per-layer heads-major buffers, each to
+``(batch, act_kv_heads, cache_length, head_dim)``). The batch is padded to a multiple of the
+batch-shard count.
 """
 
 from __future__ import annotations
