@@ -120,7 +120,7 @@ def profile_generate(sampler: Sampler, prompts: list[list[int]], n_new: int) -> 
     ids = np.asarray(prompts, np.int32)
     cfg = SamplingConfig(max_new_tokens=n_new, eos_token_ids=(), batch_size=b, prompt_bucket=PROMPT_LEN)
     args = (sampler.graphdef, sampler.params, ids, np.ones_like(ids), row_keys(0, range(b), [0] * b),
-            np.float32(1.0), np.float32(1.0))
+            np.float32(1.0), np.float32(1.0), sampler.cpu_decode_weights())
     compiled = _generate_jit.lower(*args, spec=_spec_of(cfg, (), 0)).compile()
     compiled(*args)
     return profile_compiled(compiled, args, calls=2, donate=False)

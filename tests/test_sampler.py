@@ -293,3 +293,32 @@ def test_greedy_tokens_is_numpy_argmax_with_ties_and_masked_columns():
     got = np.asarray(sampler_mod.greedy_tokens(jax.numpy.asarray(logits)))
     np.testing.assert_array_equal(got, np.argmax(logits, axis=-1))
     assert got[5] == 36 and got[6] == 0
+
+
+def test_cpu_decode_layout_equals_accelerator_layout(qwen2_sampler, monkeypatch):
+    """On CPU the loop carries per-layer heads-major KV buffers and fused q/k/v, gate/up and [D, V]
+    unembedding copies (made once per Sampler); elsewhere the stacked [L, B, S, KV, hd] cache and
+    the params as they are. Both programs (the accelerator one traced here on CPU) give the same
+    tokens and per-token logprobs, greedy and sampled, on left-padded prompts of mixed lengths."""
+    import dcd_jax.models.transformer as transformer
+
+    s = qwen2_sampler
+    prompts = _prompts(7, [3, 13, 8, 1, 10])
+    configs = [dataclasses.replace(STD, logprobs=True), dataclasses.replace(SAMPLED, n=2, seed=3, logprobs=True)]
+    assert s.cpu_decode_weights() is s.cpu_decode_weights()  # made once, reused by every batch
+
+    def run():
+        sampler_mod._generate_jit.clear_cache()  # the layout is chosen at trace time
+        return [s.generate(prompts, cfg) for cfg in configs]
+
+    cpu = run()
+    monkeypatch.setattr(sampler_mod, "traced_for_cpu", lambda: False)
+    monkeypatch.setattr(transformer, "traced_for_cpu", lambda: False)
+    accelerator = run()
+    sampler_mod._generate_jit.clear_cache()
+    for got, want in zip(cpu, accelerator):
+        flat_got, flat_want = [c for cs in got for c in cs], [c for cs in want for c in cs]
+        assert [c.token_ids for c in flat_got] == [c.token_ids for c in flat_want]
+        for a, b in zip(flat_got, flat_want):
+            np.testing.assert_allclose(a.logprobs, b.logprobs, atol=2e-5, rtol=0)
+    assert len({tuple(c.token_ids) for cs in cpu[1] for c in cs}) > 3  # sampled rows differ

@@ -30,7 +30,10 @@ multiples of ``prompt_bucket``) and batches to powers of two up to ``batch_size`
 evaluation compiles O(log(longest prompt) * log(batch_size)) programs at most.
 
 Memory: the prefill unembeds only each row's last prompt position (not [B, P, V] logits); the KV
-cache holds ``P_bucket + max_new_tokens - 1`` slots per row in the model's compute dtype.
+cache holds ``P_bucket + max_new_tokens - 1`` slots per row in the model's compute dtype. On CPU
+the loop also reads copies of the weights in decode layouts (:func:`cpu_decode_weights`: per-layer
+arrays, fused q/k/v and gate/up kernels, a [D, V] unembedding), which a :class:`Sampler` makes once
+and keeps (about twice the layer weights plus the unembedding, held next to the params).
 
 Random streams: the key of the ``j``-th sample of prompt ``i`` is
 ``fold_in(fold_in(key(seed), i), j)``, independent of batch composition, chunking, padding,
@@ -39,7 +42,9 @@ ordering and sharding; the same seed gives the same completions.
 Sharding: with a mesh, prompt rows are split over the ``batch`` logical axis (``data`` x
 ``fsdp``), parameters stay in the shardings they carry (tensor-parallel weights), and the KV
 cache is constrained to ``(layers, batch, cache_length, act_kv_heads, head_dim)`` through
-:mod:`dcd_jax.sharding`. The batch is padded to a multiple of the batch-shard count.
+:mod:`dcd_jax.sharding` (on CPU, where it is a list of per-layer heads-major buffers, each to
+``(batch, act_kv_heads, cache_length, head_dim)``). The batch is padded to a multiple of the
+batch-shard count.
 """
 
 from __future__ import annotations
@@ -242,9 +247,10 @@ def sample_logits(logits: jax.Array, rng_keys: jax.Array, cfg: SamplingConfig) -
     return _sample_logits_jit(jnp.asarray(logits, jnp.float32), rng_keys, temperature, np.float32(cfg.top_p), spec)
 
 
-def _prefill(model, ids, positions, segment_ids, cache, layers):
+def _prefill(model, ids, positions, segment_ids, cache, layers, fused):
     """The prompts into the cache (slots 0..P-1); next-token logits of the last position only."""
-    logits, cache = model.forward_with_cache(ids, positions, segment_ids, cache, 0, last_only=True, layers=layers)
+    logits, cache = model.forward_with_cache(ids, positions, segment_ids, cache, 0, last_only=True, layers=layers,
+                                             fused=fused)
     return logits[:, 0], cache
 
 
@@ -255,7 +261,18 @@ _CACHE_AXES = {
 }
 
 
-def _constrain_cache(cache: dict[str, jax.Array]) -> dict[str, jax.Array]:
+# The CPU layout (``init_cache(per_layer=True)``): per-layer heads-major k/v, shared segments.
+_PER_LAYER_CACHE_AXES = {
+    "k": ("batch", "act_kv_heads", "cache_length", "head_dim"),
+    "v": ("batch", "act_kv_heads", "cache_length", "head_dim"),
+    "segment_ids": ("batch", "cache_length"),
+}
+
+
+def _constrain_cache(cache: dict) -> dict:
+    if isinstance(cache["k"], (list, tuple)):
+        return {name: [constrain(x, _PER_LAYER_CACHE_AXES[name]) for x in value] if isinstance(value, (list, tuple))
+                else constrain(value, _PER_LAYER_CACHE_AXES[name]) for name, value in cache.items()}
     return {name: constrain(value, _CACHE_AXES[name]) for name, value in cache.items()}
 
 
@@ -266,8 +283,22 @@ def _mask_vocab(logits: jax.Array, limit: int) -> jax.Array:
     return jnp.where(jnp.arange(logits.shape[-1]) < limit, logits, -jnp.inf)
 
 
+def cpu_decode_weights(model) -> dict:
+    """The weight copies the CPU decode loop reads (:meth:`Transformer.unstacked_layers` and
+    :meth:`Transformer.fused_decode_weights`): made once per call inside :func:`generate_tokens`,
+    or once per :class:`Sampler` and passed in (they are ~2x the layer weights plus the
+    unembedding: a few times a batch-1 step's memory traffic when copied every call)."""
+    return {"layers": model.unstacked_layers(), "fused": model.fused_decode_weights()}
+
+
+@jax.jit
+def _cpu_decode_weights_jit(graphdef, params):
+    return cpu_decode_weights(bind(graphdef, params))
+
+
 @functools.partial(jax.jit, static_argnames=("spec",))
-def _generate_jit(graphdef, params, prompt_ids, prompt_mask, rng_keys, temperature, top_p, spec: _DecodeSpec):
+def _generate_jit(graphdef, params, prompt_ids, prompt_mask, rng_keys, temperature, top_p, decode_weights=None, *,
+                  spec: _DecodeSpec):
     b, p = prompt_ids.shape
     model = bind(graphdef, params)
     vocab_limit = model.cfg.tokenizer_vocab_size
@@ -282,11 +313,16 @@ def _generate_jit(graphdef, params, prompt_ids, prompt_mask, rng_keys, temperatu
     lengths_in = mask.sum(axis=1)  # real prompt tokens per row; 0 = a padding row
     positions = positions_from_mask(mask)
 
-    cache = _constrain_cache(model.init_cache(b, p + max_new - 1))
-    # On CPU, per-layer weight copies made once here (not per step inside the loop; see
-    # Transformer.forward_with_cache). Elsewhere the stacked weights are read as they are.
-    layers = model.unstacked_layers() if traced_for_cpu() else None
-    logits, cache = _prefill(model, ids, positions, mask, cache, layers)
+    on_cpu = traced_for_cpu()
+    # On CPU, per-layer heads-major cache buffers updated in place (Transformer.init_cache) and
+    # per-layer weight copies made once here, not per step inside the loop (see
+    # Transformer.forward_with_cache). Elsewhere the stacked cache and weights are used as they are.
+    cache = _constrain_cache(model.init_cache(b, p + max_new - 1, per_layer=on_cpu))
+    if on_cpu and decode_weights is None:
+        decode_weights = cpu_decode_weights(model)
+    layers = decode_weights["layers"] if on_cpu else None
+    fused = decode_weights["fused"] if on_cpu else None
+    logits, cache = _prefill(model, ids, positions, mask, cache, layers, fused)
     cache = _constrain_cache(cache)
 
     eos = jnp.asarray(spec.eos_token_ids or (-1,), jnp.int32)
@@ -339,7 +375,8 @@ def _generate_jit(graphdef, params, prompt_ids, prompt_mask, rng_keys, temperatu
         # Feed the token sampled at step-1: position = prompt length + step - 1, slot P + step - 1.
         pos = (lengths_in + step - 1)[:, None]
         logits, cache = model.forward_with_cache(
-            state["tok"][:, None], pos, jnp.ones_like(pos), state["cache"], p + step - 1, layers=layers
+            state["tok"][:, None], pos, jnp.ones_like(pos), state["cache"], p + step - 1, layers=layers,
+            fused=fused,
         )
         state = dict(state, cache=_constrain_cache(cache))
         return record(state, step, *pick(logits[:, 0], step, state["done"], state["window"]))
@@ -361,6 +398,7 @@ def generate_tokens(
     *,
     stop_sequences: Sequence[Sequence[int]] = (),
     pad_id: int = 0,
+    decode_weights: dict | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Generate up to ``cfg.max_new_tokens`` tokens for each prompt row.
 
@@ -378,6 +416,8 @@ def generate_tokens(
         stop_sequences: id sequences that also end a row when generated (best effort, see module
             doc).
         pad_id: filler written after a row's last token.
+        decode_weights: on CPU, :func:`cpu_decode_weights` of this model made beforehand (else they
+            are made inside every call); ignored elsewhere.
 
     Returns:
         tokens [B, max_new_tokens] int32 (``pad_id`` past each row's length), lengths [B] int32
@@ -388,7 +428,8 @@ def generate_tokens(
     """
     spec = _spec_of(cfg, stop_sequences, pad_id)
     temperature = np.float32(cfg.temperature if not cfg.greedy else 1.0)
-    return _generate_jit(graphdef, params, prompt_ids, prompt_mask, rng_keys, temperature, np.float32(cfg.top_p), spec)
+    return _generate_jit(graphdef, params, prompt_ids, prompt_mask, rng_keys, temperature, np.float32(cfg.top_p),
+                         decode_weights, spec=spec)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,6 +493,7 @@ class Sampler:
         self.skip_special_tokens = skip_special_tokens
         pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
         self.pad_id = int(pad) if pad is not None else 0
+        self._decode_weights = (None, None)  # (params they were made from, cpu_decode_weights)
 
     @classmethod
     def from_model(cls, model, tokenizer: Any = None, mesh: jax.sharding.Mesh | None = None, **kwargs) -> "Sampler":
@@ -503,10 +545,22 @@ class Sampler:
             return ""
         return self.tokenizer.decode(list(ids), skip_special_tokens=self.skip_special_tokens)
 
+    def cpu_decode_weights(self) -> dict | None:
+        """:func:`cpu_decode_weights` of the single-device CPU model, made once and reused by
+        every batch (None elsewhere: on a mesh or an accelerator each call reads the params)."""
+        if self.mesh is not None or jax.default_backend() != "cpu":
+            return None
+        made_from, weights = self._decode_weights
+        if made_from is not self.params:
+            weights = _cpu_decode_weights_jit(self.graphdef, self.params)
+            self._decode_weights = (self.params, weights)
+        return weights
+
     def _run(self, ids: np.ndarray, mask: np.ndarray, keys: np.ndarray, cfg, stop_sequences):
         if self.mesh is None:
             return generate_tokens(self.graphdef, self.params, ids, mask, keys, cfg,
-                                   stop_sequences=stop_sequences, pad_id=self.pad_id)
+                                   stop_sequences=stop_sequences, pad_id=self.pad_id,
+                                   decode_weights=self.cpu_decode_weights())
         put = lambda x, axes: jax.device_put(x, named_sharding(self.mesh, axes, x.shape))
         ids, mask, keys = put(ids, ("batch", "length")), put(mask, ("batch", "length")), put(keys, ("batch", None))
         with jax.set_mesh(self.mesh):
