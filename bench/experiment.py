@@ -482,7 +482,8 @@ def write_results(path: Path, runs: list[dict], baselines: dict, dcd_setting: di
         "summary": {"dcd_minus_sft": paired(runs, "main", "competent", "DCD-CE", "SFT"),
                     "prefix_minus_sft": paired(runs, "main", "competent", "DCD-prefix", "SFT"),
                     "gap_by_steps": gap_by_steps, "students": axis},
-        "runs": runs, "wall_seconds": round(seconds, 1),
+        # wall: this invocation (a resumed study skips finished runs); runs: the sum of every run's own time
+        "runs": runs, "wall_seconds": round(seconds, 1), "run_seconds": round(sum(r.get("seconds", 0.0) for r in runs), 1),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))

@@ -175,7 +175,7 @@ def experiment_section() -> str | None:
 
         + _regime_caveat(d) +
         f"{d['finished_runs']} of {d['planned_runs']} planned runs finished "
-        f"({d['wall_seconds'] / 60:.0f} min); every run {d['student_steps']} steps at lr {d['student_lr']}, "
+        f"({d.get('run_seconds', d['wall_seconds']) / 60:.0f} min of training and evaluation); every run {d['student_steps']} steps at lr {d['student_lr']}, "
         "same data, data order set by the seed.\n\n"
         f"Regime (issue 14): problems of 2-8 operations; the student is pretrained {_pretraining(d)} before "
         f"distillation. Distillation data: {d['distill_data']['traces']} traces "
