@@ -38,20 +38,22 @@ def _block_and_padded_length(length: int) -> tuple[int, int]:
     return block, padded
 
 
-@functools.lru_cache(maxsize=32)
 def _kernel(num_heads: int, length: int, block: int, interpret: bool):
-    """The splash kernel for [num_heads, length, hd] queries (mask preprocessing is numpy work: cache it)."""
+    """The splash kernel for [num_heads, length, hd] queries.
+
+    Built per call, not cached: the kernel holds its mask's block tables as arrays, which made
+    inside a trace are that trace's constants (a cached kernel would leak them into the next
+    trace or layer; made eagerly instead, they would need a real device, which an ahead-of-time
+    TPU compile from a CPU host does not have). The numpy mask preprocessing, the costly part, is
+    cached by splash itself (``_process_mask``), keyed by these equal masks and block sizes.
+    """
     mask = splash.MultiHeadMask([splash.CausalMask((length, length)) for _ in range(num_heads)])
     sizes = splash.BlockSizes(
         block_q=block, block_kv=block, block_kv_compute=block,
         block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
         block_q_dq=block, block_kv_dq=block,
     )
-    # The kernel keeps the mask's block tables as arrays. Built inside a trace (the first call is),
-    # they would be that trace's tracers, cached here and leaked into the next trace; concrete
-    # arrays are safe to share across traces and layers.
-    with jax.ensure_compile_time_eval():
-        return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+    return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
 def _runs_on_tpu(mesh: jax.sharding.AbstractMesh) -> bool:
