@@ -8,13 +8,15 @@ confident errors that compound along its own prefixes. The demo builds that regi
                 traces ~30-125 tokens, longer with more operations):
                 teacher training data, distillation prompts, validation and eval splits; the
                 student's pretraining data (shorter problems of 1-4 operations, careful style
-                only); tokenizer; fresh HF checkpoints for teacher and student
+                only); tokenizer; a fresh HF checkpoint for the student
   (b) pretrain  the student's base stage: SFT on its pretraining data, exported as an HF checkpoint
                 -- it arrives at distillation with its own (careful) style and partial competence,
                 as a real base model does (a random-init student is the cold start, see issue 14)
-  (c) teacher   train a tiny transformer on the distillation task itself, for much longer than the
-                student's base stage, in a mix of styles: careful one-operation lines, compressed
-                multi-operation lines, terse expressions (the teacher must clearly beat the student)
+  (c) teacher   the same base trained further, on the distillation task itself (2-8 operations) in a
+                mix of styles: careful one-operation lines, compressed multi-operation lines, terse
+                expressions. A curriculum: starting from the base stage's short careful problems, a
+                tiny teacher beats the student on long problems within the CPU budget (trained from
+                scratch it stayed below 0.3 after twice the steps); the student never sees this stage
   (d) traces    sample the teacher on some prompts, keep the correct traces (rejection sampling)
                 and measure their style mix (``traces.done.json``)
   (e) distill   the distillation data: with ``distill_data="sampled"`` the kept teacher traces;
@@ -61,6 +63,9 @@ class DemoScale:
     n_sampled_prompts: int  # prompts the teacher samples to measure the style mix it keeps
     teacher_size: str
     student_size: str
+    # "pretrained": the teacher continues from the student's base-stage checkpoint (teacher_size must
+    # equal student_size); "scratch": its own random-init checkpoint of teacher_size
+    teacher_init: str
     teacher_steps: int
     pretrain_steps: int
     student_steps: int
@@ -93,6 +98,7 @@ SCALES = {
         task=SyntheticTaskConfig(n_examples=400, style_mix=_MIX, **dict(_LONG, max_steps=4)),
         pretrain_task=SyntheticTaskConfig(n_examples=200, **dict(_PRETRAIN, max_steps=3)),
         n_prompts=48, n_eval=24, n_val=8, n_sampled_prompts=8, teacher_size="micro", student_size="micro",
+        teacher_init="pretrained",
         teacher_steps=20, pretrain_steps=10, student_steps=12, batch_size=8, seq_len=256, teacher_lr=1e-2,
         pretrain_lr=1e-2, student_lr=5e-3, samples_per_prompt=2, temperature=1.0, max_new_tokens=48, topk=4, keep="all",
     ),
@@ -100,13 +106,14 @@ SCALES = {
         task=SyntheticTaskConfig(n_examples=20000, style_mix=_MIX, **_LONG),
         pretrain_task=SyntheticTaskConfig(n_examples=8000, **_PRETRAIN),
         n_prompts=1024, n_eval=200, n_val=100, n_sampled_prompts=64, teacher_size="tiny", student_size="tiny",
-        teacher_steps=1200, pretrain_steps=900, student_steps=240, batch_size=8, seq_len=512, teacher_lr=3e-3,
-        pretrain_lr=3e-3, student_lr=2e-3, samples_per_prompt=2, temperature=1.0, max_new_tokens=288, topk=8,
+        teacher_init="pretrained", teacher_steps=600, pretrain_steps=900, student_steps=240, batch_size=8,
+        seq_len=512, teacher_lr=3e-3, pretrain_lr=3e-3, student_lr=2e-3, samples_per_prompt=2, temperature=1.0, max_new_tokens=288, topk=8,
     ),
     "full": DemoScale(
         task=SyntheticTaskConfig(n_examples=60000, style_mix=_MIX, **dict(_LONG, max_steps=12)),
         pretrain_task=SyntheticTaskConfig(n_examples=60000, **_PRETRAIN),
         n_prompts=4096, n_eval=512, n_val=256, n_sampled_prompts=256, teacher_size="small", student_size="tiny",
+        teacher_init="scratch",
         teacher_steps=4000, pretrain_steps=1500, student_steps=1200, batch_size=32, seq_len=384, teacher_lr=2e-3,
         pretrain_lr=2e-3, student_lr=1e-3, samples_per_prompt=4, temperature=1.0, max_new_tokens=256, topk=16,
     ),
@@ -231,7 +238,9 @@ def run_demo(out: str | Path = "demo_out", scale: "str | DemoScale" = "small", s
         write_jsonl(distill_records(task, s.n_prompts), assets / "prompts.jsonl")
         write_jsonl(generate_problems(dataclasses.replace(task, split="val", n_examples=s.n_val)), assets / "val.jsonl")
         write_jsonl(generate_problems(dataclasses.replace(task, split="eval", n_examples=s.n_eval)), assets / "eval.jsonl")
-        make_tiny_student(assets / "teacher_init", tok, size=s.teacher_size, seed=seed + 1, max_position_embeddings=1024)
+        if s.teacher_init == "scratch":
+            make_tiny_student(assets / "teacher_init", tok, size=s.teacher_size, seed=seed + 1,
+                              max_position_embeddings=1024)
         make_tiny_student(assets / "student_init", tok, size=s.student_size, seed=seed, max_position_embeddings=1024)
         return {"tokenizer_size": len(tok)}
 
@@ -240,9 +249,10 @@ def run_demo(out: str | Path = "demo_out", scale: "str | DemoScale" = "small", s
                       s.pretrain_steps, s.pretrain_lr, runs / "pretrain", s, seed)
 
     def stage_teacher():
-        return _train(str(assets / "teacher_init"), {"path": str(assets / "teacher_train.jsonl")},
-                      {"weighting": "none"}, s.teacher_steps, s.teacher_lr, runs / "teacher", s, seed,
-                      val_path=assets / "val.jsonl")
+        init = runs / "pretrain" / "hf" if s.teacher_init == "pretrained" else assets / "teacher_init"
+        trained = _train(str(init), {"path": str(assets / "teacher_train.jsonl")}, {"weighting": "none"},
+                         s.teacher_steps, s.teacher_lr, runs / "teacher", s, seed, val_path=assets / "val.jsonl")
+        return {"init": str(init), **trained}
 
     def stage_traces():
         from dcd_jax.teacher.generate import GenerateConfig, generate_traces
@@ -274,9 +284,12 @@ def run_demo(out: str | Path = "demo_out", scale: "str | DemoScale" = "small", s
                              progress=False)
         return {"scores": str(path)}
 
+    if s.teacher_init == "pretrained" and s.teacher_size != s.student_size:
+        raise ValueError(f"teacher_init='pretrained' needs teacher_size == student_size, got {s.teacher_size} "
+                         f"and {s.student_size}")
     run_stage(out, "assets", stage_assets)
-    teacher = run_stage(out, "teacher", stage_teacher)
     pretrain = run_stage(out, "pretrain", stage_pretrain)
+    teacher = run_stage(out, "teacher", stage_teacher)
     sampled = run_stage(out, "traces", stage_traces)
     gen = run_stage(out, "distill", stage_distill)
     run_stage(out, "scores", stage_scores)

@@ -86,7 +86,7 @@ def test_demo_micro_runs_every_stage_and_caches(tmp_path):
         assert (out / f"{stage}.done.json").is_file(), stage
     # (a) task data, tokenizer and fresh HF checkpoints
     for f in ("teacher_train.jsonl", "pretrain.jsonl", "prompts.jsonl", "val.jsonl", "eval.jsonl",
-              "tokenizer/tokenizer.json", "student_init/config.json", "teacher_init/model.safetensors.index.json"):
+              "tokenizer/tokenizer.json", "student_init/config.json"):
         assert (out / "assets" / f).is_file(), f
     pretrain = [json.loads(line) for line in (out / "assets" / "pretrain.jsonl").open()]
     # the base stage: careful traces of shorter problems than the distillation task, none of its prompts
@@ -111,7 +111,11 @@ def test_demo_micro_runs_every_stage_and_caches(tmp_path):
             for path, v in __import__("jax").tree_util.tree_leaves_with_path(student.params)}
     embed = next(v for k, v in flat.items() if "embed" in k)
     np.testing.assert_array_equal(np.asarray(embed)[: pretrained[key].shape[0]], pretrained[key])
-    # (c) the teacher exported to HF format; (d) its sampled traces and their measured style mix;
+    # (c) the teacher: the student's base stage trained further on the task (a curriculum), exported to HF
+    assert json.loads((out / "teacher.done.json").read_text())["init"] == str(out / "runs" / "pretrain" / "hf")
+    teacher = weights(out / "runs" / "teacher" / "hf")
+    assert not np.array_equal(teacher[key], pretrained[key])
+    # (d) its sampled traces and their measured style mix;
     # (e) the distillation data (stand-in: correct programmatic traces in the teacher's style mix)
     assert (out / "runs" / "teacher" / "hf" / "model.safetensors.index.json").is_file()
     sampled = json.loads((out / "traces.done.json").read_text())
