@@ -58,11 +58,14 @@ def demo_section() -> str | None:
     teacher = next(r["accuracy"] for r in d["rows"] if r["method"] == "teacher")
     teacher_row = next(r for r in d["rows"] if r["method"] == "teacher")
     student = next((r["accuracy"] for r in d["rows"] if r["method"] == "student"), None)
-    verdict = ("" if teacher >= 0.7 else
-               f"**The teacher reaches {teacher:.3f} greedy accuracy, short of the 0.7 issue 14 asks for** within "
-               f"this CPU budget (its greedy outputs are {teacher_row['careful_share']:.0%} careful: greedy decoding "
-               "picks its compressed style, which it computes less reliably than its careful one); "
-               + _teacher_vs_student(teacher, student) + ". ")
+    if teacher >= 0.7:
+        verdict = (f"**The teacher reaches {teacher:.3f} greedy accuracy** (issue 14 asks for >= 0.7; "
+                   f"{teacher_row['careful_share']:.0%} of its greedy outputs careful)"
+                   + (f" against the pretrained student's {student:.3f}. " if student is not None else ". "))
+    else:
+        verdict = (f"**The teacher reaches {teacher:.3f} greedy accuracy, short of the 0.7 issue 14 asks for** "
+                   f"within this CPU budget (its greedy outputs are {teacher_row['careful_share']:.0%} careful); "
+                   + _teacher_vs_student(teacher, student) + ". ")
     text = (
         f"### The demo (`{d['command']}`, {d['machine']})\n\n"
         + verdict + f"Stage minutes (sum {d['wall_minutes']:.1f}, each stage's `<stage>.done.json`; "
@@ -85,7 +88,8 @@ def demo_section() -> str | None:
                  f"constant learning rate; runs not listed here were stopped to free the CPU): greedy accuracy by "
                  f"step on 96 `val` problems, {runs}. The demo's teacher instead trains on careful lines that "
                  "restate each sentence before computing it (finding the next fact becomes copying the next "
-                 "sentence), with a cosine schedule: the `val` curve above.\n")
+                 "sentence), with a cosine schedule, starting from the student's base-stage checkpoint (a "
+                 "curriculum: short careful problems first): the `val` curve above.\n")
     return text
 
 

@@ -21,8 +21,8 @@ confident errors that compound along its own prefixes. The demo builds that regi
                 and measure their style mix (``traces.done.json``)
   (e) distill   the distillation data: with ``distill_data="sampled"`` the kept teacher traces;
                 with ``"standin"`` (the default scales) correct programmatic traces in the teacher's
-                style mix -- a CPU-trained teacher writes the compressed style correctly too rarely for
-                rejection sampling to keep it, which would leave no style mismatch to correct
+                style mix -- a tiny teacher writes the compressed style correctly less often than the
+                careful one, so rejection sampling would shrink the style mismatch DCD corrects
   (f) scores    score the distillation data once with the teacher (cached per-token and top-k log-probs)
   (g) student   convert the pretrained student's HF checkpoint to a dcd-jax model dir, as for a real one
   (h) sft, dcd  distill it with SFT and with DCD: same steps, same data order
