@@ -548,7 +548,7 @@ class Sampler:
     def cpu_decode_weights(self) -> dict | None:
         """:func:`cpu_decode_weights` of the single-device CPU model, made once and reused by
         every batch (None elsewhere: on a mesh or an accelerator each call reads the params)."""
-        if self.mesh is not None or jax.default_backend() != "cpu":
+        if self.mesh is not None or not traced_for_cpu():  # the predicate _generate_jit keys on
             return None
         made_from, weights = self._decode_weights
         if made_from is not self.params:

@@ -24,9 +24,8 @@ from flax import nnx
 
 from dcd_jax.models.config import ModelConfig, RopeConfig
 from dcd_jax.models.splash_attention import splash_attention
+from dcd_jax.numerics import NEG_INF
 from dcd_jax.sharding import constrain, traced_for_cpu
-
-_NEG_INF = -1e30  # finite: a fully-masked (padding) query row stays NaN-free
 
 
 def _param(rngs: nnx.Rngs | None, init: str, shape: tuple[int, ...], dtype: str, axes: tuple[str, ...]) -> nnx.Param:
@@ -108,18 +107,18 @@ def _einsum_attention(q: jax.Array, keys: jax.Array, values: jax.Array, mask: ja
     kvh = keys.shape[2]
     q = q.reshape(b, t, kvh, h // kvh, hd)  # grouped-query: each KV head serves h/kvh query heads
     scores = jnp.einsum("btkgd,bskd->bkgts", q, keys, preferred_element_type=jnp.float32)
-    scores = jnp.where(mask, scores / math.sqrt(hd), _NEG_INF)
+    scores = jnp.where(mask, scores / math.sqrt(hd), NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
     return jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(b, t, h, hd)
 
 
 def cache_bias(q_segment: jax.Array, q_slot: jax.Array, kv_segment: jax.Array) -> jax.Array:
     """[B, T, S] fp32 additive mask over cache slots 0..S-1: 0 where the key slot is in the query's
-    segment and not after it (the :func:`attention_mask` rule), ``_NEG_INF`` elsewhere. Built once
+    segment and not after it (the :func:`attention_mask` rule), ``NEG_INF`` elsewhere. Built once
     per cached pass and shared by all layers."""
     kv_slot = jnp.arange(kv_segment.shape[1], dtype=jnp.int32)
     keep = (q_segment[:, :, None] == kv_segment[:, None, :]) & (kv_slot[None, None, :] <= q_slot[:, :, None])
-    return jnp.where(keep, 0.0, _NEG_INF).astype(jnp.float32)
+    return jnp.where(keep, 0.0, NEG_INF).astype(jnp.float32)
 
 
 def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, bias: jax.Array) -> jax.Array:
@@ -203,7 +202,7 @@ def blockwise_causal_attention(
         causal = jnp.arange(stop)[None, :] <= jnp.arange(start, stop)[:, None]
         # An additive [B, 1, c, 1, S] bias, not a select against a scalar: XLA:CPU would
         # materialize the broadcast -inf operand at the full [B, KV, c, G, S] size.
-        bias = jnp.where(same & causal, 0.0, _NEG_INF)[:, None, :, None, :]
+        bias = jnp.where(same & causal, 0.0, NEG_INF)[:, None, :, None, :]
         return jax.nn.softmax(scores + bias, axis=-1).reshape(rows, kvh, (stop - start) * g, stop)
 
     def forward(q, k, v, seg):  # any leading batch size
@@ -391,21 +390,24 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, positions, q_segment, q_slot, kv_cache=None, cache_index=None):
-        attn_out, new_cache = self.attn(self.input_norm(x), positions, q_segment, q_slot, kv_cache, cache_index)
+    def _block(self, x, attend, gate_up_kernel=None):
+        """The layer body, whatever the cache layout: x + attend(norm(x)), then x + mlp(norm(x)).
+        ``attend`` maps the normed input to (attention output, updated cache)."""
+        attn_out, new_cache = attend(self.input_norm(x))
         x = x + attn_out
-        x = x + self.mlp(self.post_attn_norm(x))
+        x = x + self.mlp(self.post_attn_norm(x), gate_up_kernel)
         return constrain(x, ("batch", "length", "act_embed")), new_cache
+
+    def __call__(self, x, positions, q_segment, q_slot, kv_cache=None, cache_index=None):
+        return self._block(x, lambda h: self.attn(h, positions, q_segment, q_slot, kv_cache, cache_index))
 
     def with_heads_major_cache(self, x, positions, k_cache, v_cache, bias, cache_index, fused=None):
         """The layer over its own heads-major cache (see :meth:`Attention.with_heads_major_cache`);
         ``fused``: this layer's {"qkv", "gate_up"} kernels (:meth:`Transformer.fused_decode_weights`)."""
         fused = fused or {}
-        attn_out, new_cache = self.attn.with_heads_major_cache(self.input_norm(x), positions, k_cache, v_cache, bias,
-                                                               cache_index, fused.get("qkv"))
-        x = x + attn_out
-        x = x + self.mlp(self.post_attn_norm(x), fused.get("gate_up"))
-        return constrain(x, ("batch", "length", "act_embed")), new_cache
+        return self._block(x, lambda h: self.attn.with_heads_major_cache(h, positions, k_cache, v_cache, bias,
+                                                                        cache_index, fused.get("qkv")),
+                           fused.get("gate_up"))
 
 
 # On CPU the training / scoring pass runs up to this many layers as straight-line code instead of

@@ -29,7 +29,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from dcd_jax.objectives.logprobs import NEG_INF
+from dcd_jax.numerics import NEG_INF
 
 
 class GKDStats(NamedTuple):

@@ -28,15 +28,13 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from dcd_jax.numerics import NEG_INF
 from dcd_jax.sharding import traced_for_cpu
 
 # On CPU the chunked loss keeps each chunk's fp32 logits for the backward pass, instead of
 # recomputing them (one of its four [B*T, D] x [D, V] matmuls), while all of them fit in this budget.
 CPU_SAVED_LOGITS_BYTES = 1 << 30
 
-# Finite "minus infinity" for masked vocabulary entries: exp() underflows to exactly 0 while
-# logsumexp / its gradient stay NaN-free even when every entry of a row is masked.
-NEG_INF = -1e30
 
 
 class TokenStats(NamedTuple):
