@@ -124,6 +124,9 @@ def main() -> None:
     parser.add_argument("--baseline-seeds", type=int, default=1, help="seeds of the other baselines")
     parser.add_argument("--axis-seeds", type=int, default=1, help="seeds of the weak-student and random-init runs")
     parser.add_argument("--samples", type=int, default=0, help="k of avg@k (0: greedy only, the CPU budget)")
+    parser.add_argument("--sampled-eval", type=int, default=0, metavar="K",
+                        help="after the plan: avg@K (temperature 1) and ExAccErr against the teacher (64 prompts) "
+                             "of the first seed's model of every main method and of the undistilled student")
     parser.add_argument("--demo-dir", default="demo_out")
     parser.add_argument("--out", default="bench/results/experiment.json")
     parser.add_argument("--plan", action="store_true", help="list the runs and exit")
@@ -189,7 +192,8 @@ def main() -> None:
         setting = choose_dcd_setting([r for r in finished if r["group"] == "sweep"])
         previous = json.loads(out_path.read_text()) if out_path.is_file() else {}
         write_results(out_path, finished, baselines, setting, args, scale, demo_dir, previous.get("wall_seconds", 0.0),
-                      len(plan), previous.get("code", "unknown (report rewritten without the run's JSON)"))
+                      len(plan), previous.get("code", "unknown (report rewritten without the run's JSON)"),
+                      read_sampled_evals(root))
         return
 
     code = code_version()
@@ -254,7 +258,15 @@ def main() -> None:
             baseline(student, students[student]["hf"])
         done.append(run(group, name, student, seed, objective, dcd_setting if group != "sweep" else {}))
         write_results(out_path, done, baselines, dcd_setting, args, scale, demo_dir, time.time() - start, len(plan),
-                      code)
+                      code, read_sampled_evals(root))
+    if args.sampled_eval:
+        models = {"undistilled": students["competent"]["hf"]}
+        models.update({r["method"]: str(root / f"main-{r['method']}-competent-seed{r['seed']}" / "hf")
+                       for r in done if r["group"] == "main" and r["seed"] == seeds[0]})
+        for name, model in models.items():
+            sampled_eval(root, name, model, teacher, demo_dir / "assets" / "eval.jsonl", scale, args.sampled_eval)
+        write_results(out_path, done, baselines, dcd_setting, args, scale, demo_dir, time.time() - start, len(plan),
+                      code, read_sampled_evals(root))
     print(json.dumps(json.loads(out_path.read_text())["summary"], indent=2))
 
 
@@ -395,6 +407,32 @@ def choose_dcd_setting(sweep: list[dict]) -> dict:
     return dict(SWEEP[best["method"]]) if best else {}
 
 
+def sampled_eval(root: Path, name: str, model: str, teacher: str, eval_path: Path, scale, k: int) -> dict:
+    """avg@k at temperature 1 on the eval split, and ExAccErr against the teacher on its first 64
+    problems (the excess error the student accumulates along its own samples over teacher-forced
+    ones, :func:`dcd_jax.eval.stability.exaccerr`), of one model; cached as ``sampled-<name>.json``."""
+    from dcd_jax.eval.runner import EvalConfig, run_eval
+
+    marker = root / f"sampled-{name}.json"
+    if marker.is_file():
+        return json.loads(marker.read_text())
+    cfg = EvalConfig(benchmarks=("embedded",), paths={"embedded": str(eval_path)}, max_new_tokens=scale.max_new_tokens,
+                     batch_size=256, n_samples=k, temperature=1.0, exaccerr_teacher=teacher, exaccerr_prompts=64)
+    t0 = time.time()
+    full = run_eval({"m": model}, cfg, root / f"sampled-{name}")["results"]["m"]
+    pct = full.get("exaccerr", {}).get("ex_acc_err_pct") or []
+    result = {"k": k, f"avg@{k}": full["embedded"].get(f"avg@{k}"), "avg_ci": full["embedded"].get(f"avg@{k}_ci"),
+              # %ExAccErr at prefix lengths 32 and 64 tokens (the whole curve: exaccerr_curve)
+              **{f"exaccerr_pct@{n}": pct[n - 1] if len(pct) >= n else None for n in (32, 64)},
+              "exaccerr_curve": pct, "seconds": round(time.time() - t0, 1)}
+    marker.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def read_sampled_evals(root: Path) -> dict:
+    return {p.stem.removeprefix("sampled-"): json.loads(p.read_text()) for p in sorted(root.glob("sampled-*.json"))}
+
+
 def summarize_eval(m: dict) -> dict:
     avg = [v for k, v in m.items() if k.startswith("avg@")]
     return {"accuracy": m["pass@1"], "avg@k": avg[0] if avg else None, "length_mean": m.get("length_mean"),
@@ -447,7 +485,7 @@ def code_version() -> str:
 
 
 def write_results(path: Path, runs: list[dict], baselines: dict, dcd_setting: dict, args, scale, demo_dir: Path,
-                  seconds: float, planned: int, code: str) -> None:
+                  seconds: float, planned: int, code: str, sampled_evals: dict | None = None) -> None:
     main_runs = [r for r in runs if r["group"] == "main"]
     methods = {m: aggregate([r for r in main_runs if r["method"] == m]) for m in METHODS
                if any(r["method"] == m for r in main_runs)}
@@ -469,7 +507,8 @@ def write_results(path: Path, runs: list[dict], baselines: dict, dcd_setting: di
     result = {
         "command": f"python bench/experiment.py --scale {args.scale} --seeds {args.seeds} --baseline-seeds "
                    f"{args.baseline_seeds} --axis-seeds {args.axis_seeds} --samples {args.samples}"
-                   + (f" --steps {args.steps}" if args.steps else "") + (f" --lr {args.lr}" if args.lr else ""),
+                   + (f" --steps {args.steps}" if args.steps else "") + (f" --lr {args.lr}" if args.lr else "")
+                   + (f" --sampled-eval {args.sampled_eval}" if args.sampled_eval else ""),
         "planned_runs": planned, "finished_runs": len(runs),
         "scale": args.scale, "seeds": [int(s) for s in args.seeds.split(",")], "student_steps": args.steps or scale.student_steps,
         "student_lr": args.lr or scale.student_lr, "samples_k": args.samples,
@@ -483,6 +522,8 @@ def write_results(path: Path, runs: list[dict], baselines: dict, dcd_setting: di
                    "truncation_rate": r.get("truncation_rate"), "style_shares": r["style_shares"]}
                   for r in runs if r["group"] == "sweep"],
         "baselines": baselines, "methods": methods,
+        # --sampled-eval: avg@k and ExAccErr of the first seed's model per method (and the undistilled student)
+        "sampled_eval": sampled_evals or {},
         "summary": {"dcd_minus_sft": paired(runs, "main", "competent", "DCD-CE", "SFT"),
                     "prefix_minus_sft": paired(runs, "main", "competent", "DCD-prefix", "SFT"),
                     "gap_by_steps": gap_by_steps, "students": axis},

@@ -236,6 +236,17 @@ def experiment_section() -> str | None:
                            *[f"NLL {s}" for s in styles]],
                           [[w, *diag[k]["by_position"], *[diag[k]["student_nll_by_style"].get(s) for s in styles]]
                            for w, k in (("start", "weights_before"), ("end", "weights_after"))]))
+    sampled = d.get("sampled_eval") or {}
+    if sampled:
+        k = next(iter(sampled.values()))["k"]
+        text += (f"\n\nSampled decoding and exposure bias (first seed's model of each method; avg@{k}: mean accuracy "
+                 f"of {k} samples at temperature 1 on the eval split, 95% CI; %ExAccErr at prefix length l: the excess "
+                 "error the student accumulates along its own samples over the error along the teacher's samples, "
+                 "the teacher's KL to the student as the error, 64 problems, Arora et al. 2022; 0% = no exposure "
+                 "bias, negative = the student errs less along its own samples than along the teacher's):\n\n" + _table(
+                     ["model", f"avg@{k}", "95% CI", "%ExAccErr l=32", "%ExAccErr l=64"],
+                     [[name, v[f"avg@{k}"], "[{:.3f}, {:.3f}]".format(*v["avg_ci"]) if v.get("avg_ci") else "n/a",
+                       v.get("exaccerr_pct@32"), v.get("exaccerr_pct@64")] for name, v in sampled.items()]))
     text += ("\n\nValidation sweep of DCD-CE (seed 0, `val` split; never the eval split; the best setting is used "
              "for every DCD run, ties go to the paper's tau 1):\n\n"
              + _table(["setting", "val accuracy", "truncation", "output styles"], sweep)
