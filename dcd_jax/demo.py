@@ -298,7 +298,7 @@ def run_demo(out: str | Path = "demo_out", scale: "str | DemoScale" = "small", s
     if not distill:
         return {}
     data = {"path": str(traces / "train.jsonl"), "teacher_scores": str(traces / "train.teacher.parquet"), "topk": s.topk}
-    methods = {"sft": {"weighting": "none"}, "dcd": {"weighting": "dcd", "lam": {"warmup_steps": s.student_steps // 5}}}
+    methods = {"sft": {"weighting": "none"}, "dcd": {"weighting": "dcd"}}  # DCD at its defaults
     trained = {
         name: run_stage(out, name, lambda name=name, obj=obj: _train(
             student["student_flax"], data, obj, s.student_steps, s.student_lr, runs / name, s, seed))

@@ -180,7 +180,8 @@ def test_chunked_equals_unchunked_objective():
 def test_lam_zero_is_exactly_sft():
     """lam(0) = 0 under the linear warmup: loss and gradient are exactly the SFT ones."""
     sft = run(cfg_of(chunk_size=5, weighting="none"), step=0)
-    dcd = run(cfg_of(chunk_size=5, weighting="dcd", dcd=DCDConfig(tau=0.5, clip_max=3.0)), step=0)
+    dcd = run(cfg_of(chunk_size=5, weighting="dcd", dcd=DCDConfig(tau=0.5, clip_max=3.0),
+                     lam=LamSchedule(kind="linear", warmup_steps=100)), step=0)
     assert sft[0] == dcd[0]
     for x, y in zip(sft[2], dcd[2]):
         np.testing.assert_array_equal(x, y)

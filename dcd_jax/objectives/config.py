@@ -15,7 +15,7 @@ YAML example::
       reduction: token         # token | sequence
       chunk_size: 256          # sequence chunk for the memory-light loss (0 = no chunking)
       dcd: {tau: 1.0, b: 0.0, normalize: true, clip_min: null, clip_max: null}
-      lam: {kind: linear, max: 1.0, warmup_steps: 100}
+      lam: {kind: constant, max: 1.0, warmup_steps: 100}   # warmup_steps: for linear / cosine
 """
 
 from __future__ import annotations
@@ -98,7 +98,10 @@ class LamSchedule:
     With ``warmup_steps = 0`` every kind is the constant ``max``.
     """
 
-    kind: Literal["constant", "linear", "cosine"] = "linear"
+    # Default constant (full strength from step 0): the issue-14 validation sweep (docs/objectives.md,
+    # "Defaults"): under a ramp the student first imitates the style DCD is meant to down-weight, and
+    # once it has, its log-ratio no longer flags those tokens.
+    kind: Literal["constant", "linear", "cosine"] = "constant"
     max: float = 1.0
     warmup_steps: int = 100
 
