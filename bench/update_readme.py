@@ -163,10 +163,15 @@ def _reading(d: dict) -> str:
     if teacher_like and "teacher" in d["baselines"]:
         cells = ", ".join(f"{m} {v['accuracy']['mean']:.3f} ({v['careful_share']['mean']:.0%} careful)"
                           for m, v in teacher_like.items())
-        out += (f" The losses that match the teacher's own distribution (its top-k: {cells}) take on this "
-                f"teacher's compressed style ({d['baselines']['teacher']['careful_share']:.0%} of its greedy outputs "
-                f"careful, accuracy {d['baselines']['teacher']['accuracy']:.3f}); the CE losses learn the correct "
-                "stand-in tokens instead.")
+        teacher = d["baselines"]["teacher"]
+        out += (f" The losses that match the teacher's own distribution (its top-k): {cells}; the teacher's own "
+                f"greedy outputs are {teacher['careful_share']:.0%} careful (accuracy {teacher['accuracy']:.3f}).")
+        sft = d["methods"].get("SFT", {}).get("accuracy", {}).get("mean")
+        if sft is not None and all(v["accuracy"]["mean"] < sft and v["careful_share"]["mean"] < 0.5
+                                   for v in teacher_like.values()):
+            out += (" All of them end below SFT with most outputs in the compressed style: fitting the teacher's "
+                    "full distribution imports the style this student computes badly.")
+    return out
     return out
 
 
