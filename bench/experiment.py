@@ -197,6 +197,10 @@ def main() -> None:
         return
 
     code = code_version()
+    if out_path.is_file():  # a resumed study: keep the commit(s) its earlier runs were made at
+        earlier = json.loads(out_path.read_text()).get("code", "")
+        if earlier and not earlier.endswith(code):
+            code = f"{earlier}, resumed at {code}"
     students: dict = {}  # competent | weak | random -> {"flax", "hf"}, prepared when first needed
     teacher = str(demo_dir / "runs" / "teacher" / "hf")
     traces = demo_dir / "traces"
