@@ -235,7 +235,7 @@ def main() -> None:
         result.update(line_statistics(run_dir / "results" / "generations" / "m" / "generations" / "embedded.jsonl"))
         result["seconds"] = round(time.time() - t0, 1)
         marker.write_text(json.dumps(result, indent=2))
-        return result
+        return json.loads(marker.read_text())  # as a resumed study reads it (JSON keys are strings)
 
     baselines: dict = {}
 
