@@ -147,6 +147,38 @@ def _pretraining(d: dict) -> str:
     return f"on problems of {p['min_steps']}-{p['max_steps']} operations in {narrative}, {styles},"
 
 
+def _against_baselines(d: dict) -> str:
+    """The headline's context: DCD-CE against the undistilled student, and the prefix weighting."""
+    out = ""
+    undistilled = d["baselines"].get("competent", {}).get("accuracy")
+    dcd = d["methods"].get("DCD-CE", {}).get("accuracy", {}).get("mean")
+    if undistilled is not None and dcd is not None:
+        out += (f"DCD-CE's mean ({dcd:.3f}) against the undistilled student's {undistilled:.3f}: "
+                + ("it avoids SFT's loss rather than adding to the base. " if abs(dcd - undistilled) <= 0.02 else
+                   f"{dcd - undistilled:+.3f}. "))
+    prefix = d["summary"].get("prefix_minus_sft")
+    if prefix and prefix.get("n"):
+        mean = d["methods"]["DCD-prefix"]["accuracy"]["mean"]
+        out += (f"The prefix-accumulated weighting (DCD-prefix, {prefix['n']} seed{'s' if prefix['n'] > 1 else ''}) "
+                f"reaches {mean:.3f}, − SFT "
+                + (_ci(prefix) if prefix["n"] >= 3 else
+                   "per seed " + ", ".join(f"{x:+.3f}" for x in prefix["diffs"]) + " (too few seeds for an interval)")
+                + ". ")
+    return out
+
+
+def _exposure_reading(sampled: dict) -> str:
+    """Which models accumulate excess error along their own samples (%ExAccErr > 0 at l = 32)."""
+    pos = [k for k, v in sampled.items() if (v.get("exaccerr_pct@32") or 0) > 0]
+    neg = [k for k, v in sampled.items() if v.get("exaccerr_pct@32") is not None and v["exaccerr_pct@32"] < 0]
+    if not pos or not neg:
+        return ""
+    return (f"\n\nAlong their own samples, {', '.join(pos)} accumulate more error than along the teacher's "
+            f"(%ExAccErr > 0 at l = 32: exposure bias); {', '.join(neg)} accumulate less (their own prefixes stay "
+            "in the careful style the teacher also scores well, while the teacher's samples include compressed "
+            "ones the student finds unlikely).")
+
+
 def _reading(d: dict) -> str:
     """What the tables say, computed from the JSON: where the paired gap is above 0 by length,
     and how the baselines that learn the teacher's own distribution fared."""
@@ -154,11 +186,14 @@ def _reading(d: dict) -> str:
     above = [k for k, g in gaps.items() if g and g["ci"][0] > 0]
     level = [k for k, g in gaps.items() if g and g["ci"][0] <= 0]
     out = ""
+    below = [k for k, g in gaps.items() if g and g["ci"][1] < 0]
     if above and level:
         best = max(gaps, key=lambda k: gaps[k]["mean"])
         out += (f"\n\nBy length, DCD-CE's paired gain is above 0 beyond its CI at {', '.join(above)} operations "
-                f"(largest at {best}: {gaps[best]['mean']:+.3f}) and not at {', '.join(level)} operations: on this "
-                "task the gain does not grow with the trace's length, it vanishes on the longest problems.")
+                f"(largest at {best}: {gaps[best]['mean']:+.3f}) and not at {', '.join(level)} operations"
+                + (f"; at {', '.join(below)} operations it is *below* 0 beyond its CI (SFT is better on the longest "
+                   "problems)" if below else "")
+                + ": on this task the gain does not grow with the trace's length.")
     teacher_like = {m: v for m, v in d["methods"].items() if m in ("KL", "DCD-KL", "ToDi")}
     if teacher_like and "teacher" in d["baselines"]:
         cells = ", ".join(f"{m} {v['accuracy']['mean']:.3f} ({v['careful_share']['mean']:.0%} careful)"
@@ -205,6 +240,7 @@ def experiment_section() -> str | None:
         f"### The DCD study (`{d['command']}`)\n\n"
         + (f"Run on {d['code']}. " if d.get("code") else "")
         + f"**Result: DCD-CE − SFT greedy accuracy = {_ci(gap)} — {_verdict(gap)}.** "
+        + _against_baselines(d)
 
         + _regime_caveat(d) +
         f"{d['finished_runs']} of {d['planned_runs']} planned runs finished "
@@ -251,7 +287,8 @@ def experiment_section() -> str | None:
                  "bias, negative = the student errs less along its own samples than along the teacher's):\n\n" + _table(
                      ["model", f"avg@{k}", "95% CI", "%ExAccErr l=32", "%ExAccErr l=64"],
                      [[name, v[f"avg@{k}"], "[{:.3f}, {:.3f}]".format(*v["avg_ci"]) if v.get("avg_ci") else "n/a",
-                       v.get("exaccerr_pct@32"), v.get("exaccerr_pct@64")] for name, v in sampled.items()]))
+                       v.get("exaccerr_pct@32"), v.get("exaccerr_pct@64")] for name, v in sampled.items()])
+                 + _exposure_reading(sampled))
     text += ("\n\nValidation sweep of DCD-CE (seed 0, `val` split; never the eval split; the best setting is used "
              "for every DCD run, ties go to the paper's tau 1):\n\n"
              + _table(["setting", "val accuracy", "truncation", "output styles"], sweep)
