@@ -274,23 +274,34 @@ def main() -> None:
     print(json.dumps(json.loads(out_path.read_text())["summary"], indent=2))
 
 
-def evaluate_compute(model_dir: Path, teacher_dir: str, eval_path: Path, scale, out: Path, greedy_only: bool = False) -> dict:
+def sampled_exaccerr_eval(model: str | Path, teacher: str, eval_path: Path, scale, out: Path, k: int,
+                          batch_size: int) -> tuple[dict, list]:
+    """Greedy and avg@k (temperature 1) on ``eval_path``, and %ExAccErr against ``teacher`` on its
+    first 64 problems (:func:`dcd_jax.eval.stability.exaccerr`). Returns (embedded metrics, the
+    %ExAccErr curve by prefix length)."""
     from dcd_jax.eval.runner import EvalConfig, run_eval
 
-    extra = {} if greedy_only else {"n_samples": 8, "temperature": 1.0, "exaccerr_teacher": teacher_dir,
-                                    "exaccerr_prompts": 64}
     cfg = EvalConfig(benchmarks=("embedded",), paths={"embedded": str(eval_path)}, max_new_tokens=scale.max_new_tokens,
-                     batch_size=128, **extra)
-    full = run_eval({"m": str(model_dir)}, cfg, out)
-    m = full["results"]["m"]["embedded"]
-    ex = full["results"]["m"].get("exaccerr", {})
-    pct = ex.get("ex_acc_err_pct")
+                     batch_size=batch_size, n_samples=k, temperature=1.0, exaccerr_teacher=teacher, exaccerr_prompts=64)
+    full = run_eval({"m": str(model)}, cfg, out)["results"]["m"]
+    return full["embedded"], full.get("exaccerr", {}).get("ex_acc_err_pct") or []
+
+
+def evaluate_compute(model_dir: Path, teacher_dir: str, eval_path: Path, scale, out: Path, greedy_only: bool = False) -> dict:
+    if greedy_only:
+        from dcd_jax.eval.runner import EvalConfig, run_eval
+
+        cfg = EvalConfig(benchmarks=("embedded",), paths={"embedded": str(eval_path)},
+                         max_new_tokens=scale.max_new_tokens, batch_size=128)
+        m, pct = run_eval({"m": str(model_dir)}, cfg, out)["results"]["m"]["embedded"], []
+    else:
+        m, pct = sampled_exaccerr_eval(model_dir, teacher_dir, eval_path, scale, out, 8, batch_size=128)
     return {
         "accuracy": m["pass@1"], "avg@8": m.get("avg@8"), "length_mean": m.get("length_mean"),
         "truncation_rate": m.get("truncation_rate"), "repetition_rate": m.get("repetition_rate"),
         "format_failure_rate": m.get("format_failure_rate"),
         # %ExAccErr at the longest prefix length both generations reach (the curve is in the results dir).
-        "exaccerr_pct": next((v for v in reversed(pct or []) if v is not None), None),
+        "exaccerr_pct": next((v for v in reversed(pct) if v is not None), None),
     }
 
 
@@ -415,17 +426,12 @@ def sampled_eval(root: Path, name: str, model: str, teacher: str, eval_path: Pat
     """avg@k at temperature 1 on the eval split, and ExAccErr against the teacher on its first 64
     problems (the excess error the student accumulates along its own samples over teacher-forced
     ones, :func:`dcd_jax.eval.stability.exaccerr`), of one model; cached as ``sampled-<name>.json``."""
-    from dcd_jax.eval.runner import EvalConfig, run_eval
-
     marker = root / f"sampled-{name}.json"
     if marker.is_file():
         return json.loads(marker.read_text())
-    cfg = EvalConfig(benchmarks=("embedded",), paths={"embedded": str(eval_path)}, max_new_tokens=scale.max_new_tokens,
-                     batch_size=256, n_samples=k, temperature=1.0, exaccerr_teacher=teacher, exaccerr_prompts=64)
     t0 = time.time()
-    full = run_eval({"m": model}, cfg, root / f"sampled-{name}")["results"]["m"]
-    pct = full.get("exaccerr", {}).get("ex_acc_err_pct") or []
-    result = {"k": k, f"avg@{k}": full["embedded"].get(f"avg@{k}"), "avg_ci": full["embedded"].get(f"avg@{k}_ci"),
+    m, pct = sampled_exaccerr_eval(model, teacher, eval_path, scale, root / f"sampled-{name}", k, batch_size=256)
+    result = {"k": k, f"avg@{k}": m.get(f"avg@{k}"), "avg_ci": m.get(f"avg@{k}_ci"),
               # %ExAccErr at prefix lengths 32 and 64 tokens (the whole curve: exaccerr_curve)
               **{f"exaccerr_pct@{n}": pct[n - 1] if len(pct) >= n else None for n in (32, 64)},
               "exaccerr_curve": pct, "seconds": round(time.time() - t0, 1)}
