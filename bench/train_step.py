@@ -88,8 +88,10 @@ def _qwen2(vocab, hidden, layers, heads, kv_heads, mlp, *, tied=True, theta=1000
 
 # name -> (HF config.json dict, true vocabulary, GPU only?)
 MODELS = {
-    # The demo student (dcd_jax.tiny_models.STUDENT_SIZES["micro"]) with a 512-row vocabulary.
+    # dcd_jax.tiny_models.STUDENT_SIZES["micro"] (the test suite's student) with a 512-row vocabulary.
     "tiny": (_qwen2(512, 64, 2, 4, 2, 192), 512, False),
+    # The demo's and the study's student and teacher (STUDENT_SIZES["tiny"], the demo tokenizer's 512 rows).
+    "demo": (_qwen2(512, 128, 4, 4, 2, 384), 512, False),
     "25m": (_qwen2(8192, 512, 8, 8, 4, 1408), 8192, False),
     # Qwen/Qwen2.5-0.5B and Qwen/Qwen2.5-1.5B config.json (architecture fields), random weights.
     "qwen2.5-0.5b": (_qwen2(151936, 896, 24, 14, 2, 4864, theta=1e6, max_pos=32768), QWEN_TRUE_VOCAB, True),
