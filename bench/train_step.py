@@ -550,7 +550,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny model only, B=4 T=128, 3 timed steps")
     ap.add_argument("--models", default=None,
-                    help=f"comma-separated subset of {','.join(MODELS)} (default: tiny,25m on CPU, all on GPU)")
+                    help=f"comma-separated subset of {','.join(MODELS)} (default: tiny,demo,25m on CPU, all on GPU)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default 5 CPU, 10 GPU, 3 quick)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed calls after compile (>= 1; the first is reported)")
     ap.add_argument("--batch", type=int, default=None,
@@ -587,7 +587,7 @@ def main(argv=None) -> int:
     plat = device.platform
     gpu = plat == "gpu"
     device_name = "cpu" if plat == "cpu" else _slug(device.device_kind)
-    models = (args.models or ("tiny" if args.quick else "tiny,25m,qwen2.5-0.5b,qwen2.5-1.5b" if gpu else "tiny,25m"))
+    models = (args.models or ("tiny" if args.quick else "tiny,demo,25m,qwen2.5-0.5b,qwen2.5-1.5b" if gpu else "tiny,demo,25m"))
     models = [m.strip() for m in models.split(",") if m.strip()]
     for m in models:
         if m not in MODELS:
