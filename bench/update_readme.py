@@ -147,6 +147,17 @@ def _pretraining(d: dict) -> str:
     return f"on problems of {p['min_steps']}-{p['max_steps']} operations in {narrative}, {styles},"
 
 
+def _paired_vs_sft(runs: list[dict], method: str) -> dict:
+    """``method`` − SFT greedy accuracy, paired by seed (main group, competent student), with the
+    study's own bootstrap (:func:`experiment.paired`)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("experiment", ROOT / "bench" / "experiment.py")
+    experiment = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(experiment)
+    return experiment.paired(runs, "main", "competent", method, "SFT")
+
+
 def _against_baselines(d: dict) -> str:
     """The headline's context: DCD-CE against the undistilled student, and the prefix weighting."""
     out = ""
@@ -221,9 +232,10 @@ def experiment_section() -> str | None:
         v = d["methods"][m].get(c)
         return "n/a" if v is None else f"{v['mean']:.3f} ± {v['std']:.3f}"
 
-    rows = [[m, d["methods"][m]["accuracy"]["n"], *[cell(m, c) for c in cols]] for m in d["methods"]]
+    rows = [[m, d["methods"][m]["accuracy"]["n"], *[cell(m, c) for c in cols],
+             _ci(_paired_vs_sft(d["runs"], m)) if m != "SFT" else ""] for m in d["methods"]]
     base = d["baselines"]
-    rows += [[f"undistilled {k}" if k != "teacher" else "teacher", 1, *[_fmt(base[k].get(c)) for c in cols]]
+    rows += [[f"undistilled {k}" if k != "teacher" else "teacher", 1, *[_fmt(base[k].get(c)) for c in cols], ""]
              for k in ("competent", "teacher") if k in base]
     summary = d["summary"]
     gap = summary["dcd_minus_sft"]
@@ -257,7 +269,8 @@ def experiment_section() -> str | None:
         "Mean ± sd over seeds (`n` seeds) on the eval split; `careful_share`: greedy outputs with one operation per "
         "line and a final answer; `lines_per_output`: computation lines per greedy output; `multi_op_line_share`: "
         "share of those lines with two or more operations (compressed); `truncation_rate`: outputs cut at the "
-        "token budget without an answer.\n\n" + _table(["method", "n", *cols], rows)
+        "token budget without an answer; `accuracy − SFT`: paired by seed over the seeds both ran, 95% bootstrap "
+        "CI.\n\n" + _table(["method", "n", *cols, "accuracy − SFT (paired)"], rows)
         + "\n\nAccuracy by number of operations (the trace-length sweep, one eval split):\n\n"
         + _table(["method", *[f"{k} ops" for k in steps]], by_steps)
         + _reading(d)
