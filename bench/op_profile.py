@@ -36,6 +36,21 @@ _ATTENTION_FUNCTIONS = ("_einsum_attention", "attention_mask", "dot_product_atte
 _LOSS_FILES = ("/objectives/",)
 _CONTROL_OPS = ("while", "conditional", "call")
 
+def host_cpu(cpuinfo: str = "/proc/cpuinfo") -> dict:
+    """The CPU model and its widest vector ISA (from ``/proc/cpuinfo``; empty elsewhere): XLA:CPU
+    and torch pick different kernels on AVX2 and AVX-512 hosts, so a ratio measured on one class
+    of machine need not hold on the other."""
+    try:
+        info = open(cpuinfo).read()
+    except OSError:
+        return {}
+    model = re.search(r"^model name\s*:\s*(.+)$", info, re.M)
+    flags = set((re.search(r"^flags\s*:\s*(.+)$", info, re.M) or [None, ""])[1].split())
+    isa = next((name for name, flag in (("avx512", "avx512f"), ("avx2", "avx2"), ("avx", "avx")) if flag in flags),
+               "sse")
+    return {"model": model[1].strip() if model else "", "vector_isa": isa}
+
+
 _INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = \S+(?:\{[^}]*\})? (\w[\w\-]*)\(")
 _INSTR_ANY = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?\s([a-z][\w\-]*)\(")
 _META_FRAME = re.compile(r"stack_frame_id=(\d+)")

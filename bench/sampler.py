@@ -268,12 +268,15 @@ def main() -> None:
         rows.append(row)
         print(f"batch {b}: done", file=sys.stderr, flush=True)
 
+    from op_profile import host_cpu
+
     result = {
         "bench": "sampler_decode",
         "device_kind": kind,
         "platform": device.platform,
         "num_devices": jax.device_count(),
         "host": platform.processor() or platform.machine(),
+        "cpu": host_cpu(),
         "cpu_count": os.cpu_count(),
         "load_average_1m_before_after": [load_before[0], os.getloadavg()[0]],
         "torch_device": torch_device,

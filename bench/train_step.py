@@ -41,7 +41,7 @@ tied), ``25m`` (Qwen2, hidden 512, 8 layers, 8/4 heads, mlp 1408, vocab 8192, ti
 ``--gpu-seqs``). On CPU: fp32, no remat. On GPU: bf16 compute, fp32 params, remat
 ``dots_saveable`` (torch: bf16 autocast, fp32 params, gradient checkpointing).
 
-    python bench/train_step.py                    # CPU default: tiny + 25m, B=8 T=512, 5 steps (~5 min on 2 cores)
+    python bench/train_step.py                    # CPU default: tiny, demo, 25m; B=8 T=512, 5 steps (~9 min on 2 cores)
     python bench/train_step.py --quick            # tiny only, B=4 T=128, 3 steps (plumbing check, < 1 min)
     python bench/train_step.py --models qwen2.5-0.5b,qwen2.5-1.5b --gpu-seqs 2048,4096   # on a GPU
 
@@ -761,11 +761,14 @@ def main(argv=None) -> int:
 
     device_key = device_name + ("_quick" if args.quick else "")
     out_path = args.out or ROOT / "bench" / "results" / f"train_step_{device_key}.json"
+    from op_profile import host_cpu
+
     result = {
         "command": "python bench/train_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "device": {"platform": plat, "device_kind": device.device_kind, "name": device_name,
                    "peak_bf16_flops": peak_flops_per_device(device), "cpu_count": _cpu_count(),
-                   "machine": platform.platform(), "processor": platform.processor()},
+                   "machine": platform.platform(), "processor": platform.processor(),
+                   "cpu": host_cpu()},
         "versions": {"python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
                      "optax": optax.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
                      "numpy": np.__version__},

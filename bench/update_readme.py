@@ -340,6 +340,11 @@ def compute_section() -> str | None:
     )
 
 
+def _cpu_note(cpu: dict | None) -> str:
+    """`` (AMD EPYC, AVX2)``: the host class a CPU ratio was measured on (older results lack it)."""
+    return f" ({cpu['model']}, {cpu['vector_isa'].upper()})" if cpu else ""
+
+
 def train_step_section() -> str | None:
     files = sorted(p for p in RESULTS.glob("train_step_*.json") if "quick" not in p.name and "gkd" not in p.name)
     if not files:
@@ -358,7 +363,8 @@ def train_step_section() -> str | None:
                          get("ours SFT", "sys_s"), get("ours SFT", "peak_mib"), get("ours SFT", "mfu")])
         text = (
             f"### Train step (`python bench/train_step.py`, {path.name}: {d['device']['device_kind']}, "
-            f"{d['device'].get('cpu_count', '?')} cores{_load_note(d.get('load_average_1_5_15', {}).get('start'))})\n\n"
+            f"{d['device'].get('cpu_count', '?')} cores{_cpu_note(d['device'].get('cpu'))}"
+            f"{_load_note(d.get('load_average_1_5_15', {}).get('start'))})\n\n"
             + "ours/torch: tokens/s over wall time; CPU-time: the same over process CPU seconds per step (what a "
             "step costs when other jobs share the cores, where wall time also counts waiting for them); ours sys s: "
             "the kernel's share of our step's CPU time (page faults on the step's freshly mapped buffers).\n\n"
@@ -442,8 +448,8 @@ def sampler_section() -> str | None:
         rows = [[r["batch"], r.get("dcd_jax_decode_tok_s"), r.get("hf_decode_tok_s"), r.get("speedup"),
                  r.get("host_bandwidth_roofline_fraction", r.get("hbm_roofline_fraction"))] for r in d["rows"]]
         parts.append(
-            f"### Sampler decode ({path.name}: {d['device_kind']}, {d['model']['params'] / 1e6:.1f}M Qwen2 shape"
-            f"{_load_note(d.get('load_average_1m_before_after'))})\n\n"
+            f"### Sampler decode ({path.name}: {d['device_kind']}{_cpu_note(d.get('cpu'))}, "
+            f"{d['model']['params'] / 1e6:.1f}M Qwen2 shape{_load_note(d.get('load_average_1m_before_after'))})\n\n"
             + _table(["batch", "dcd-jax tok/s", "transformers tok/s", "ratio", "bandwidth roofline (batch 1)"], rows)
         )
     return "\n\n".join(parts) + "\n"

@@ -44,3 +44,15 @@ def test_profile_classifies_ops_by_the_code_that_built_them():
     assert by_class["optimizer"] == 0 and by_class["sampling"] == 0
     assert sum(prof["by_class_fraction"].values()) == pytest.approx(1.0)
     assert 0 <= prof["host_s"] <= prof["wall_s"]
+
+
+@pytest.mark.parametrize("flags, isa", [("fpu sse avx avx2 avx512f avx512bw", "avx512"), ("fpu sse avx avx2 fma", "avx2"),
+                                        ("fpu sse sse2", "sse")])
+def test_host_cpu_reads_model_and_widest_vector_isa(tmp_path, flags, isa):
+    import op_profile
+
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nmodel name\t: AMD EPYC 9B14\nflags\t\t: {flags}\n\n"
+                    f"processor\t: 1\nmodel name\t: AMD EPYC 9B14\nflags\t\t: {flags}\n")
+    assert op_profile.host_cpu(str(info)) == {"model": "AMD EPYC 9B14", "vector_isa": isa}
+    assert op_profile.host_cpu(str(tmp_path / "missing")) == {}
