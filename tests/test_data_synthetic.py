@@ -6,7 +6,6 @@ import dataclasses
 import json
 import operator
 import re
-import time
 from pathlib import Path
 
 import numpy as np
@@ -108,11 +107,9 @@ def test_gold_answers_and_every_trace_are_correct(problems):
     assert np.mean(by_style["careful"]) > np.mean(by_style["compressed"]) > np.mean(by_style["terse"]) == 1
 
 
-def test_seeded_prefix_stable_and_fast():
+def test_seeded_prefix_stable():
     cfg = SyntheticTaskConfig(seed=1, n_examples=10_000)
-    start = time.perf_counter()
     big = generate_problems(cfg)
-    assert time.perf_counter() - start < 10.0  # ~1 s on a slow CI core
     assert generate_problems(dataclasses.replace(cfg, n_examples=50)) == big[:50]
     assert generate_problems(dataclasses.replace(cfg, seed=2, n_examples=50)) != big[:50]
     eval_prompts = {r["prompt"] for r in generate_problems(dataclasses.replace(cfg, split="eval", n_examples=500))}
