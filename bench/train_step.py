@@ -41,7 +41,7 @@ tied), ``25m`` (Qwen2, hidden 512, 8 layers, 8/4 heads, mlp 1408, vocab 8192, ti
 ``--gpu-seqs``). On CPU: fp32, no remat. On GPU: bf16 compute, fp32 params, remat
 ``dots_saveable`` (torch: bf16 autocast, fp32 params, gradient checkpointing).
 
-    python bench/train_step.py                    # CPU default: tiny, demo, 25m; B=8 T=512, 5 steps (~9 min on 2 cores)
+    python bench/train_step.py                    # CPU default: tiny, demo, 25m; B=8 T=512, 5 steps (9-17 min on 2 cores)
     python bench/train_step.py --quick            # tiny only, B=4 T=128, 3 steps (plumbing check, < 1 min)
     python bench/train_step.py --models qwen2.5-0.5b,qwen2.5-1.5b --gpu-seqs 2048,4096   # on a GPU
 
