@@ -499,6 +499,17 @@ def paired(runs: list[dict], group: str, student: str, a: str, b: str, key=lambd
     return paired_difference([key(by[(a, s)]) for s in seeds], [key(by[(b, s)]) for s in seeds])
 
 
+def base_stage_record(demo_dir: Path) -> dict:
+    """What the study records of the demo's shared stages: the distillation data and the teacher's
+    kept samples (``write_results``; ``check_reproduced`` compares a rebuild against it)."""
+    distill = json.loads((demo_dir / "distill.done.json").read_text())
+    sampled = json.loads((demo_dir / "traces.done.json").read_text())
+    return {"distill_data": {"source": distill["source"], "traces": distill["traces"],
+                             "style_counts": distill["style_counts"]},
+            "teacher_samples": {"kept": sampled["traces_in_file"], "sampled": sampled["generated"],
+                                "kept_style_counts": sampled["kept_style_counts"]}}
+
+
 def restore_runs(study_json: Path, root: Path) -> dict:
     """Write the finished runs and sampled evaluations of ``study_json`` as cache files under
     ``root`` (existing ones are kept); returns the study, whose baselines and data
@@ -520,12 +531,7 @@ def check_reproduced(study: dict, baselines: dict, demo_dir: Path) -> None:
     """Exit 2 unless the base stages just built are the ones ``study``'s runs were made on: every
     undistilled baseline evaluated so far that it recorded, and the distillation data, equal what
     it recorded (a student it never evaluated has no runs to mix with)."""
-    distill = json.loads((demo_dir / "distill.done.json").read_text())
-    sampled = json.loads((demo_dir / "traces.done.json").read_text())
-    now = {"distill_data": {"source": distill["source"], "traces": distill["traces"],
-                            "style_counts": distill["style_counts"]},
-           "teacher_samples": {"kept": sampled["traces_in_file"], "sampled": sampled["generated"],
-                               "kept_style_counts": sampled["kept_style_counts"]},
+    now = {**base_stage_record(demo_dir),
            **{f"baseline {k}": v for k, v in baselines.items() if k in study["baselines"]}}
     was = {"distill_data": study["distill_data"], "teacher_samples": study["teacher_samples"],
            **{f"baseline {k}": study["baselines"][k] for k in baselines if k in study["baselines"]}}
@@ -565,8 +571,6 @@ def write_results(path: Path, runs: list[dict], baselines: dict, dcd_setting: di
     main_steps = sorted({k for r in main_runs for k in r["accuracy_by_steps"]}, key=int)
     gap_by_steps = {k: paired(runs, "main", "competent", "DCD-CE", "SFT", key=lambda r, k=k: r["accuracy_by_steps"][k])
                     for k in main_steps}
-    distill = json.loads((demo_dir / "distill.done.json").read_text())
-    sampled = json.loads((demo_dir / "traces.done.json").read_text())
     result = {
         "command": f"python bench/experiment.py --scale {args.scale} --seeds {args.seeds} --baseline-seeds "
                    f"{args.baseline_seeds} --axis-seeds {args.axis_seeds} --samples {args.samples}"
@@ -575,9 +579,7 @@ def write_results(path: Path, runs: list[dict], baselines: dict, dcd_setting: di
         "planned_runs": planned, "finished_runs": len(runs),
         "scale": args.scale, "seeds": [int(s) for s in args.seeds.split(",")], "student_steps": args.steps or scale.student_steps,
         "student_lr": args.lr or scale.student_lr, "samples_k": args.samples,
-        "distill_data": {"source": distill["source"], "traces": distill["traces"], "style_counts": distill["style_counts"]},
-        "teacher_samples": {"kept": sampled["traces_in_file"], "sampled": sampled["generated"],
-                            "kept_style_counts": sampled["kept_style_counts"]},
+        **base_stage_record(demo_dir),
         "dcd_setting": dcd_setting,
         "pretrain_task": {k: getattr(scale.pretrain_task, k) for k in ("template", "min_steps", "max_steps", "style_mix")},
         "code": code,

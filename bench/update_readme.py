@@ -150,11 +150,10 @@ def _pretraining(d: dict) -> str:
 def _paired_vs_sft(runs: list[dict], method: str) -> dict:
     """``method`` − SFT greedy accuracy, paired by seed (main group, competent student), with the
     study's own bootstrap (:func:`experiment.paired`)."""
-    import importlib.util
+    if str(ROOT / "bench") not in sys.path:  # the study script, imported once like any module
+        sys.path.insert(0, str(ROOT / "bench"))
+    import experiment
 
-    spec = importlib.util.spec_from_file_location("experiment", ROOT / "bench" / "experiment.py")
-    experiment = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(experiment)
     return experiment.paired(runs, "main", "competent", method, "SFT")
 
 
