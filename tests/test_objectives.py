@@ -106,6 +106,45 @@ def test_token_stats_chunked_matches_reference_and_numpy(saved_logits_bytes, mon
     np.testing.assert_allclose(s_c.topk_logprobs, -np.sort(-logp, -1)[..., :3], atol=2e-5)
 
 
+@pytest.mark.parametrize("saved_logits_bytes", [1 << 30, 0], ids=["cpu-saved-logits", "recomputed-logits"])
+def test_rest_mass_exact_when_the_ids_hold_almost_all_of_it(saved_logits_bytes, monkeypatch):
+    """The rest mass shares the log-normalizer's exp pass unless it underflows that scale; then it
+    is recomputed: with the other logits 100-140 nats below the gathered ones (rest ~ e^-100),
+    rest_logprob still equals float64 NumPy, and its gradient (the softmax over the rest, minus
+    p) is finite and equals the unchunked autodiff one. A chunk without underflow keeps the
+    shared path (second row)."""
+    from dcd_jax.objectives import logprobs
+
+    monkeypatch.setattr(logprobs, "CPU_SAVED_LOGITS_BYTES", saved_logits_bytes)
+    rng = np.random.default_rng(3)
+    b, t, v, k = 2, 6, 16, 3
+    z = rng.normal(size=(b, t, v)) * 3.0
+    ids = np.argsort(-z, -1)[..., :k].astype(np.int32)
+    peaked = np.zeros_like(z, bool)
+    np.put_along_axis(peaked, ids, True, -1)
+    z[0] = np.where(peaked[0], z[0] + 100.0, z[0] - 40.0 * rng.random(size=(t, v)))
+    # hidden = identity rows so logits == z exactly (D = V, unembed = I).
+    h = z.astype(np.float32)
+    w = np.eye(v, dtype=np.float32)
+    tgt = ids[..., 0]
+
+    def rest_and_grad(fn):
+        f = lambda h: jnp.sum(fn(h, w, tgt, gather_ids=ids).rest_logprob)
+        return jax.jit(jax.value_and_grad(f))(h), fn(h, w, tgt, gather_ids=ids).rest_logprob
+
+    chunked = lambda *a, **kw: token_logprobs_chunked(*a, chunk_size=3, **kw)
+    (_, g_c), rest = rest_and_grad(chunked)
+    (_, g_r), _ = rest_and_grad(token_logprobs_reference)
+    zz = z.astype(np.float32).astype(np.float64)
+    lse = np.log(np.exp(zz - zz.max(-1, keepdims=True)).sum(-1)) + zz.max(-1)
+    out = np.where(peaked, -np.inf, zz)
+    rest_lse = np.log(np.exp(out - out.max(-1, keepdims=True)).sum(-1)) + out.max(-1)
+    assert np.all(rest_lse[0] - lse[0] < -90)  # the regime: underflows exp(z - max z) in fp32
+    np.testing.assert_allclose(rest, rest_lse - lse, rtol=1e-5, atol=1e-4)
+    assert np.all(np.isfinite(g_c))
+    np.testing.assert_allclose(g_c, g_r, rtol=1e-5, atol=1e-5)
+
+
 def test_bf16_hidden_single_chunk():
     """bf16 hidden states with an fp32 unembedding and a chunk larger than T: fp32 loss, gradients in
     the input dtypes, close to the fp32 (chunk 5) computation."""

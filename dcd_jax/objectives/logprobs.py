@@ -34,6 +34,8 @@ from dcd_jax.sharding import traced_for_cpu
 # On CPU the chunked loss keeps each chunk's fp32 logits for the backward pass, instead of
 # recomputing them (one of its four [B*T, D] x [D, V] matmuls), while all of them fit in this budget.
 CPU_SAVED_LOGITS_BYTES = 1 << 30
+# Below this, sum_{v not in S} exp(z_v - max z) has lost precision (fp32 normals end at 1.2e-38).
+_REST_FLOOR = 1e-30
 
 
 
@@ -77,25 +79,40 @@ def _stats_from_logits(
     return_entropy: bool,
     top_k: int,
 ) -> dict[str, jax.Array]:
-    """All statistics of one block of fp32 logits ``[..., V]`` (see the module docstring)."""
+    """All statistics of one block of fp32 logits ``[..., V]`` (see the module docstring), plus
+    ``lse`` (``logsumexp(z)``, no gradient) for the chunked backward pass.
+
+    One ``exp`` pass serves the log-normalizer, the entropy and the rest mass: with
+    ``m = max(z)`` and ``e = exp(z - m)``, ``lse = m + log sum e``, ``H = lse - sum(e z) / sum e``
+    and ``rest = log sum_{v not in S} e - log sum e``. Only where the rest mass underflows that
+    shared scale (``sum_{v not in S} e`` below :data:`_REST_FLOOR`, i.e. the teacher's ids hold all
+    but ~1e-30 of the mass) is it recomputed with its own maximum, so it stays exact."""
     vocab = logits.shape[-1]
     iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
     if true_vocab_size < vocab:
         logits = jnp.where(iota < true_vocab_size, logits, NEG_INF)
-    lse = jax.nn.logsumexp(logits, axis=-1)
+    m = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    e = jnp.exp(logits - m)
+    total = jnp.sum(e, axis=-1)
+    lse = m[..., 0] + jnp.log(total)
     # A masked reduction (fused by XLA) rather than a gather: partitions along a sharded vocabulary.
     target_logit = jnp.sum(jnp.where(iota == targets[..., None], logits, 0.0), axis=-1)
-    out = {"target_logprobs": target_logit - lse}
+    out = {"target_logprobs": target_logit - lse, "lse": jax.lax.stop_gradient(lse)}
     if return_entropy:
-        z = jax.lax.stop_gradient(logits)
-        l = jax.lax.stop_gradient(lse)
-        p = jnp.exp(z - l[..., None])
-        out["entropy"] = l - jnp.sum(p * z, axis=-1)
+        p_dot_z = jnp.sum(jax.lax.stop_gradient(e) * jax.lax.stop_gradient(logits), axis=-1)
+        out["entropy"] = jax.lax.stop_gradient(lse - p_dot_z / total)
     if gather_ids is not None:
         gathered = jnp.take_along_axis(logits, gather_ids, axis=-1, mode="fill", fill_value=NEG_INF)
         out["gathered_logprobs"] = gathered - lse[..., None]
         outside = _outside_mask(logits.shape, gather_ids)
-        out["rest_logprob"] = jax.nn.logsumexp(jnp.where(outside, logits, NEG_INF), axis=-1) - lse
+        rest_sum = jnp.sum(jnp.where(outside, e, 0.0), axis=-1)
+        shared = jnp.log(jnp.maximum(rest_sum, _REST_FLOOR)) - jnp.log(total)
+
+        def exact(_):
+            return jax.nn.logsumexp(jnp.where(outside, logits, NEG_INF), axis=-1) - lse
+
+        underflow = jnp.any(rest_sum < _REST_FLOOR)
+        out["rest_logprob"] = jax.lax.cond(underflow, exact, lambda _: shared, None)
     if top_k:
         vals, ids = jax.lax.top_k(jax.lax.stop_gradient(logits), top_k)
         out["topk_logprobs"] = vals - jax.lax.stop_gradient(lse)[..., None]
@@ -144,6 +161,7 @@ def token_logprobs_reference(
         return_entropy=return_entropy,
         top_k=top_k,
     )
+    out.pop("lse")
     return TokenStats(**out)
 
 
@@ -152,6 +170,8 @@ def _chunk_cotangent(
     targets: jax.Array,
     gather_ids: jax.Array | None,
     ct: dict[str, jax.Array],
+    lse: jax.Array,
+    rest_logprob: jax.Array | None,
     *,
     true_vocab_size: int,
 ) -> jax.Array:
@@ -161,12 +181,13 @@ def _chunk_cotangent(
     ``g_r`` (rest): every statistic is ``(something) - logsumexp(z)``, so
     ``dz = onehot(y) g_y + sum_k onehot(v_k) g_k + g_r softmax_{v not in S}(z)
           - (g_y + sum_k g_k + g_r) p``, and 0 on the padding columns.
+    ``lse`` and ``rest_logprob`` come from the forward pass, so ``p = exp(z - lse)`` and
+    ``softmax_{v not in S}(z) = exp(z - lse - rest_logprob)`` cost one ``exp`` each.
     """
     vocab = logits.shape[-1]
     iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
     col_ok = iota < true_vocab_size
     z = jnp.where(col_ok, logits, NEG_INF) if true_vocab_size < vocab else logits
-    lse = jax.nn.logsumexp(z, axis=-1, keepdims=True)
     g_t = ct["target_logprobs"]
     total = g_t
     dz = jnp.where(iota == targets[..., None], g_t[..., None], 0.0)
@@ -174,10 +195,9 @@ def _chunk_cotangent(
         g_g, g_r = ct["gathered_logprobs"], ct["rest_logprob"]
         total = total + jnp.sum(g_g, axis=-1) + g_r
         dz = _scatter_add(dz, gather_ids, g_g)
-        z_rest = jnp.where(_outside_mask(z.shape, gather_ids), z, NEG_INF)
-        rest_lse = jax.nn.logsumexp(z_rest, axis=-1, keepdims=True)
-        dz = dz + g_r[..., None] * jnp.exp(z_rest - rest_lse)
-    dz = dz - total[..., None] * jnp.exp(z - lse)
+        rest_softmax = jnp.exp(z - (lse + rest_logprob)[..., None])
+        dz = dz + jnp.where(_outside_mask(z.shape, gather_ids), g_r[..., None] * rest_softmax, 0.0)
+    dz = dz - total[..., None] * jnp.exp(z - lse[..., None])
     if true_vocab_size < vocab:
         dz = jnp.where(col_ok, dz, 0.0)
     return dz
@@ -258,32 +278,34 @@ def token_logprobs_chunked(
 
         xs = (to_chunks(h), to_chunks(tgt), None if ids is None else to_chunks(ids))
         _, (out, logits) = jax.lax.scan(body, None, xs)
-        return {k: from_chunks(v) for k, v in out.items()}, logits
+        lse = out.pop("lse")  # [n, B, chunk]: the backward pass's normalizer, saved not recomputed
+        return {k: from_chunks(v) for k, v in out.items()}, (lse, logits)
 
     @jax.custom_vjp
     def run(h, w, tgt, ids):
         return forward(h, w, tgt, ids)[0]
 
     def run_fwd(h, w, tgt, ids):
-        out, logits = forward(h, w, tgt, ids, keep=keep_logits)
-        return out, (h, w, tgt, ids, logits)
+        out, (lse, logits) = forward(h, w, tgt, ids, keep=keep_logits)
+        rest = None if ids is None else to_chunks(out["rest_logprob"])
+        return out, (h, w, tgt, ids, lse, rest, logits)
 
     def run_bwd(res, ct):
-        h, w, tgt, ids, saved_logits = res
+        h, w, tgt, ids, lse, rest, saved_logits = res
         grad_keys = ["target_logprobs"] + (["gathered_logprobs", "rest_logprob"] if ids is not None else [])
         cts = {k: to_chunks(jnp.asarray(ct[k], jnp.float32)) for k in grad_keys}
         wc = w.astype(h.dtype)
 
         def body(dw, xs):
-            hc, tc, ic, ctc, zc = xs
+            hc, tc, ic, ctc, lc, rc, zc = xs
             zc = _logits(hc, w) if zc is None else zc
-            dz = _chunk_cotangent(zc, tc, ic, ctc, true_vocab_size=true_vocab_size)
+            dz = _chunk_cotangent(zc, tc, ic, ctc, lc, rc, true_vocab_size=true_vocab_size)
             dz = dz.astype(h.dtype)
             dh = jnp.einsum("bcv,dv->bcd", dz, wc, preferred_element_type=jnp.float32)
             dw = dw + jnp.einsum("bcd,bcv->dv", hc, dz, preferred_element_type=jnp.float32)
             return dw, dh.astype(h.dtype)
 
-        xs = (to_chunks(h), to_chunks(tgt), None if ids is None else to_chunks(ids), cts, saved_logits)
+        xs = (to_chunks(h), to_chunks(tgt), None if ids is None else to_chunks(ids), cts, lse, rest, saved_logits)
         dw, dh = jax.lax.scan(body, jnp.zeros(w.shape, jnp.float32), xs)
         return from_chunks(dh), dw.astype(w.dtype), None, None
 
