@@ -113,6 +113,29 @@ def test_loss_decreases_on_the_embedded_task(assets, tmp_path):
     assert rows[-1]["tokens_per_second"] > 0 and rows[-1]["grad_norm"] > 0
 
 
+def test_on_a_tpu_the_step_is_compiled_once_by_the_memory_check(assets, tmp_path, monkeypatch):
+    """On a (simulated) TPU, the pre-training memory check compiles the step for the attached
+    chips; the run then calls that executable rather than jitting the step a second time, and
+    trains as the jitted step does: the same losses, and final weights equal up to float rounding
+    (the ahead-of-time compile may order a few reductions differently: 1 ulp, measured)."""
+    from dcd_jax.train import loop, plan
+
+    extra = {"train.steps": 3, "checkpoint.every_steps": 100, "model.attention": "einsum"}
+    _, jitted_rows = run(assets, tmp_path / "jit", **extra)
+    chip = plan.ChipSpec("fake", hbm_bytes=64 * 2**30, hbm_bandwidth=1e11, chip_config="default")
+    monkeypatch.setattr(plan, "attached_target", lambda: plan.Target("fake:8", tuple(jax.devices()[:8]), chip))
+    monkeypatch.setattr(plan.jax, "default_backend", lambda: "tpu")
+
+    def second_compile(*a, **kw):
+        raise AssertionError("the run jitted the step again instead of using the plan's executable")
+
+    monkeypatch.setattr(loop, "jit_train_step", second_compile)
+    result, rows = run(assets, tmp_path / "planned", **extra)
+    assert result.status == "completed" and result.step == 3
+    assert [r["loss"] for r in rows] == [r["loss"] for r in jitted_rows]
+    assert_trees_close(final_params(tmp_path / "planned"), final_params(tmp_path / "jit"), atol=1e-6)
+
+
 def _worker(kill_at, overrides, env_extra=None, **popen):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env_extra or {})}
     return subprocess.Popen(

@@ -44,7 +44,7 @@ from dcd_jax.train.metrics import MetricsWriter
 from dcd_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from dcd_jax.train.run_dir import RunLock, checkpoint_bytes, claim_run_dir
 from dcd_jax.train.state import init_train_state, state_shardings
-from dcd_jax.train.step import make_train_step
+from dcd_jax.train.step import jit_train_step
 
 log = logging.getLogger("dcd_jax.train")
 
@@ -142,13 +142,14 @@ def train(cfg: RunConfig, hooks: TrainHooks | None = None) -> TrainResult:
     check_batch_split(cfg, mesh, jax.process_count())
     check_batch_fields(cfg.objective, cfg.data.batch_fields())
     from dcd_jax.train.plan import check_fits_before_training
-    check_fits_before_training(cfg)  # on a TPU: refuse what cannot fit before loading any weight
+    # On a TPU: refuse what cannot fit before loading any weight; the plan's executable is the step.
+    plan = check_fits_before_training(cfg)
     lock = _claim_out_dir(cfg)
     bad_steps: dict[int, str] = {}
     try:
         while True:
             try:
-                return run_loop(build_run(cfg, mesh, bad_steps), hooks)
+                return run_loop(build_run(cfg, mesh, bad_steps, plan), hooks)
             except _NonFiniteAfterRestore as e:
                 log.warning("checkpoint step %d is unusable (%s); falling back to the previous one", e.step, e)
                 bad_steps[e.step] = str(e)
@@ -181,9 +182,10 @@ class Run:
         return jax.process_index() == 0
 
 
-def build_run(cfg: RunConfig, mesh: Mesh, bad_steps: dict[int, str]) -> Run:
+def build_run(cfg: RunConfig, mesh: Mesh, bad_steps: dict[int, str], plan=None) -> Run:
     """Load the student (and a live teacher for GKD), open the data, build the train state on the
-    mesh, restore the latest usable checkpoint (skipping ``bad_steps``) and jit the step."""
+    mesh, restore the latest usable checkpoint (skipping ``bad_steps``) and jit the step (or take
+    the executable ``plan`` compiled for these chips, if it was built for this same model)."""
     out_dir = Path(cfg.train.out_dir).absolute()
     student: Pretrained = load_pretrained(
         cfg.model.path, mesh=mesh, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
@@ -222,12 +224,11 @@ def build_run(cfg: RunConfig, mesh: Mesh, bad_steps: dict[int, str]) -> Run:
     start_step = int(state["step"])
 
     if teacher is None:
-        step_fn = jax.jit(
-            make_train_step(graphdef, cfg.objective, tx, schedule, true_vocab),
-            in_shardings=(shardings, None),
-            out_shardings=(shardings, None),
-            donate_argnums=0,
-        )
+        if plan is not None and plan.executable is not None and plan.model_config == student.cfg:
+            log.info("train step: the executable compiled by the memory check (no second compilation)")
+            step_fn = plan.executable
+        else:
+            step_fn = jit_train_step(graphdef, cfg.objective, tx, schedule, true_vocab, shardings, mesh)
     else:
         step_fn = online.jit_gkd_step(cfg.objective, graphdef, teacher, tx, schedule, true_vocab, tokenizer, shardings)
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len

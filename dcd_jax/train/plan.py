@@ -1,7 +1,7 @@
 """``dcd-jax plan``: will this config fit that TPU slice, and what will a step cost? - without one.
 
 The planner builds the *exact* jitted program of a config from abstract shapes (no weights are
-loaded): the train step (:func:`dcd_jax.train.step.make_train_step` with the run's objective,
+loaded): the train step (:func:`dcd_jax.train.step.jit_train_step`, the run's own, with the run's objective,
 optimizer, remat, accumulation and mesh), the sampler's generate loop, or the teacher scorer. It
 compiles it ahead of time for a TPU topology described by libtpu
 (``jax.experimental.topologies.get_topology_desc``, works on a CPU-only host) or for ``cpu:N``
@@ -52,7 +52,7 @@ from dcd_jax.train.config import RunConfig
 from dcd_jax.train.flops import peak_flops_per_device
 from dcd_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from dcd_jax.train.state import init_train_state, state_shardings
-from dcd_jax.train.step import make_train_step
+from dcd_jax.train.step import jit_train_step
 
 GIB = 1024**3
 # Public config.json facts of hub models, for planning without network (configs/architectures/README.md).
@@ -207,7 +207,13 @@ def plan_model_config(cfg: RunConfig, platform: str, *, path: str | None = None,
         hf = json.loads(source.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{source}: invalid JSON ({e})") from None
-    return ModelConfig.from_hf_config(hf, source=str(source), **runtime)
+    model_cfg = ModelConfig.from_hf_config(hf, source=str(source), **runtime)
+    if source.parent != ARCHITECTURES_DIR:  # a checkpoint's dir: its tokenizer, as the run will see it
+        from dcd_jax.convert.hf_to_flax import true_vocab_size_of
+
+        vocab = true_vocab_size_of(source.parent, model_cfg, cfg.model.trust_remote_code)
+        model_cfg = dataclasses.replace(model_cfg, true_vocab_size=vocab)
+    return model_cfg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,13 +243,8 @@ def _train_program(cfg: RunConfig, model_cfg: ModelConfig, mesh):
     shardings = state_shardings(mesh, axes, abstract_state, tx)  # outside set_mesh (see module doc)
     state = _with_sharding(abstract_state, shardings)
     batch = abstract_train_batch(cfg, mesh)
-    step = jax.jit(
-        make_train_step(graphdef, cfg.objective, tx, learning_rate_schedule(cfg.optim, cfg.train.steps),
-                        model_cfg.tokenizer_vocab_size),
-        in_shardings=(shardings, jax.tree.map(lambda s: s.sharding, batch)),
-        out_shardings=(shardings, None),
-        donate_argnums=0,
-    )
+    step = jit_train_step(graphdef, cfg.objective, tx, learning_rate_schedule(cfg.optim, cfg.train.steps),
+                          model_cfg.tokenizer_vocab_size, shardings, mesh)
     parts = {"params": shard_bytes(state["params"]), "opt_state": shard_bytes(state["opt_state"]),
              "batch": shard_bytes(batch)}
     if "ref_params" in state:
@@ -310,6 +311,10 @@ class PlanReport:
     hbm_bandwidth: float | None
     overrides: tuple[str, ...] = ()
     compiled: bool = True  # False: the TPU compiler refused it (temporaries > HBM); sizes from its message
+    # The compiled program and the model config it was built for (not part of the report's JSON):
+    # a run on the attached chips calls this executable instead of compiling the step again.
+    executable: Any = dataclasses.field(default=None, repr=False, compare=False)
+    model_config: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def peak(self) -> int:
@@ -342,7 +347,8 @@ class PlanReport:
         return max(self.flops_per_chip / self.peak_flops, traffic / self.hbm_bandwidth)
 
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.compare}
+        out = json.loads(json.dumps(out))  # plain containers, copied
         out["overrides"] = list(self.overrides)
         roof = self.roofline_seconds
         out.update(peak_bytes=self.peak, headroom=self.headroom, fits=self.fits, flops_per_chip=self.flops_per_chip,
@@ -407,7 +413,7 @@ def compile_plan(cfg: RunConfig, target: Target, what: str = "train", *, batch_s
         weight_bytes_per_step=float(parts["params"] * (cfg.eval.max_new_tokens if what == "sample" else 1)),
         peak_flops=peak_flops_per_device(target.devices[0]) if target.chip else None,
         hbm_bandwidth=target.chip.hbm_bandwidth if target.chip else None, overrides=tuple(overrides),
-        compiled=bool(cost),
+        compiled=bool(cost), executable=None if not cost else compiled, model_config=model_cfg,
     )
 
 
@@ -488,18 +494,19 @@ def suggest_fit(cfg: RunConfig, target: Target, *, min_headroom: float = 0.10, l
     return None
 
 
-def check_fits_before_training(cfg: RunConfig, log=None) -> None:
+def check_fits_before_training(cfg: RunConfig, log=None) -> PlanReport | None:
     """On a TPU, compile the run's train step for the attached chips before any weight is loaded
     and refuse (ConfigError) a config that cannot fit, naming the smallest change that does
-    (``log`` receives each candidate's report)."""
+    (``log`` receives each candidate's report). Returns the fitting plan, whose executable the run
+    then uses (None off a TPU)."""
     if jax.default_backend() != "tpu":
-        return
+        return None
     target = attached_target()
     if target.chip is None:
-        return
+        return None
     report = compile_plan(cfg, target, "train", download=True)
     if report.fits:
-        return
+        return report
     better = suggest_fit(cfg, target, log=log)
     hint = f"; it fits with: {' '.join(better.overrides)}" if better else "; no remat/accumulation/mesh change fits"
     raise ConfigError(

@@ -18,6 +18,7 @@ from flax import nnx
 
 from dcd_jax.models import bind
 from dcd_jax.objectives import ObjectiveConfig, compute_objective, merge_metrics, summarize_metrics
+from dcd_jax.train.batch import batch_sharding
 from dcd_jax.train.state import TrainState
 
 BATCH_MODEL_FIELDS = ("input_ids", "positions", "segment_ids")
@@ -89,3 +90,16 @@ def make_train_step(
         return new_state, out_metrics
 
     return step_fn
+
+
+def jit_train_step(graphdef: nnx.GraphDef, objective: ObjectiveConfig, tx: optax.GradientTransformation,
+                   lr_schedule: optax.Schedule, true_vocab_size: int, state_shardings, mesh):
+    """The jitted step with the run's shardings: the state's in and out (donated, so it is updated
+    in place), the batch split on the batch axes. ``dcd-jax plan`` compiles this same function
+    ahead of time, and on a TPU the run then calls the plan's executable instead of compiling twice."""
+    return jax.jit(
+        make_train_step(graphdef, objective, tx, lr_schedule, true_vocab_size),
+        in_shardings=(state_shardings, batch_sharding(mesh)),
+        out_shardings=(state_shardings, None),
+        donate_argnums=0,
+    )
