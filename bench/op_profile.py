@@ -31,7 +31,7 @@ import time
 
 CLASSES = ("matmul", "attention", "loss", "optimizer", "other")  # the train step's
 DECODE_CLASSES = ("matmul", "attention", "sampling", "other")  # the sampler's
-_ATTENTION_FUNCTIONS = ("_einsum_attention", "attention_mask", "dot_product_attention", "blockwise_causal_attention",
+_ATTENTION_FUNCTIONS = ("attention_mask", "cache_bias", "dot_product_attention", "blockwise_causal_attention",
                         "cached_attention")
 _LOSS_FILES = ("/objectives/",)
 _CONTROL_OPS = ("while", "conditional", "call")

@@ -160,7 +160,7 @@ def test_attention_kernel_is_a_runtime_choice_not_saved(tmp_path):
 
 @pytest.mark.parametrize("dtype,atol,per_row", [("float32", 2e-5, False), ("bfloat16", 3e-2, False),
                                                 ("float32", 2e-5, True)])
-def test_blockwise_causal_attention_equals_full_einsum_attention(dtype, atol, per_row):
+def test_blockwise_causal_attention_equals_dense_masked_attention(dtype, atol, per_row):
     """The training pass's blockwise attention (query blocks, upper triangle skipped, custom
     backward that recomputes each block's probabilities; the whole batch at once, or one row at
     a time as on CPU) gives the full masked softmax's output and q/k/v gradients on packed rows
@@ -168,7 +168,7 @@ def test_blockwise_causal_attention_equals_full_einsum_attention(dtype, atol, pe
     import jax
     import jax.numpy as jnp
 
-    from dcd_jax.models.transformer import _einsum_attention, attention_mask, blockwise_causal_attention
+    from dcd_jax.models.transformer import blockwise_causal_attention, cache_bias, cached_attention
 
     b, t, h, kvh, hd = 2, 21, 6, 2, 8
     rng = np.random.RandomState(7)
@@ -178,8 +178,9 @@ def test_blockwise_causal_attention_equals_full_einsum_attention(dtype, atol, pe
     slots = jnp.broadcast_to(jnp.arange(t), (b, t))
     real = (segments > 0)[..., None, None]
 
-    def full(q, k, v):
-        return _einsum_attention(q, k, v, attention_mask(segments, slots, segments, slots), q.dtype)
+    def full(q, k, v):  # the dense masked softmax: each row attends over itself as a cache
+        heads_major = lambda x: x.transpose(0, 2, 1, 3)
+        return cached_attention(q, heads_major(k), heads_major(v), cache_bias(segments, slots, segments))
 
     def blockwise(q, k, v):
         return blockwise_causal_attention(q, k, v, segments, block=8, per_row=per_row)

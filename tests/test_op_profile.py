@@ -14,7 +14,7 @@ def test_profile_classifies_ops_by_the_code_that_built_them():
     import jax.numpy as jnp
     import op_profile
 
-    from dcd_jax.models.transformer import _einsum_attention, attention_mask
+    from dcd_jax.models.transformer import cache_bias, cached_attention
     from dcd_jax.objectives import token_logprobs_chunked
 
     if jax.default_backend() != "cpu":
@@ -30,7 +30,8 @@ def test_profile_classifies_ops_by_the_code_that_built_them():
     def program(x, w, unembed):
         h = jnp.tanh(x @ w)  # a dense matmul, then elementwise "other"
         q = h.reshape(2, 16, 4, 8)
-        a = _einsum_attention(q, q[:, :, :2], q[:, :, :2], attention_mask(seg, slots, seg, slots), q.dtype)
+        kv = q[:, :, :2].transpose(0, 2, 1, 3)
+        a = cached_attention(q, kv, kv, cache_bias(seg, slots, seg))
         stats = token_logprobs_chunked(a.reshape(2, 16, 32), unembed, targets, chunk_size=8)
         return jnp.sum(stats.target_logprobs)
 

@@ -297,7 +297,7 @@ def test_greedy_tokens_is_numpy_argmax_with_ties_and_masked_columns():
 
 def test_cpu_decode_layout_equals_accelerator_layout(qwen2_sampler, monkeypatch):
     """On CPU the loop carries per-layer heads-major KV buffers and fused q/k/v, gate/up and [D, V]
-    unembedding copies (made once per Sampler); elsewhere the stacked [L, B, S, KV, hd] cache and
+    unembedding copies (made once per Sampler); elsewhere the stacked [L, B, KV, S, hd] cache and
     the params as they are. Both programs (the accelerator one traced here on CPU) give the same
     tokens and per-token logprobs, greedy and sampled, on left-padded prompts of mixed lengths."""
     import dcd_jax.models.transformer as transformer

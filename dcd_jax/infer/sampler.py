@@ -254,15 +254,8 @@ def _prefill(model, ids, positions, segment_ids, cache, layers, fused):
     return logits[:, 0], cache
 
 
+# Transformer.init_cache: heads-major k/v, stacked [L, ...] or (on CPU) one array per layer.
 _CACHE_AXES = {
-    "k": ("layers", "batch", "cache_length", "act_kv_heads", "head_dim"),
-    "v": ("layers", "batch", "cache_length", "act_kv_heads", "head_dim"),
-    "segment_ids": ("layers", "batch", "cache_length"),
-}
-
-
-# The CPU layout (``init_cache(per_layer=True)``): per-layer heads-major k/v, shared segments.
-_PER_LAYER_CACHE_AXES = {
     "k": ("batch", "act_kv_heads", "cache_length", "head_dim"),
     "v": ("batch", "act_kv_heads", "cache_length", "head_dim"),
     "segment_ids": ("batch", "cache_length"),
@@ -270,10 +263,12 @@ _PER_LAYER_CACHE_AXES = {
 
 
 def _constrain_cache(cache: dict) -> dict:
-    if isinstance(cache["k"], (list, tuple)):
-        return {name: [constrain(x, _PER_LAYER_CACHE_AXES[name]) for x in value] if isinstance(value, (list, tuple))
-                else constrain(value, _PER_LAYER_CACHE_AXES[name]) for name, value in cache.items()}
-    return {name: constrain(value, _CACHE_AXES[name]) for name, value in cache.items()}
+    def one(name, x):
+        axes = _CACHE_AXES[name]
+        return constrain(x, ("layers", *axes) if x.ndim == len(axes) + 1 else axes)
+
+    return {name: [one(name, x) for x in value] if isinstance(value, (list, tuple)) else one(name, value)
+            for name, value in cache.items()}
 
 
 def _mask_vocab(logits: jax.Array, limit: int) -> jax.Array:

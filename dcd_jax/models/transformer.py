@@ -101,17 +101,6 @@ def dense(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
     return y.reshape(*lead, *out)
 
 
-def _einsum_attention(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array, dtype) -> jax.Array:
-    """softmax(q k^T / sqrt(hd) masked) v for q [B, T, H, hd], keys/values [B, S, KV, hd]; fp32 scores."""
-    b, t, h, hd = q.shape
-    kvh = keys.shape[2]
-    q = q.reshape(b, t, kvh, h // kvh, hd)  # grouped-query: each KV head serves h/kvh query heads
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, keys, preferred_element_type=jnp.float32)
-    scores = jnp.where(mask, scores / math.sqrt(hd), NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(b, t, h, hd)
-
-
 def cache_bias(q_segment: jax.Array, q_slot: jax.Array, kv_segment: jax.Array) -> jax.Array:
     """[B, T, S] fp32 additive mask over cache slots 0..S-1: 0 where the key slot is in the query's
     segment and not after it (the :func:`attention_mask` rule), ``NEG_INF`` elsewhere. Built once
@@ -127,9 +116,9 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, bias:
     q [B, T, H, hd]; k_cache / v_cache [B, KV, S, hd]; bias [B, T, S] (:func:`cache_bias`).
     Both products are dots with the batch dims (B, KV) leading and one contracting dim, so
     XLA:CPU reads the cache in place: scores [B, KV, T*G, S] = q_h . k^T, out = probs . v.
-    (With the [B, S, KV, hd] cache of :func:`_einsum_attention` it copies the whole cache into a
-    transposed layout for each product, every layer of every decode step.) The additive bias
-    equals the masked select: exp(s - 1e30 - max) underflows to the same 0.
+    (A [B, S, KV, hd] cache would be copied into a transposed layout for each product, every
+    layer of every decode step.) The additive bias equals the masked select: exp(s - 1e30 - max)
+    underflows to the same 0. Every cached pass (prefill, decode; any cache layout) runs this.
     """
     b, t, h, hd = q.shape
     kvh, s = k_cache.shape[1], k_cache.shape[2]
@@ -160,7 +149,7 @@ def blockwise_causal_attention(
 
     for q [B, T, H, hd], keys/values [B, T, KV, hd] (slots 0..T-1: the training / scoring pass).
     Query block [i c, (i+1) c) only sees keys [0, (i+1) c), so the upper triangle is skipped
-    (about half the work of :func:`_einsum_attention` at long T). A ``custom_vjp`` keeps only q,
+    (about half the work of the dense masked softmax at long T). A ``custom_vjp`` keeps only q,
     k, v and the output for the backward pass, which recomputes each block's probabilities P and
     forms, with D_t = sum_d dO_td O_td,
         dV = P^T dO,  dS = P * (dO V^T - D),  dQ = dS K / sqrt(hd),  dK = dS^T Q / sqrt(hd),
@@ -170,7 +159,8 @@ def blockwise_causal_attention(
     in a ``lax.map``: a row's score block (KV x c x G x S floats) then stays in a core's cache
     between the ~6 elementwise and matmul passes over it, where a whole batch's block would not
     (measured ~1.6x faster on the tiny shape, 1.1x on the 25M one). Accelerators keep the batch.
-    Same values as :func:`_einsum_attention` with :func:`attention_mask` up to float summation order.
+    Same values as the dense masked softmax (:func:`cached_attention` over the row as its own
+    cache, :func:`attention_mask`'s rule) up to float summation order.
     """
     b, t, h, hd = q.shape
     kvh = keys.shape[2]
@@ -333,39 +323,21 @@ class Attention(nnx.Module):
         out = cached_attention(q, k_cache, v_cache, bias)
         return self._output(out, x.dtype), (k_cache, v_cache)
 
-    def __call__(self, x, positions, q_segment, q_slot, kv_cache=None, cache_index=None):
-        """Self-attention of ``x`` [B, T, D]. With ``kv_cache`` = (k, v, segment_ids) of shape
-        [B, S, KV, hd] / [B, S], the new keys are written at ``cache_index`` and attention runs over
-        the whole cache; the updated cache is returned alongside the output."""
+    def __call__(self, x, positions, q_segment, q_slot):
+        """Causal self-attention of ``x`` [B, T, D] over its own packed rows (slots 0..T-1; the
+        training and scoring pass; cached passes use :meth:`with_heads_major_cache`)."""
         cfg = self.cfg
         q, k, v = self._qkv(x, positions)
-
-        new_cache = None
-        if kv_cache is None:
-            keys, values, kv_segment, kv_slot = k, v, q_segment, q_slot
+        if cfg.attention == "splash":
+            out = splash_attention(q, k, v, q_segment)  # causal + segments, no [T, T] mask
+        elif cfg.attention == "einsum":
+            out = blockwise_causal_attention(q, k, v, q_segment)
         else:
-            ck, cv, cseg = kv_cache
-            keys = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
-            values = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
-            kv_segment = jax.lax.dynamic_update_slice_in_dim(cseg, q_segment, cache_index, axis=1)
-            new_cache = (keys, values, kv_segment)
-            keys, values = keys.astype(x.dtype), values.astype(x.dtype)
-            kv_slot = jnp.broadcast_to(jnp.arange(keys.shape[1], dtype=jnp.int32), kv_segment.shape)
-
-        if kv_cache is None and cfg.attention == "splash":
-            out = splash_attention(q, keys, values, q_segment)  # causal + segments, no [T, T] mask
-        elif kv_cache is None and cfg.attention == "einsum":  # slots are 0..T-1: causal by index
-            out = blockwise_causal_attention(q, keys, values, q_segment)
-        elif kv_cache is None:
             # Slots are 0..T-1 here, so is_causal is exact and lets cuDNN skip the upper triangle;
             # the mask adds the packed-segment (and padding) restriction.
-            mask = attention_mask(q_segment, q_slot, kv_segment, kv_slot)
-            out = jax.nn.dot_product_attention(q, keys, values, mask=mask[:, 0], is_causal=True,
-                                               implementation=cfg.attention)
-        else:
-            mask = attention_mask(q_segment, q_slot, kv_segment, kv_slot)
-            out = _einsum_attention(q, keys, values, mask, x.dtype)
-        return self._output(out, x.dtype), new_cache
+            mask = attention_mask(q_segment, q_slot, q_segment, q_slot)
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, 0], is_causal=True, implementation=cfg.attention)
+        return self._output(out, x.dtype), None
 
 
 class MLP(nnx.Module):
@@ -405,8 +377,8 @@ class DecoderLayer(nnx.Module):
         x = x + self.mlp(self.post_attn_norm(x), gate_up_kernel)
         return constrain(x, ("batch", "length", "act_embed")), new_cache
 
-    def __call__(self, x, positions, q_segment, q_slot, kv_cache=None, cache_index=None):
-        return self._block(x, lambda h: self.attn(h, positions, q_segment, q_slot, kv_cache, cache_index))
+    def __call__(self, x, positions, q_segment, q_slot):
+        return self._block(x, lambda h: self.attn(h, positions, q_segment, q_slot))
 
     def with_heads_major_cache(self, x, positions, k_cache, v_cache, bias, cache_index, fused=None):
         """The layer over its own heads-major cache (see :meth:`Attention.with_heads_major_cache`);
@@ -462,27 +434,24 @@ class Transformer(nnx.Module):
             logits = jnp.einsum("btd,dv->btv", hidden, w, preferred_element_type=jnp.float32)
         return constrain(logits, ("batch", "length", "act_vocab"))
 
-    def _run_layers(self, x, positions, segment_ids, slots, cache=None, cache_index=None):
+    def _run_layers(self, x, positions, segment_ids, slots):
         layer_def, layer_state = nnx.split(self.layers)
 
-        def body(h, xs):
-            state, layer_cache = xs
-            layer = nnx.merge(layer_def, state)
-            h, new_cache = layer(h, positions, segment_ids, slots, layer_cache, cache_index)
-            return h, new_cache
+        def body(h, state):
+            h, _ = nnx.merge(layer_def, state)(h, positions, segment_ids, slots)
+            return h, None
 
         if self.cfg.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
-        if cache is None and traced_for_cpu() and self.cfg.num_layers <= MAX_UNROLLED_LAYERS:
+        if traced_for_cpu() and self.cfg.num_layers <= MAX_UNROLLED_LAYERS:
             # Unrolled on CPU: a scan would copy each layer's weights out of the stack and its
             # residuals into [L, ...] buffers every step; ``lax.split``'s gradient is one concatenate.
             layers = jax.tree.map(lambda a: jax.lax.split(a, [1] * self.cfg.num_layers), layer_state)
             for i in range(self.cfg.num_layers):
-                x, _ = body(x, (jax.tree.map(lambda parts, i=i: parts[i][0], layers,
-                                             is_leaf=lambda v: isinstance(v, list)), None))
-            return self.final_norm(x), None
-        x, new_cache = jax.lax.scan(body, x, (layer_state, cache))
-        return self.final_norm(x), new_cache
+                x, _ = body(x, jax.tree.map(lambda parts, i=i: parts[i][0], layers, is_leaf=lambda v: isinstance(v, list)))
+            return self.final_norm(x)
+        x, _ = jax.lax.scan(body, x, layer_state)
+        return self.final_norm(x)
 
     def unstacked_layers(self) -> list:
         """Each layer's parameters as its own arrays (a copy): see :meth:`forward_with_cache`."""
@@ -507,33 +476,26 @@ class Transformer(nnx.Module):
             "unembed": jnp.asarray(self.unembed_matrix()),
         }
 
-    def _run_layers_unrolled(self, x, positions, segment_ids, slots, cache, cache_index, layers=None):
-        """The layers as a Python loop over static layer indices (cached passes), each layer's
-        cache updated in place in the stacked cache."""
-        layer_def, layer_state = nnx.split(self.layers)
-        k_all, v_all, seg_all = cache
-        for i in range(self.cfg.num_layers):
-            state = layers[i] if layers is not None else jax.tree.map(lambda a: a[i], layer_state)
-            layer = nnx.merge(layer_def, state)
-            x, (k, v, seg) = layer(x, positions, segment_ids, slots, (k_all[i], v_all[i], seg_all[i]), cache_index)
-            k_all, v_all, seg_all = k_all.at[i].set(k), v_all.at[i].set(v), seg_all.at[i].set(seg)
-        return self.final_norm(x), (k_all, v_all, seg_all)
-
-    def _run_layers_heads_major(self, x, positions, segment_ids, slots, cache, cache_index, layers=None, fused=None):
-        """The layers over a per-layer heads-major cache (``init_cache(per_layer=True)``): the
-        shared slot segments and the attention bias are updated / built once, not per layer."""
+    def _run_layers_cached(self, x, positions, segment_ids, slots, cache, cache_index, layers=None, fused=None):
+        """The layers as a Python loop over static layer indices, each over its heads-major cache
+        (a per-layer buffer, or a slice of the stacked one updated in place): the shared slot
+        segments and the attention bias are updated / built once, not per layer."""
         layer_def, layer_state = nnx.split(self.layers)
         kv_segment = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, cache_index, axis=1)
         kv_segment = constrain(kv_segment, ("batch", "cache_length"))
         bias = cache_bias(segment_ids, slots, kv_segment)
-        ks, vs = [], []
+        ks, vs = cache["k"], cache["v"]
+        per_layer = isinstance(ks, (list, tuple))
+        ks, vs = (list(ks), list(vs)) if per_layer else (ks, vs)
         for i in range(self.cfg.num_layers):
             state = layers[i] if layers is not None else jax.tree.map(lambda a: a[i], layer_state)
             layer = nnx.merge(layer_def, state)
-            x, (k, v) = layer.with_heads_major_cache(x, positions, cache["k"][i], cache["v"][i], bias, cache_index,
+            x, (k, v) = layer.with_heads_major_cache(x, positions, ks[i], vs[i], bias, cache_index,
                                                      fused["layers"][i] if fused is not None else None)
-            ks.append(k)
-            vs.append(v)
+            if per_layer:
+                ks[i], vs[i] = k, v
+            else:
+                ks, vs = ks.at[i].set(k), vs.at[i].set(v)
         return self.final_norm(x), {"k": ks, "v": vs, "segment_ids": kv_segment}
 
     def _embed(self, input_ids, positions, segment_ids):
@@ -553,33 +515,27 @@ class Transformer(nnx.Module):
         when ``return_hidden`` (memory-light losses apply the unembedding chunk by chunk)."""
         x, positions, segment_ids = self._embed(input_ids, positions, segment_ids)
         slots = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), segment_ids.shape)
-        hidden, _ = self._run_layers(x, positions, segment_ids, slots)
+        hidden = self._run_layers(x, positions, segment_ids, slots)
         return hidden if return_hidden else self.logits_from_hidden(hidden)
 
     # -- cached decoding --------------------------------------------------------------------------
     def init_cache(self, batch: int, max_len: int, dtype: Any = None, *, per_layer: bool = False) -> dict:
-        """Empty KV cache: k/v [L, B, S, KV, hd] and per-slot segment ids [L, B, S] (0 = empty).
+        """Empty heads-major KV cache: k/v [L, B, KV, S, hd] and per-slot segment ids [B, S]
+        (0 = empty), shared by all layers (every layer fills the same slots).
 
-        ``per_layer`` (the CPU decode layout): k/v as lists of L heads-major arrays [B, KV, S, hd]
-        and one segment-id array [B, S] shared by all layers (every layer fills the same slots).
-        A decode loop then updates each layer's buffer in place and the attention dots read it
-        without a transposed copy; the stacked layout makes XLA:CPU slice, update and write back
-        the whole [L, ...] cache once per layer per step."""
+        ``per_layer`` (the CPU decode layout): k/v as lists of L arrays [B, KV, S, hd]. A decode
+        loop then updates each layer's buffer in place; with the stacked layout XLA:CPU slices,
+        updates and writes back the whole [L, ...] cache once per layer per step."""
         cfg = self.cfg
         dtype = dtype or cfg.dtype
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
         if per_layer:
-            shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-            return {
-                "k": [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
-                "v": [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
-                "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
-            }
-        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-        return {
-            "k": jnp.zeros(shape, dtype),
-            "v": jnp.zeros(shape, dtype),
-            "segment_ids": jnp.zeros((cfg.num_layers, batch, max_len), jnp.int32),
-        }
+            k = [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)]
+            v = [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)]
+        else:
+            k = jnp.zeros((cfg.num_layers, *shape), dtype)
+            v = jnp.zeros((cfg.num_layers, *shape), dtype)
+        return {"k": k, "v": v, "segment_ids": jnp.zeros((batch, max_len), jnp.int32)}
 
     def forward_with_cache(self, input_ids, positions, segment_ids, cache, cache_index, *, last_only: bool = False,
                            layers: list | None = None, fused: dict | None = None):
@@ -592,21 +548,13 @@ class Transformer(nnx.Module):
         ``layers``: :meth:`unstacked_layers`, computed once outside a decode loop. XLA:CPU copies a
         slice of the stacked ``[L, ...]`` weights before every matmul that reads it, inside the loop
         on every step (twice a batch-1 step's memory traffic); separate per-layer arrays are read
-        in place. ``fused``: :meth:`fused_decode_weights` (also made once outside the loop), used
-        by the per-layer cache path for the q/k/v and gate/up projections and the unembedding.
+        in place. ``fused``: :meth:`fused_decode_weights` (also made once outside the loop), for
+        the q/k/v and gate/up projections and the unembedding.
         """
         x, positions, segment_ids = self._embed(input_ids, positions, segment_ids)
         t = x.shape[1]
         slots = jnp.broadcast_to(cache_index + jnp.arange(t, dtype=jnp.int32), segment_ids.shape)
-        if isinstance(cache["k"], (list, tuple)):  # init_cache(per_layer=True)
-            hidden, cache = self._run_layers_heads_major(x, positions, segment_ids, slots, cache, cache_index, layers,
-                                                         fused)
-            if last_only:
-                hidden = hidden[:, -1:]
-            return self.logits_from_hidden(hidden, fused["unembed"] if fused is not None else None), cache
-        layer_cache = (cache["k"], cache["v"], cache["segment_ids"])
-        hidden, (k, v, seg) = self._run_layers_unrolled(x, positions, segment_ids, slots, layer_cache, cache_index,
-                                                        layers)
+        hidden, cache = self._run_layers_cached(x, positions, segment_ids, slots, cache, cache_index, layers, fused)
         if last_only:
             hidden = hidden[:, -1:]
-        return self.logits_from_hidden(hidden), {"k": k, "v": v, "segment_ids": seg}
+        return self.logits_from_hidden(hidden, fused["unembed"] if fused is not None else None), cache
