@@ -147,14 +147,14 @@ def _pretraining(d: dict) -> str:
     return f"on problems of {p['min_steps']}-{p['max_steps']} operations in {narrative}, {styles},"
 
 
-def _paired_vs_sft(runs: list[dict], method: str) -> dict:
-    """``method`` − SFT greedy accuracy, paired by seed (main group, competent student), with the
-    study's own bootstrap (:func:`experiment.paired`)."""
+def _paired(runs: list[dict], method: str, reference: str = "SFT") -> dict:
+    """``method`` − ``reference`` greedy accuracy, paired by seed (main group, competent student),
+    with the study's own bootstrap (:func:`experiment.paired`)."""
     if str(ROOT / "bench") not in sys.path:  # the study script, imported once like any module
         sys.path.insert(0, str(ROOT / "bench"))
     import experiment
 
-    return experiment.paired(runs, "main", "competent", method, "SFT")
+    return experiment.paired(runs, "main", "competent", method, reference)
 
 
 def _against_baselines(d: dict) -> str:
@@ -216,7 +216,10 @@ def _reading(d: dict) -> str:
                                    for v in teacher_like.values()):
             out += (" All of them end below SFT with most outputs in the compressed style: fitting the teacher's "
                     "full distribution imports the style this student computes badly.")
-    return out
+    on_kl = _paired(d["runs"], "DCD-KL", "KL")
+    if on_kl.get("n", 0) >= 3:
+        out += (f" DCD's weights on the KL loss, paired by seed: DCD-KL − KL = {_ci(on_kl)}"
+                + (" (per seed " + ", ".join(f"{x:+.3f}" for x in on_kl["diffs"]) + ")." if on_kl["n"] <= 5 else "."))
     return out
 
 
@@ -232,7 +235,7 @@ def experiment_section() -> str | None:
         return "n/a" if v is None else f"{v['mean']:.3f} ± {v['std']:.3f}"
 
     rows = [[m, d["methods"][m]["accuracy"]["n"], *[cell(m, c) for c in cols],
-             _ci(_paired_vs_sft(d["runs"], m)) if m != "SFT" else ""] for m in d["methods"]]
+             _ci(_paired(d["runs"], m)) if m != "SFT" else ""] for m in d["methods"]]
     base = d["baselines"]
     rows += [[f"undistilled {k}" if k != "teacher" else "teacher", 1, *[_fmt(base[k].get(c)) for c in cols], ""]
              for k in ("competent", "teacher") if k in base]
