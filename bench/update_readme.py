@@ -364,7 +364,7 @@ def train_step_section() -> str | None:
                          ratios.get("dcd_ce_over_sft_step_time"), ratios.get("dcd_kl_over_sft_step_time"),
                          get("ours SFT", "sys_s"), get("ours SFT", "peak_mib"), get("ours SFT", "mfu")])
         text = (
-            f"### Train step (`python bench/train_step.py`, {path.name}: {d['device']['device_kind']}, "
+            f"### Train step (`{d.get('command', 'python bench/train_step.py')}`, {path.name}: {d['device']['device_kind']}, "
             f"{d['device'].get('cpu_count', '?')} cores{_cpu_note(d['device'].get('cpu'))}"
             f"{_load_note(d.get('load_average_1_5_15', {}).get('start'))})\n\n"
             + "ours/torch: tokens/s over wall time; CPU-time: the same over process CPU seconds per step (what a "
