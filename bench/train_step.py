@@ -2,7 +2,7 @@
 
 For each model shape and batch ``B x T`` it measures, in one invocation:
 
-* **ours** - :func:`dcd_jax.train.step.make_train_step` jitted exactly like the training loop
+* **ours** - the training loop's own jitted step (:func:`dcd_jax.train.step.jit_train_step`)
   (state shardings on a single-device mesh, donated state), for three objectives:
   ``SFT`` (ce / none), ``DCD-CE`` (ce / dcd) and ``DCD-KL`` (kl / dcd, teacher top-20);
 * **torch** - the same shape as a ``transformers`` ``Qwen2ForCausalLM`` trained eagerly
@@ -227,7 +227,7 @@ def jax_worker(spec: dict) -> dict:
     from dcd_jax.train.batch import to_global_batch
     from dcd_jax.train.optimizer import OptimConfig, learning_rate_schedule, make_optimizer
     from dcd_jax.train.state import init_train_state, state_shardings
-    from dcd_jax.train.step import BATCH_MODEL_FIELDS, make_train_step
+    from dcd_jax.train.step import BATCH_MODEL_FIELDS, jit_train_step
 
     device = jax.devices()[0]
     rss0 = _rss_bytes()
@@ -262,10 +262,7 @@ def jax_worker(spec: dict) -> dict:
             state = jax.jit(init, out_shardings=shardings)(params)  # fresh buffers: params stay valid
             fields = set(BATCH_MODEL_FIELDS) | required_batch_fields(objective)
             batch = to_global_batch({k: v for k, v in host_batch.items() if k in fields}, mesh, accum=1)
-            step_fn = jax.jit(
-                make_train_step(graphdef, objective, tx, schedule, true_vocab),
-                in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0,
-            )
+            step_fn = jit_train_step(graphdef, objective, tx, schedule, true_vocab, shardings, mesh)
             if name in GKD_LMBDA:
                 step_fn, batch = gkd_step(spec, cfg, graphdef, objective, tx, schedule, shardings, mesh, batch)
             out: dict = {"batch_fields": sorted(fields), "dtype": cfg.dtype, "param_dtype": cfg.param_dtype,

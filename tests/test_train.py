@@ -292,10 +292,10 @@ def test_restoring_with_another_process_count_is_refused_clearly(tmp_path):
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(assets, tmp_path, monkeypatch):
     import jax.numpy as jnp
 
-    from dcd_jax.train import loop
+    from dcd_jax.train import step
     from dcd_jax.train.loop import NonFiniteLossError
 
-    real = loop.make_train_step
+    real = step.make_train_step  # what jit_train_step wraps for the loop
 
     def poisoned(*args, **kwargs):
         step_fn = real(*args, **kwargs)
@@ -308,7 +308,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(assets,
 
         return wrapped
 
-    monkeypatch.setattr(loop, "make_train_step", poisoned)
+    monkeypatch.setattr(step, "make_train_step", poisoned)
     out = tmp_path / "nan"
     with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 3.*last good checkpoint \(2\)"):
         run(assets, out, **{"train.steps": 6, "checkpoint.every_steps": 1})
