@@ -278,16 +278,16 @@ def token_logprobs_chunked(
 
         xs = (to_chunks(h), to_chunks(tgt), None if ids is None else to_chunks(ids))
         _, (out, logits) = jax.lax.scan(body, None, xs)
-        lse = out.pop("lse")  # [n, B, chunk]: the backward pass's normalizer, saved not recomputed
-        return {k: from_chunks(v) for k, v in out.items()}, (lse, logits)
+        # [n, B, chunk] per-token normalizer and rest mass: the backward pass reads them, saved as chunks.
+        saved = (out.pop("lse"), out.get("rest_logprob"))
+        return {k: from_chunks(v) for k, v in out.items()}, (saved, logits)
 
     @jax.custom_vjp
     def run(h, w, tgt, ids):
         return forward(h, w, tgt, ids)[0]
 
     def run_fwd(h, w, tgt, ids):
-        out, (lse, logits) = forward(h, w, tgt, ids, keep=keep_logits)
-        rest = None if ids is None else to_chunks(out["rest_logprob"])
+        out, ((lse, rest), logits) = forward(h, w, tgt, ids, keep=keep_logits)
         return out, (h, w, tgt, ids, lse, rest, logits)
 
     def run_bwd(res, ct):

@@ -311,8 +311,8 @@ class PlanReport:
     hbm_bandwidth: float | None
     overrides: tuple[str, ...] = ()
     compiled: bool = True  # False: the TPU compiler refused it (temporaries > HBM); sizes from its message
-    # The compiled program and the model config it was built for (not part of the report's JSON):
-    # a run on the attached chips calls this executable instead of compiling the step again.
+    # With compile_plan(keep_executable=True), not in the JSON: the compiled program and the model
+    # config it was built for (a run on the attached chips calls it instead of compiling again).
     executable: Any = dataclasses.field(default=None, repr=False, compare=False)
     model_config: Any = dataclasses.field(default=None, repr=False, compare=False)
 
@@ -347,8 +347,8 @@ class PlanReport:
         return max(self.flops_per_chip / self.peak_flops, traffic / self.hbm_bandwidth)
 
     def to_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.compare}
-        out = json.loads(json.dumps(out))  # plain containers, copied
+        out = dataclasses.asdict(dataclasses.replace(self, executable=None, model_config=None))
+        del out["executable"], out["model_config"]
         out["overrides"] = list(self.overrides)
         roof = self.roofline_seconds
         out.update(peak_bytes=self.peak, headroom=self.headroom, fits=self.fits, flops_per_chip=self.flops_per_chip,
@@ -359,8 +359,9 @@ class PlanReport:
 
 def compile_plan(cfg: RunConfig, target: Target, what: str = "train", *, batch_size: int | None = None,
                  prompt_len: int = 512, model_path: str | None = None, overrides: Sequence[str] = (),
-                 download: bool = False) -> PlanReport:
-    """Compile ``what`` (train | sample | score) of ``cfg`` for ``target`` and read its needs per chip."""
+                 download: bool = False, keep_executable: bool = False) -> PlanReport:
+    """Compile ``what`` (train | sample | score) of ``cfg`` for ``target`` and read its needs per chip
+    (``keep_executable``: the report also holds the compiled program, to be called)."""
     if what not in WHAT:
         raise ConfigError(f"--what {what!r}: expected one of {WHAT}")
     mesh = cfg.mesh.make(devices=list(target.devices))
@@ -413,7 +414,7 @@ def compile_plan(cfg: RunConfig, target: Target, what: str = "train", *, batch_s
         weight_bytes_per_step=float(parts["params"] * (cfg.eval.max_new_tokens if what == "sample" else 1)),
         peak_flops=peak_flops_per_device(target.devices[0]) if target.chip else None,
         hbm_bandwidth=target.chip.hbm_bandwidth if target.chip else None, overrides=tuple(overrides),
-        compiled=bool(cost), executable=None if not cost else compiled, model_config=model_cfg,
+        compiled=bool(cost), executable=compiled if cost and keep_executable else None, model_config=model_cfg,
     )
 
 
@@ -504,7 +505,7 @@ def check_fits_before_training(cfg: RunConfig, log=None) -> PlanReport | None:
     target = attached_target()
     if target.chip is None:
         return None
-    report = compile_plan(cfg, target, "train", download=True)
+    report = compile_plan(cfg, target, "train", download=True, keep_executable=True)
     if report.fits:
         return report
     better = suggest_fit(cfg, target, log=log)
