@@ -9,12 +9,19 @@ disabled, side by side in this one process.
 Decode tokens/s excludes the prefill: each side is timed generating N and 1 new tokens, and
     decode tok/s = batch * (N - 1) / (t(N) - t(1)).
 (t(1) is the prompt's prefill plus the first sampled token.) Timings are the median of
-``--repeats`` runs after a warm-up (which includes our compilation). transformers runs with
-its best torch thread count (1 or all cores, chosen per batch size): on a loaded 2-core machine
-torch's OpenMP pool can be several times slower with 2 threads than with 1.
+``--repeats`` rounds after a warm-up (which includes our compilation); each round times both
+sides, their order alternating between rounds, so the ratio is measured side by side in time.
+transformers runs with its best torch thread count (1 or all cores, chosen per batch size): on a
+loaded 2-core machine torch's OpenMP pool can be several times slower with 2 threads than with 1.
 
-On CPU, batch 1 reports the same fraction against the bandwidth a jitted matvec streams on this
-host, measured before the batches and again right after batch 1's timing (the larger is used).
+On CPU, two host limits, each measured side by side with our decode step (``--pair-rounds``
+rounds of: the reference probe, then one t(N) and one t(1) of ours; the median of the rounds'
+fractions is reported, since this host's speed swings by tens of percent between seconds):
+  * batch 1: (param + KV bytes) / step time as a fraction of the bandwidth a jitted matvec over
+    256 MiB of fp32 weights streams on this host;
+  * every batch: the step's matmul FLOPs (:func:`decode_flops_per_step`) / step time as a
+    fraction of XLA's fp32 matmul throughput at the step's largest product, ``[batch, hidden] x
+    [hidden, vocab]`` (the unembedding). At batch 64 the step is compute-bound: this is its floor.
 On GPU, batch 1 also reports the fraction of the HBM-bandwidth roofline: a decode step must read
 every parameter once (the tied embedding once, as the unembedding) plus the KV cache; our loop
 attends over the whole fixed-size cache (prompt + N - 1 slots) every step, so it reads all of it:
@@ -110,6 +117,38 @@ def measure_stream_bandwidth(total_bytes: int = 256 << 20) -> float:
     return sum(m.nbytes for m in mats) / t
 
 
+def measure_matmul_throughput(m: int, k: int, n: int) -> float:
+    """FLOP/s of a jitted fp32 ``[m, k] x [k, n]`` matmul on this host: the decode step's largest
+    product (batch rows x the unembedding), i.e. what XLA's matmul reaches at that shape here."""
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(2)
+    a = jnp.asarray(rng.normal(size=(m, k)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(k, n)), jnp.float32)
+    f = jax.jit(lambda a, w: a @ w)
+    f(a, w).block_until_ready()
+    return 2.0 * m * k * n / median_time(lambda: f(a, w).block_until_ready(), 5)
+
+
+def decode_flops_per_step(cfg, batch: int, slots: int) -> float:
+    """Matmul FLOPs of one decode step: 2 x batch x parameters (every weight once, the tied
+    embedding as the unembedding) plus attention over all ``slots`` cache slots (q.k and p.v)."""
+    attention = 4 * batch * cfg.num_layers * cfg.num_heads * cfg.head_dim * slots
+    return 2.0 * batch * cfg.num_params + attention
+
+
+def paired_fractions(reference, ours_step_s, work: float, rounds: int) -> dict:
+    """``rounds`` x (reference probe, our decode step time), back to back: per round, the fraction
+    ``work / step_s / reference``; the median of the rounds' fractions is reported. Each round's
+    two measurements see the same load, so the ratio holds on a host whose speed swings."""
+    refs, steps = [], []
+    for _ in range(rounds):
+        refs.append(reference())
+        steps.append(ours_step_s())
+    fractions = [work / s / r for r, s in zip(refs, steps)]
+    return {"fraction": statistics.median(fractions), "fractions": fractions, "references": refs, "step_s": steps}
+
+
 def profile_generate(sampler: Sampler, prompts: list[list[int]], n_new: int) -> dict:
     """Time by op class (bench/op_profile.py) of one greedy generate call of ``n_new`` tokens."""
     from op_profile import profile_compiled
@@ -140,8 +179,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="batches 1,16 and 16 new tokens")
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--hf-repeats", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=5,
+                    help="timed rounds; each times both sides' t(N) and t(1), the sides' order alternating")
+    ap.add_argument("--pair-rounds", type=int, default=7,
+                    help="CPU: rounds of (reference probe, our decode step) for the paired fractions")
     ap.add_argument("--dtype", default=None,
                     help="compute dtype of both sides (default: float32 on CPU, bfloat16 on GPU/TPU)")
     ap.add_argument("--hidden", type=int, default=512)
@@ -180,33 +221,26 @@ def main() -> None:
         hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=getattr(torch, dtype)).eval().to(torch_device)
 
     load_before = os.getloadavg()
-    host_bw = measure_stream_bandwidth() if on_cpu else None
+    host_bw = None
     rng = np.random.RandomState(0)
     rows = []
     for b in batches:
         prompts = rng.randint(0, args.vocab, (b, PROMPT_LEN)).tolist()
-        ours = {}
-        for n in (n_new, 1):
-            sc = SamplingConfig(max_new_tokens=n, eos_token_ids=(), batch_size=b, prompt_bucket=PROMPT_LEN)
+        configs = {n: SamplingConfig(max_new_tokens=n, eos_token_ids=(), batch_size=b, prompt_bucket=PROMPT_LEN)
+                   for n in (n_new, 1)}
+        compile_s = {}
+        for n, sc in configs.items():
             t0 = time.perf_counter()
             out = sampler.generate(prompts, sc)  # warm-up: compiles
-            ours[f"compile_and_first_s_{n}"] = time.perf_counter() - t0
-            ours[n] = median_time(lambda sc=sc: sampler.generate(prompts, sc), args.repeats)
+            compile_s[n] = time.perf_counter() - t0
             if n == n_new:
                 our_tokens = [c[0].token_ids for c in out]
-        step_s = (ours[n_new] - ours[1]) / (n_new - 1)
-        row = {
-            "batch": b,
-            "new_tokens": n_new,
-            "dcd_jax_total_s": ours[n_new],
-            "dcd_jax_prefill_s": ours[1],
-            "dcd_jax_compile_s": ours[f"compile_and_first_s_{n_new}"] - ours[n_new],
-            "dcd_jax_step_ms": 1e3 * step_s,
-            "dcd_jax_decode_tok_s": b / step_s,
-        }
+        sides = {"ours": lambda n: sampler.generate(prompts, configs[n])}
+        row = {"batch": b, "new_tokens": n_new}
         if hf is not None:
             ids = torch.tensor(prompts, device=torch_device)
             mask = torch.ones_like(ids)
+            hf_outs = []
 
             def hf_gen(n):
                 with torch.no_grad():
@@ -214,6 +248,8 @@ def main() -> None:
                                       min_new_tokens=n, pad_token_id=0)
                 if torch_device == "cuda":
                     torch.cuda.synchronize()
+                if n == n_new:
+                    hf_outs.append(out)
                 return out
 
             # torch's OpenMP pool is very sensitive to other load on the cores: give HF its best
@@ -227,38 +263,69 @@ def main() -> None:
                 if best is None or t < best[1]:
                     best = (threads, t)
             torch.set_num_threads(best[0])
-            outs = []
-            t_n = median_time(lambda: outs.append(hf_gen(n_new)), args.hf_repeats)
-            t_1 = median_time(lambda: hf_gen(1), args.hf_repeats)
-            hf_out = outs[-1]
-            hf_step = (t_n - t_1) / (n_new - 1)
-            hf_tokens = hf_out[:, PROMPT_LEN:].tolist()
-            same = np.mean([a == h for a, h in zip(our_tokens, hf_tokens)])
+            row.update({"hf_torch_threads": best[0], "hf_4_token_generate_s_by_torch_threads": probes})
+            sides["hf"] = hf_gen
+        # Timed rounds: each side's t(N) and t(1) per round, the sides' order alternating, so both
+        # see the same load (this host's speed drifts between seconds); medians per side.
+        times = {side: {n: [] for n in configs} for side in sides}
+        names = list(sides)
+        for i in range(args.repeats):
+            for side in names[i % len(names):] + names[:i % len(names)]:
+                for n in configs:
+                    t0 = time.perf_counter()
+                    sides[side](n)
+                    times[side][n].append(time.perf_counter() - t0)
+        med = {side: {n: statistics.median(ts) for n, ts in by_n.items()} for side, by_n in times.items()}
+        step_s = (med["ours"][n_new] - med["ours"][1]) / (n_new - 1)
+        row.update({
+            "dcd_jax_total_s": med["ours"][n_new],
+            "dcd_jax_prefill_s": med["ours"][1],
+            "dcd_jax_compile_s": compile_s[n_new] - med["ours"][n_new],
+            "dcd_jax_step_ms": 1e3 * step_s,
+            "dcd_jax_decode_tok_s": b / step_s,
+        })
+        if hf is not None:
+            hf_step = (med["hf"][n_new] - med["hf"][1]) / (n_new - 1)
+            hf_tokens = hf_outs[-1][:, PROMPT_LEN:].tolist()
             row.update({
-                "hf_total_s": t_n,
-                "hf_prefill_s": t_1,
+                "hf_total_s": med["hf"][n_new],
+                "hf_prefill_s": med["hf"][1],
                 "hf_step_ms": 1e3 * hf_step,
                 "hf_decode_tok_s": b / hf_step,
                 "speedup": hf_step / step_s,
-                "greedy_rows_identical_to_hf": float(same),
-                "hf_torch_threads": best[0],
-                "hf_4_token_generate_s_by_torch_threads": probes,
+                "greedy_rows_identical_to_hf": float(np.mean([a == h for a, h in zip(our_tokens, hf_tokens)])),
             })
-        if b == 1 and on_cpu:
-            # The reference again, right after the timing: the larger of the two (the stricter
-            # fraction) stands, so that a busy moment during the first probe cannot flatter us.
-            host_bw = max(host_bw, measure_stream_bandwidth())
+        slots = PROMPT_LEN + n_new - 1
+        if on_cpu:
+            def our_step_s(b=b, prompts=prompts):
+                times = {}
+                for n in (n_new, 1):
+                    sc = SamplingConfig(max_new_tokens=n, eos_token_ids=(), batch_size=b, prompt_bucket=PROMPT_LEN)
+                    times[n] = median_time(lambda sc=sc: sampler.generate(prompts, sc), 1)
+                return (times[n_new] - times[1]) / (n_new - 1)
+
+            # Against XLA's own matmul at the step's largest shape, measured in the same rounds:
+            # the fraction of the host's matmul floor the whole decode step reaches.
+            flops = decode_flops_per_step(cfg, b, slots)
+            mm = paired_fractions(lambda b=b: measure_matmul_throughput(b, cfg.hidden_size, cfg.vocab_size),
+                                  our_step_s, flops, args.pair_rounds)
+            row["flops_per_step"] = flops
+            row["matmul_shape"] = [b, cfg.hidden_size, cfg.vocab_size]
+            row["matmul_floor_fraction"] = mm["fraction"]
+            row["matmul_floor_rounds"] = mm
         if b == 1:
             itemsize = np.dtype(jax.numpy.dtype(cfg.param_dtype)).itemsize
             kv_itemsize = np.dtype(jax.numpy.dtype(cfg.dtype)).itemsize
-            slots = PROMPT_LEN + n_new - 1
             kv_bytes = 2 * cfg.num_layers * slots * cfg.num_kv_heads * cfg.head_dim * kv_itemsize
             step_bytes = cfg.num_params * itemsize + kv_bytes
             row["bytes_per_step"] = step_bytes
             row["achieved_bytes_per_s"] = step_bytes / step_s
             if on_cpu:  # no HBM: compare with the streaming bandwidth XLA reaches on this host
+                bw = paired_fractions(measure_stream_bandwidth, our_step_s, step_bytes, args.pair_rounds)
+                host_bw = statistics.median(bw["references"])
                 row["measured_host_stream_bytes_per_s"] = host_bw
-                row["host_bandwidth_roofline_fraction"] = step_bytes / step_s / host_bw
+                row["host_bandwidth_roofline_fraction"] = bw["fraction"]
+                row["host_bandwidth_rounds"] = bw
             else:
                 peak = peak_bandwidth(kind)
                 row["peak_hbm_bytes_per_s"] = peak
@@ -297,7 +364,7 @@ def main() -> None:
           f"{dtype}, prompt {PROMPT_LEN}, {n_new} new tokens\n")
     head = (f"{'batch':>5} | {'dcd-jax tok/s':>13} | {'step ms':>8} | {'HF tok/s':>9} | {'HF step ms':>10} | "
             f"{'speedup':>7} | {'=HF':>4}")
-    head += f" | {'BW roofline':>11}"
+    head += f" | {'BW roofline':>11} | {'matmul floor':>12}"
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -309,6 +376,8 @@ def main() -> None:
             line += f" | {'-':>9} | {'-':>10} | {'-':>7} | {'-':>4}"
         frac = r.get("hbm_roofline_fraction", r.get("host_bandwidth_roofline_fraction"))
         line += f" | {frac:>11.1%}" if frac is not None else f" | {'-':>11}"
+        floor = r.get("matmul_floor_fraction")
+        line += f" | {floor:>12.1%}" if floor is not None else f" | {'-':>12}"
         print(line)
     profiled = [r for r in rows if "profile" in r]
     if profiled:
@@ -323,8 +392,11 @@ def main() -> None:
             shares = " | ".join(f"{p['by_class_fraction'].get(c, 0.0):.0%}" for c in DECODE_CLASSES)
             print(f"| {r['batch']} | {p['wall_s']:.3f} | {p['host_s']:.3f} | {shares} |")
     if on_cpu:
-        print(f"\n(BW roofline, batch 1: (param + KV bytes) / step time vs the {host_bw / 1e9:.1f} GB/s a jitted "
-              "matvec streams on this host (no HBM here).)", end="")
+        bw_note = f"the {host_bw / 1e9:.1f} GB/s (median) " if host_bw else "the bandwidth "
+        print(f"\n(BW roofline, batch 1: (param + KV bytes) / step time vs {bw_note}a jitted matvec streams on this "
+              f"host (no HBM here); matmul floor: decode matmul FLOPs / step time vs XLA's fp32 matmul FLOP/s at "
+              f"[batch, hidden] x [hidden, vocab]. Both paired: median over {args.pair_rounds} rounds of (probe, our "
+              "step) back to back.)", end="")
     else:
         print("\n(BW roofline, batch 1: (param + KV bytes) / step time vs the chip's peak HBM bandwidth.)", end="")
     print("\n(=HF: share of rows whose greedy tokens equal transformers' exactly; random weights give near-flat "

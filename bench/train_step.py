@@ -10,8 +10,12 @@ For each model shape and batch ``B x T`` it measures, in one invocation:
   with its faster thread count (1 or all cores, one probe step each after the warm-up).
 
 Each framework runs in its own subprocess (no two thread pools or allocators in one process).
+On CPU the two processes run in lockstep (:func:`run_lockstep`): each is set up alone, then their
+timed rounds alternate (ours, torch, then torch, ours, ...), so the ours / torch ratio is measured
+side by side in time, not minutes apart on a host whose speed drifts.
 Ours: on CPU the three objectives share one process and their timed steps are interleaved
-round-robin, so load from other jobs on a shared machine hits them alike (``--separate`` gives
+round-robin, the order rotated every round (each objective takes each slot equally often), so
+load from other jobs on a shared machine, and the matmul probe between rounds, hit them alike (``--separate`` gives
 one process each); on GPU each objective gets its own process (its own peak-memory counter).
 Timing: AOT compile (``lower().compile()``, reported as ``compile_s``), one excluded warm-up
 call (``first_call_s``), then the median of ``--steps`` calls, each ended by
@@ -198,6 +202,20 @@ def _timing(times: list[float], usage: list[tuple[float, float, int]] | None = N
     return out
 
 
+def _await_turn(spec: dict) -> None:
+    """Lockstep mode (:func:`run_lockstep`): block until the driver says this worker's turn has
+    come (one ``STEP`` line on stdin), so the jax and torch workers never time a step at once."""
+    if spec.get("lockstep"):
+        line = sys.stdin.readline().strip()
+        if line != "STEP":
+            raise SystemExit(f"lockstep: expected STEP from the driver, got {line!r}")
+
+
+def _end_turn(spec: dict, marker: str = "DONE") -> None:
+    if spec.get("lockstep"):
+        print(marker, flush=True)
+
+
 def _usage() -> tuple[float, float, int]:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime + ru.ru_stime, ru.ru_stime, ru.ru_minflt
@@ -214,9 +232,9 @@ def _usage_delta(before: tuple[float, float, int]) -> tuple[float, float, int]:
 def jax_worker(spec: dict) -> dict:
     """Compile and time the step for each of ``spec["objectives"]`` on the same model and batch.
 
-    With several objectives, their timed steps are interleaved round-robin (SFT, DCD-CE, DCD-KL,
-    SFT, ...), so that load from other processes on a shared machine hits all of them alike and
-    the DCD / SFT ratios stay meaningful. Returns ``{"objectives": {name: result}, "process": {...}}``.
+    With several objectives, their timed steps are interleaved round-robin with the order rotated
+    every round (SFT, DCD-CE, DCD-KL, then DCD-CE, DCD-KL, SFT, ...), so that load from other
+    processes on a shared machine hits all of them alike and the DCD / SFT ratios stay meaningful. Returns ``{"objectives": {name: result}, "process": {...}}``.
     """
     import jax
 
@@ -291,8 +309,15 @@ def jax_worker(spec: dict) -> dict:
 
         probe = MatmulProbe() if not gpu else None
         rss_marks = (_peak_rss_bytes(), _rss_bytes(), _reset_peak_rss())
-        for _ in range(steps):
-            for r in runs.values():
+        names = list(runs)
+        _end_turn(spec, "READY")
+        for i in range(steps):
+            _await_turn(spec)
+            # Rotated round-robin: round i starts at objective i mod n, so every objective takes
+            # every slot equally often. A fixed order is biased: the step right after the matmul
+            # probe ran 4-5% faster than the others on the 2-core AVX-512 host (same step, measured).
+            for name in names[i % len(names):] + names[:i % len(names)]:
+                r = runs[name]
                 u0, t0 = _usage(), time.perf_counter()
                 r["state"], r["metrics"] = r["compiled"](r["state"], r["batch"])
                 jax.block_until_ready((r["state"], r["metrics"]))
@@ -300,6 +325,7 @@ def jax_worker(spec: dict) -> dict:
                 r.setdefault("usage", []).append(_usage_delta(u0))
             if probe is not None:  # the reference throughput, measured between the same steps
                 probe.measure()
+            _end_turn(spec)
         profiles = {}
         if spec.get("profile") and not gpu:
             from op_profile import profile_compiled
@@ -472,12 +498,15 @@ def torch_worker(spec: dict) -> dict:
         out["thread_probe_step_s"] = probes
     rss_marks = (_peak_rss_bytes(), _rss_bytes(), _reset_peak_rss())
     times, usage = [], []
+    _end_turn(spec, "READY")
     for _ in range(steps):
+        _await_turn(spec)
         u0, t0 = _usage(), time.perf_counter()
         loss = step()
         sync()
         times.append(time.perf_counter() - t0)
         usage.append(_usage_delta(u0))
+        _end_turn(spec)
     out.update(_timing(times, usage))
     out.update(loss=float(loss), threads=threads, torch=torch.__version__, transformers=transformers.__version__,
                attn_implementation=getattr(model.config, "_attn_implementation", None),
@@ -529,6 +558,93 @@ def run_worker(kind: str, spec: dict, timeout: float) -> dict:
             res["worker_wall_s"] = wall
             return res
     return {"error": f"{kind} worker exited with {proc.returncode}: " + " | ".join(tail), "worker_wall_s": wall}
+
+
+class _Worker:
+    """A worker process driven line by line (lockstep mode): stdout lines arrive on a queue."""
+
+    def __init__(self, kind: str, spec: dict):
+        import queue
+        import threading
+
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--spec", json.dumps(spec)]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.kind, self.t0, self.lines = kind, time.perf_counter(), queue.Queue()
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=env, cwd=ROOT)
+        self.tail = []
+
+        def pump_out():
+            for line in self.proc.stdout:
+                self.lines.put(line.rstrip("\n"))
+            self.lines.put(None)  # EOF
+
+        def pump_err():
+            for line in self.proc.stderr:
+                self.tail = (self.tail + [line.rstrip()])[-8:]
+                print("      " + line.rstrip(), file=sys.stderr, flush=True)
+
+        threading.Thread(target=pump_out, daemon=True).start()
+        threading.Thread(target=pump_err, daemon=True).start()
+
+    def wait_for(self, marker: str, deadline: float) -> str | None:
+        """Read stdout lines until one starts with ``marker``; None on EOF or past the deadline."""
+        import queue
+
+        while True:
+            try:
+                line = self.lines.get(timeout=max(deadline - time.perf_counter(), 0.01))
+            except queue.Empty:
+                return None
+            if line is None or line.startswith(marker):
+                return line
+
+    def send(self, line: str) -> None:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def error(self, why: str) -> dict:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        return {"error": f"{self.kind} worker {why}: " + " | ".join(self.tail),
+                "worker_wall_s": time.perf_counter() - self.t0}
+
+    def result(self, deadline: float) -> dict:
+        self.proc.stdin.close()
+        line = self.wait_for("RESULT ", deadline)
+        if line is None:
+            return self.error("gave no result")
+        self.proc.wait()
+        res = json.loads(line[len("RESULT "):])
+        res["worker_wall_s"] = time.perf_counter() - self.t0
+        return res
+
+
+def run_lockstep(specs: dict[str, dict], steps: int, timeout: float) -> dict[str, dict]:
+    """The jax and torch workers timed in alternation: each is set up (compile, warm-up, torch's
+    thread probe) alone, then every round runs one timed round of each, the order alternating, so
+    load that comes and goes on a shared host hits both sides alike and their ratio holds. Returns
+    ``{kind: result}`` as :func:`run_worker` would."""
+    deadline = time.perf_counter() + timeout
+    workers, out = {}, {}
+    for kind, spec in specs.items():  # one at a time: setups never overlap each other or a timed step
+        w = _Worker(kind, {**spec, "lockstep": True})
+        if w.wait_for("READY", deadline) is None:
+            out[kind] = w.error("was not ready")
+            continue
+        workers[kind] = w
+    order = list(workers)
+    for i in range(steps):
+        for kind in order[i % len(order):] + order[:i % len(order)] if order else []:
+            if kind in out:
+                continue
+            workers[kind].send("STEP")
+            if workers[kind].wait_for("DONE", deadline) is None:
+                out[kind] = workers[kind].error(f"stopped in timed round {i}")
+    for kind, w in workers.items():
+        if kind not in out:
+            out[kind] = w.result(deadline)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -638,8 +754,12 @@ def main(argv=None) -> int:
         # ours: on CPU all objectives in one process, timed steps interleaved; on GPU (or with
         # --separate) one process per objective, so each gets its own peak-memory counter.
         groups = [[o] for o in objectives] if (gpu or args.separate) else [objectives]
+        # On CPU the jax process and the torch reference run in lockstep, alternating timed rounds.
+        lockstep = len(groups) == 1 and not args.no_torch
+        if lockstep:
+            both = run_lockstep({"jax": {**spec, "objectives": groups[0]}, "torch": spec}, steps, 2 * args.timeout)
         for group in groups:
-            res = run_worker("jax", {**spec, "objectives": group}, args.timeout)
+            res = both["jax"] if lockstep else run_worker("jax", {**spec, "objectives": group}, args.timeout)
             if "objectives" not in res:
                 for o in group:
                     entry["results"][f"ours {o}"] = res
@@ -651,7 +771,8 @@ def main(argv=None) -> int:
                     r["device_peak_mib"] = proc["device_peak_mib"]
                 entry["results"][f"ours {o}"] = r
         if not args.no_torch:
-            entry["results"]["torch SFT"] = run_worker("torch", spec, args.timeout)
+            entry["results"]["torch SFT"] = both["torch"] if lockstep else run_worker("torch", spec, args.timeout)
+        entry["lockstep_with_torch"] = lockstep
         for label, res in entry["results"].items():
             if "step_s" in res:
                 res["tokens_per_s"] = tokens / res["step_s"]
@@ -748,7 +869,7 @@ def main(argv=None) -> int:
         print("Memory on GPU: device peak = the allocator's peak_bytes_in_use in that objective's own process "
               "(torch: torch.cuda.max_memory_allocated); (XLA ...) = memory_analysis() of the compiled step.")
     if not gpu and not args.separate and len(objectives) > 1:
-        print(f"Ours: {', '.join(objectives)} ran in one process with their timed steps interleaved round-robin.")
+        print(f"Ours: {', '.join(objectives)} ran in one process with their timed steps interleaved round-robin, the order rotated every round.")
     for n in notes:
         print(f"Note: {n}")
     print(f"Total benchmark wall time: {total_s:.0f} s")
@@ -772,7 +893,7 @@ def main(argv=None) -> int:
         "settings": {"quick": args.quick, "steps": steps, "warmup": args.warmup, "objectives": objectives,
                      "topk": TOPK, "loss_mask": "last 3/4 of each row",
                      "ours_layout": ("one process per objective" if (gpu or args.separate)
-                                     else "one process, objectives' timed steps interleaved round-robin"),
+                                     else "one process, objectives' timed steps interleaved round-robin, order rotated every round"),
                      "batch_on_device": "placed once before timing (no host-to-device copy in the step time)",
                      "precision": ("bf16 compute, fp32 params, remat dots_saveable" if gpu
                                    else "fp32 compute and params, no remat"),

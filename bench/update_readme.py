@@ -367,6 +367,9 @@ def train_step_section() -> str | None:
             f"### Train step (`{d.get('command', 'python bench/train_step.py')}`, {path.name}: {d['device']['device_kind']}, "
             f"{d['device'].get('cpu_count', '?')} cores{_cpu_note(d['device'].get('cpu'))}"
             f"{_load_note(d.get('load_average_1_5_15', {}).get('start'))})\n\n"
+            + ("Ours and torch ran in lockstep, their timed rounds alternating, and our three objectives' steps "
+               "rotated within each round, so every ratio is side by side in time. "
+               if all(r.get("lockstep_with_torch") for r in d["runs"]) else "")
             + "ours/torch: tokens/s over wall time; CPU-time: the same over process CPU seconds per step (what a "
             "step costs when other jobs share the cores, where wall time also counts waiting for them); ours sys s: "
             "the kernel's share of our step's CPU time (page faults on the step's freshly mapped buffers).\n\n"
@@ -448,11 +451,18 @@ def sampler_section() -> str | None:
     for path in files:
         d = json.loads(path.read_text())
         rows = [[r["batch"], r.get("dcd_jax_decode_tok_s"), r.get("hf_decode_tok_s"), r.get("speedup"),
-                 r.get("host_bandwidth_roofline_fraction", r.get("hbm_roofline_fraction"))] for r in d["rows"]]
+                 r.get("host_bandwidth_roofline_fraction", r.get("hbm_roofline_fraction")),
+                 r.get("matmul_floor_fraction")] for r in d["rows"]]
+        paired = any("matmul_floor_fraction" in r for r in d["rows"])
         parts.append(
             f"### Sampler decode ({path.name}: {d['device_kind']}{_cpu_note(d.get('cpu'))}, "
             f"{d['model']['params'] / 1e6:.1f}M Qwen2 shape{_load_note(d.get('load_average_1m_before_after'))})\n\n"
-            + _table(["batch", "dcd-jax tok/s", "transformers tok/s", "ratio", "bandwidth roofline (batch 1)"], rows)
+            + ("Host limits, each paired with our step (median over rounds of a reference probe and our step back to "
+               "back): bandwidth roofline = (param + KV bytes) / step time over the bandwidth a jitted matvec streams "
+               "here; matmul floor = the step's matmul FLOPs / step time over XLA's fp32 matmul FLOP/s at "
+               "[batch, hidden] x [hidden, vocab].\n\n" if paired else "")
+            + _table(["batch", "dcd-jax tok/s", "transformers tok/s", "ratio", "bandwidth roofline (batch 1)",
+                      "matmul floor"], rows)
         )
     return "\n\n".join(parts) + "\n"
 
