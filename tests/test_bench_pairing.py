@@ -1,0 +1,55 @@
+"""bench/sampler.py's host-limit fractions: each reference probe is paired with the step timed
+right after it, and the decode step's FLOPs are counted by hand."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+
+def test_paired_fractions_pair_each_probe_with_the_step_right_after_it():
+    import sampler
+
+    calls = []
+    refs = iter([10.0, 20.0, 40.0])  # the host's speed drifts: the reference doubles each round
+    steps = iter([0.1, 0.05, 0.025])  # and our step speeds up with it
+
+    def reference():
+        calls.append("ref")
+        return next(refs)
+
+    def step():
+        calls.append("step")
+        return next(steps)
+
+    out = sampler.paired_fractions(reference, step, work=1.0, rounds=3)
+    assert calls == ["ref", "step"] * 3
+    # Every round reaches the same fraction of its own reference, whatever the drift.
+    assert out["fractions"] == pytest.approx([1.0, 1.0, 1.0])
+    assert out["fraction"] == pytest.approx(1.0)
+    # One round hit by a load spike (its step 10x slower) does not move the median.
+    out = sampler.paired_fractions(iter([10.0, 10.0, 10.0]).__next__, iter([0.1, 0.1, 1.0]).__next__, 1.0, 3)
+    assert out["fraction"] == pytest.approx(1.0)
+
+
+def test_decode_flops_count_every_weight_once_and_attention_over_all_slots():
+    import sampler
+
+    from dcd_jax.models import ModelConfig
+
+    hf = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 96, "hidden_size": 32,
+          "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+          "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 64,
+          "tie_word_embeddings": True}
+    cfg = ModelConfig.from_hf_config(hf, source="test")
+    d, f, layers, h, kv, hd, vocab = (cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.num_heads,
+                                      cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size)
+    per_layer = d * (h + 2 * kv) * hd + h * hd * d + 3 * d * f + 2 * d  # q, k, v, o, MLP, two norms
+    params = vocab * d + layers * per_layer + d  # tied embedding once, final norm
+    if cfg.qkv_bias:
+        params += layers * (h + 2 * kv) * hd
+    assert cfg.num_params == params
+    batch, slots = 4, 10
+    assert sampler.decode_flops_per_step(cfg, batch, slots) == 2 * batch * params + 4 * batch * layers * h * hd * slots
