@@ -459,8 +459,8 @@ def sampler_section() -> str | None:
             f"{d['model']['params'] / 1e6:.1f}M Qwen2 shape{_load_note(d.get('load_average_1m_before_after'))})\n\n"
             + ("Host limits, each paired with our step (median over rounds of a reference probe and our step back to "
                "back): bandwidth roofline = (param + KV bytes) / step time over the bandwidth a jitted matvec streams "
-               "here; matmul floor = the step's matmul FLOPs / step time over XLA's fp32 matmul FLOP/s at "
-               "[batch, hidden] x [hidden, vocab].\n\n" if paired else "")
+               "here; matmul floor = the time of the step's own matmuls alone (XLA, same shapes and decode layouts, "
+               "chained; no attention, norms or sampling) over the whole step's time.\n\n" if paired else "")
             + _table(["batch", "dcd-jax tok/s", "transformers tok/s", "ratio", "bandwidth roofline (batch 1)",
                       "matmul floor"], rows)
         )
