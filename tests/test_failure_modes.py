@@ -318,13 +318,36 @@ def assert_bitwise_equal_runs(run_a: Path, run_b: Path, step: int = 4) -> None:
     assert losses(run_a) == losses(run_b)
 
 
+def _restore_params(step_dir: Path) -> list[np.ndarray] | None:
+    """The step's parameter arrays as Orbax alone reads them (no checksums), or None if it cannot."""
+    ckpt = RunCheckpointer(step_dir.parent, CheckpointConfig())
+    try:
+        return [np.asarray(x) for x in jax.tree.leaves(ckpt.manager.restore(int(step_dir.name))["params"])]
+    except Exception:  # noqa: BLE001 - any read failure means "unreadable" here
+        return None
+    finally:
+        ckpt.close()
+
+
 def _damage_params(step_dir: Path) -> None:
-    """Same-size damage: flip one bit in the middle of the largest parameter data file of a step (array
-    bytes, not the index: Orbax reads it without complaint, only the checksums can tell)."""
+    """Same-size damage only the checksums can tell: one flipped bit in the largest parameter data
+    file of a step, at the first position from the middle on where Orbax still reads the step
+    without complaint and a parameter value changed. (The data is compressed: a flip elsewhere can
+    make a chunk undecodable instead, the unreadable case; which positions do depends on the bytes.)"""
     largest = max((f for f in (step_dir / "params").rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
-    data = bytearray(largest.read_bytes())
-    data[len(data) // 2] ^= 0x40
-    largest.write_bytes(bytes(data))
+    original = largest.read_bytes()
+    clean = _restore_params(step_dir)
+    assert clean is not None
+    stride = max(len(original) // 64, 1)
+    for offset in [*range(len(original) // 2, len(original), stride), *range(0, len(original) // 2, stride)]:
+        data = bytearray(original)
+        data[offset] ^= 0x40
+        largest.write_bytes(bytes(data))
+        read = _restore_params(step_dir)
+        if read is not None and any(not np.array_equal(a, b) for a, b in zip(read, clean)):
+            return
+    largest.write_bytes(original)
+    raise AssertionError(f"no one-bit flip of {largest} is both readable and visible in the values")
 
 
 def _drop_data_position(step_dir: Path) -> None:
