@@ -526,42 +526,10 @@ def _worker_main(kind: str, spec_json: str) -> int:
     return 0
 
 
-def run_worker(kind: str, spec: dict, timeout: float) -> dict:
-    """Run one worker process; its stderr is echoed live (indented) and its tail kept for errors."""
-    import collections
-    import threading
-
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--spec", json.dumps(spec)]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    tail: collections.deque[str] = collections.deque(maxlen=8)
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-
-    def pump():
-        for line in proc.stderr:
-            tail.append(line.rstrip())
-            print("      " + line.rstrip(), file=sys.stderr, flush=True)
-
-    echo = threading.Thread(target=pump, daemon=True)
-    echo.start()
-    try:
-        stdout, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        return {"error": f"{kind} worker timed out after {timeout:.0f} s"}
-    echo.join(timeout=5)
-    wall = time.perf_counter() - t0
-    for line in reversed(stdout.splitlines()):
-        if line.startswith("RESULT "):
-            res = json.loads(line[len("RESULT "):])
-            res["worker_wall_s"] = wall
-            return res
-    return {"error": f"{kind} worker exited with {proc.returncode}: " + " | ".join(tail), "worker_wall_s": wall}
-
-
 class _Worker:
-    """A worker process driven line by line (lockstep mode): stdout lines arrive on a queue."""
+    """A worker process: its stdout lines arrive on a queue, its stderr is echoed live (indented)
+    with the last lines kept for errors. :func:`run_worker` lets it run to its result;
+    :func:`run_lockstep` drives it round by round over stdin."""
 
     def __init__(self, kind: str, spec: dict):
         import queue
@@ -610,14 +578,24 @@ class _Worker:
                 "worker_wall_s": time.perf_counter() - self.t0}
 
     def result(self, deadline: float) -> dict:
+        """The worker's ``RESULT`` (with its wall time), or an error saying why there is none."""
         self.proc.stdin.close()
         line = self.wait_for("RESULT ", deadline)
-        if line is None:
-            return self.error("gave no result")
+        if line is None:  # end of output (the process is ending) or past the deadline
+            try:
+                code = self.proc.wait(timeout=min(max(deadline - time.perf_counter(), 0.1), 10.0))
+            except subprocess.TimeoutExpired:
+                return self.error(f"timed out after {time.perf_counter() - self.t0:.0f} s")
+            return self.error(f"exited with {code} and no result")
         self.proc.wait()
         res = json.loads(line[len("RESULT "):])
         res["worker_wall_s"] = time.perf_counter() - self.t0
         return res
+
+
+def run_worker(kind: str, spec: dict, timeout: float) -> dict:
+    """Run one worker process on its own to its result (see :class:`_Worker`)."""
+    return _Worker(kind, spec).result(time.perf_counter() + timeout)
 
 
 def run_lockstep(specs: dict[str, dict], steps: int, timeout: float) -> dict[str, dict]:
