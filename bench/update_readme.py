@@ -460,7 +460,8 @@ def sampler_section() -> str | None:
             + ("Host limits, each paired with our step (median over rounds of a reference probe and our step back to "
                "back): bandwidth roofline = (param + KV bytes) / step time over the bandwidth a jitted matvec streams "
                "here; matmul floor = the time of the step's own matmuls alone (XLA, same shapes and decode layouts, "
-               "chained; no attention, norms or sampling) over the whole step's time.\n\n" if paired else "")
+               "chained; no attention, norms or sampling) over the whole step's time (above 1: those dots chained "
+               "alone ran slower than inside our step).\n\n" if paired else "")
             + _table(["batch", "dcd-jax tok/s", "transformers tok/s", "ratio", "bandwidth roofline (batch 1)",
                       "matmul floor"], rows)
         )
