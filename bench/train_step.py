@@ -114,9 +114,11 @@ OBJECTIVES = {
 # temperature 1), then the teacher scores it. A run with lmbda costs about (1 - lmbda) GKD-l0 + lmbda GKD-l1.
 GKD_LMBDA = {"GKD-l0": 0.0, "GKD-l1": 1.0}
 # The live teacher per student shape (same vocabulary, larger): tiny -> the synthetic "tiny" size,
-# 25m -> ~90M, Qwen2.5-0.5B -> Qwen2.5-1.5B, Qwen2.5-1.5B -> itself (self-distillation shape).
+# demo -> the full demo's teacher (STUDENT_SIZES["small"]), 25m -> ~90M, Qwen2.5-0.5B -> Qwen2.5-1.5B,
+# Qwen2.5-1.5B -> itself (self-distillation shape). Every shape in MODELS has one.
 GKD_TEACHERS = {
     "tiny": _qwen2(512, 128, 4, 4, 2, 384),
+    "demo": _qwen2(512, 256, 6, 8, 4, 768),
     "25m": _qwen2(8192, 768, 12, 12, 4, 2048),
     "qwen2.5-0.5b": MODELS["qwen2.5-1.5b"][0],
     "qwen2.5-1.5b": MODELS["qwen2.5-1.5b"][0],

@@ -1,5 +1,6 @@
 """bench/sampler.py's host-limit fractions: each reference probe is paired with the step timed
-right after it, and the decode step's FLOPs are counted by hand."""
+right after it, and the decode step's FLOPs are counted by hand; bench/train_step.py's shapes
+each have a GKD teacher."""
 
 import sys
 from pathlib import Path
@@ -53,3 +54,17 @@ def test_decode_flops_count_every_weight_once_and_attention_over_all_slots():
     assert cfg.num_params == params
     batch, slots = 4, 10
     assert sampler.decode_flops_per_step(cfg, batch, slots) == 2 * batch * params + 4 * batch * layers * h * hd * slots
+
+
+def test_every_train_bench_shape_has_a_gkd_teacher_sharing_its_vocabulary():
+    """`bench/train_step.py --objectives ...,GKD-l0` runs on any of its shapes: each has a live
+    teacher with the student's vocabulary and at least its size (a missing demo teacher once
+    stopped the README's GKD command at the second shape)."""
+    import train_step
+
+    assert set(train_step.GKD_TEACHERS) == set(train_step.MODELS)
+    for name, (student, _, _) in train_step.MODELS.items():
+        teacher = train_step.GKD_TEACHERS[name]
+        assert teacher["vocab_size"] == student["vocab_size"], name
+        assert teacher["hidden_size"] >= student["hidden_size"], name
+        assert teacher["num_hidden_layers"] >= student["num_hidden_layers"], name
