@@ -404,13 +404,14 @@ def gkd_step_section() -> str | None:
         parts.append(
             f"### GKD vs SFT and DCD per step (`{d.get('command', 'python bench/train_step.py')}`, {path.name}: "
             f"{d['device']['device_kind']}, {d['device'].get('cpu_count', '?')} cores)\n\n"
-            "Same student, batch and optimizer; timed steps interleaved in one process. GKD-l0: the live teacher "
+            f"Same student, batch and optimizer; {d['settings'].get('ours_layout', 'timed steps interleaved in one process')}. "
+            "GKD-l0: the live teacher "
             "scores the data batch (full-vocabulary JSD); GKD-l1: the student first regenerates the batch "
             "(T/4 new tokens per row), then the teacher scores it; a run with `lmbda` costs about "
             "(1 - lmbda) GKD-l0 + lmbda GKD-l1. Teachers: " + ", ".join(
                 f"{r['model']} -> {r['gkd_teacher_params'] / 1e6:.1f}M" for r in d["runs"] if "gkd_teacher_params" in r)
-            + f". Absolute times were taken under a 1-min load average of {d['load_average_1_5_15']['start'][0]:.1f} "
-            "(a shared machine); the ratios are side by side.\n\n"
+            + f". 1-min load average {d['load_average_1_5_15']['start'][0]:.1f} on the host at the start (absolute "
+            "times move with it; the ratios are side by side).\n\n"
             + _table(["model", "BxT", "method", "step s", "vs SFT", "peak MiB (XLA)"], rows)
         )
     return "\n\n".join(parts) + "\n"
