@@ -19,7 +19,7 @@ rounds of: the reference probe, then one t(N) and one t(1) of ours; the median o
 fractions is reported, since this host's speed swings by tens of percent between seconds):
   * batch 1: (param + KV bytes) / step time as a fraction of the bandwidth a jitted matvec over
     256 MiB of fp32 weights streams on this host;
-  * every batch: the matmul floor, the time of the step's matmuls alone (:func:`measure_matmul_chain`:
+  * every batch: the matmul floor, the time of the step's matmuls alone (:func:`matmul_chain_probe`:
     the same weight shapes and decode layouts, chained, no attention / norms / sampling) over our
     whole step's time. 100% would mean everything but XLA's own dots costs nothing; the rest of a
     gap to the bandwidth or to transformers is then the speed of XLA:CPU's dot kernels here.
@@ -105,21 +105,22 @@ def build_checkpoint(out_dir: Path, args) -> dict:
     return {"params": sum(p.numel() for p in model.parameters())}
 
 
-def measure_stream_bandwidth(total_bytes: int = 256 << 20) -> float:
-    """Bytes/s of a jitted matrix-vector product over ``total_bytes`` of fp32 weights (what a
-    batch-1 decode step does), i.e. the memory bandwidth XLA actually reaches on this host."""
+def stream_bandwidth_probe(total_bytes: int = 256 << 20):
+    """A probe (built and compiled once, called once per paired round) returning the bytes/s of a
+    jitted matrix-vector product over ``total_bytes`` of fp32 weights (what a batch-1 decode step
+    does), i.e. the memory bandwidth XLA actually reaches on this host."""
     import jax.numpy as jnp
 
     mats = [jnp.full((512, total_bytes // 4 // 512 // 4), float(i), jnp.float32) for i in range(4)]
     x = jnp.ones((1, 512), jnp.float32)
     f = jax.jit(lambda ms, x: sum((x @ m).sum() for m in ms))
     f(mats, x).block_until_ready()
-    t = median_time(lambda: f(mats, x).block_until_ready(), 10)
-    return sum(m.nbytes for m in mats) / t
+    return lambda: sum(m.nbytes for m in mats) / median_time(lambda: f(mats, x).block_until_ready(), 10)
 
 
-def measure_matmul_chain(cfg, batch: int) -> float:
-    """Seconds of the decode step's matmuls alone: for each layer ``[batch, D]`` against the fused
+def matmul_chain_probe(cfg, batch: int):
+    """A probe (built and compiled once, called once per paired round) returning the seconds of
+    the decode step's matmuls alone: for each layer ``[batch, D]`` against the fused
     q/k/v, o, fused gate/up and down kernels in the CPU decode layouts
     (:meth:`~dcd_jax.models.transformer.Transformer.fused_decode_weights`), then the ``[D, V]``
     unembedding; random fp32 weights, jitted as one chain (each product feeds the next, as in a
@@ -147,7 +148,7 @@ def measure_matmul_chain(cfg, batch: int) -> float:
         return x @ unembed
 
     chain(x, layers, unembed).block_until_ready()
-    return median_time(lambda: chain(x, layers, unembed).block_until_ready(), 5)
+    return lambda: median_time(lambda: chain(x, layers, unembed).block_until_ready(), 5)
 
 
 def decode_flops_per_step(cfg, batch: int, slots: int) -> float:
@@ -326,7 +327,8 @@ def main() -> None:
 
             # Against the step's own matmuls alone (XLA, same shapes and layouts), in the same rounds:
             # floor time / step time, the share of the step that is XLA's dots at their own speed.
-            mm = paired_fractions(lambda b=b: 1.0 / measure_matmul_chain(cfg, b), our_step_s, 1.0, args.pair_rounds)
+            chain_s = matmul_chain_probe(cfg, b)
+            mm = paired_fractions(lambda: 1.0 / chain_s(), our_step_s, 1.0, args.pair_rounds)
             row["flops_per_step"] = decode_flops_per_step(cfg, b, slots)
             row["achieved_flops_per_s"] = row["flops_per_step"] / step_s
             row["matmul_floor_fraction"] = mm["fraction"]
@@ -339,7 +341,7 @@ def main() -> None:
             row["bytes_per_step"] = step_bytes
             row["achieved_bytes_per_s"] = step_bytes / step_s
             if on_cpu:  # no HBM: compare with the streaming bandwidth XLA reaches on this host
-                bw = paired_fractions(measure_stream_bandwidth, our_step_s, step_bytes, args.pair_rounds)
+                bw = paired_fractions(stream_bandwidth_probe(), our_step_s, step_bytes, args.pair_rounds)
                 host_bw = statistics.median(bw["references"])
                 row["measured_host_stream_bytes_per_s"] = host_bw
                 row["host_bandwidth_roofline_fraction"] = bw["fraction"]
