@@ -14,8 +14,8 @@ accumulation) with the padding entries ``v >= true_vocab_size`` masked out, and
 ``lax.scan`` walks over sequence chunks and keeps only the per-token outputs; its ``custom_vjp``
 backward pass scans again, recomputes each chunk's logits and forms ``d/d logits`` in closed
 form, so neither pass stores ``[B, T, V]``. Reductions over the vocabulary are jnp reductions,
-and the few index operations (target one-hot, batched gather/scatter of the ``K`` top-k ids) are
-ones GSPMD partitions along a batch sharded over ``data``/``fsdp`` and a vocabulary sharded over
+and the few index operations (batched gathers of the target and of the ``K`` top-k ids, the
+backward pass's target one-hot and top-k scatter) are ones GSPMD partitions along a batch sharded over ``data``/``fsdp`` and a vocabulary sharded over
 ``tensor``: the logits stay sharded and only ``[B, chunk]``-sized partial results are all-reduced. :func:`token_logprobs_reference` computes the same
 from the full logits at once with plain autodiff (tests, small models).
 """
@@ -95,8 +95,10 @@ def _stats_from_logits(
     e = jnp.exp(logits - m)
     total = jnp.sum(e, axis=-1)
     lse = m[..., 0] + jnp.log(total)
-    # A masked reduction (fused by XLA) rather than a gather: partitions along a sharded vocabulary.
-    target_logit = jnp.sum(jnp.where(iota == targets[..., None], logits, 0.0), axis=-1)
+    # A gather, like the top-k ids below (GSPMD partitions it along a sharded vocabulary: local
+    # lookups, then an all-reduce). A masked sum over [..., V] ran 3-5x slower than a plain sum on
+    # XLA:CPU (a reduction fusion with a boolean operand), a tenth of the CE loss's time.
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1, mode="fill", fill_value=NEG_INF)[..., 0]
     out = {"target_logprobs": target_logit - lse, "lse": jax.lax.stop_gradient(lse)}
     if return_entropy:
         p_dot_z = jnp.sum(jax.lax.stop_gradient(e) * jax.lax.stop_gradient(logits), axis=-1)
