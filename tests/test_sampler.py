@@ -100,6 +100,40 @@ def test_greedy_matches_transformers_generate(family, tmp_path):
         np.testing.assert_allclose(c[0].logprobs, logp[at, seq[0, at + 1]], atol=2e-4, rtol=0)
 
 
+def test_batch_one_decode_updates_the_cache_in_place(tmp_path):
+    """Batch 1 with one KV head (qwen3 fixture): the CPU per-layer KV buffers drop both size-1
+    dims ([S, hd]), the decode program copies no KV buffer (XLA:CPU duplicated the in-place update
+    of a [1, 1, S, hd] buffer and copied it, four times per layer per step: decode time grew with
+    the cache), and greedy tokens and per-token log-probs still equal transformers'."""
+    import re
+
+    hf_model = make_hf_model("qwen3")
+    model = dcd_jax.load_hf(save_hf_model("qwen3", tmp_path / "qwen3"))
+    sampler = Sampler.from_model(model)
+    prompt = _prompts(5, [9])
+    cfg = SamplingConfig(max_new_tokens=MAX_NEW, eos_token_ids=(), batch_size=1, logprobs=True)
+    out = sampler.generate(prompt, cfg)[0][0]
+    assert out.token_ids == _hf_greedy(hf_model, prompt, MAX_NEW, None)[0]
+    seq = np.asarray([prompt[0] + out.token_ids])
+    logits = hf_logits(hf_model, seq)[0].astype(np.float64)
+    logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+    at = np.arange(len(prompt[0]) - 1, seq.shape[1] - 1)
+    np.testing.assert_allclose(out.logprobs, logp[at, seq[0, at + 1]], atol=2e-4, rtol=0)
+
+    cache = model.init_cache(1, 24, per_layer=True)
+    slots, hd = 24, model.cfg.head_dim
+    assert all(x.shape == (slots, hd) for x in cache["k"] + cache["v"])
+    ids = np.asarray(prompt, np.int32)
+    args = (sampler.graphdef, sampler.params, ids, np.ones_like(ids), row_keys(0, [0], [0]), np.float32(1.0),
+            np.float32(1.0), sampler.cpu_decode_weights())
+    hlo = sampler_mod._generate_jit.lower(*args, spec=sampler_mod._spec_of(cfg, (), 0)).compile().as_text()
+    slots = ids.shape[1] + MAX_NEW - 1
+    buffer = rf"f32\[(?:1,)?(?:1,)?{slots},{hd}\]"
+    assert re.search(buffer, hlo), "the KV buffers should appear in the decode program"
+    copies = re.findall(rf"= {buffer}\S* copy\(", hlo)
+    assert not copies, f"{len(copies)} copies of a KV buffer in the decode program"
+
+
 # Most tests share one compiled program shape (batch bucket 4, prompt bucket 16, 8 new tokens):
 # on 2 CPU cores compilation, not generation, is what these tests spend their time on.
 STD = SamplingConfig(max_new_tokens=8, eos_token_ids=(), batch_size=4)

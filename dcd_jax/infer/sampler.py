@@ -41,9 +41,9 @@ ordering and sharding; the same seed gives the same completions.
 
 Sharding: with a mesh, prompt rows are split over the ``batch`` logical axis (``data`` x
 ``fsdp``), parameters stay in the shardings they carry (tensor-parallel weights), and the KV
-cache is constrained to ``(layers, batch, cache_length, act_kv_heads, head_dim)`` through
+cache is constrained to ``(layers, batch, act_kv_heads, cache_length, head_dim)`` through
 :mod:`dcd_jax.sharding` (on CPU, where it is a list of per-layer heads-major buffers, each to
-``(batch, act_kv_heads, cache_length, head_dim)``). The batch is padded to a multiple of the
+``(batch, act_kv_heads, cache_length, head_dim)`` less its size-1 dims). The batch is padded to a multiple of the
 batch-shard count.
 """
 
@@ -60,6 +60,7 @@ import numpy as np
 from flax import nnx
 
 from dcd_jax.models import bind, positions_from_mask
+from dcd_jax.models.transformer import HEADS_MAJOR_CACHE_AXES, heads_major_cache_axes
 from dcd_jax.sharding import batch_shards, constrain, named_sharding, traced_for_cpu
 
 __all__ = [
@@ -254,21 +255,19 @@ def _prefill(model, ids, positions, segment_ids, cache, layers, fused):
     return logits[:, 0], cache
 
 
-# Transformer.init_cache: heads-major k/v, stacked [L, ...] or (on CPU) one array per layer.
-_CACHE_AXES = {
-    "k": ("batch", "act_kv_heads", "cache_length", "head_dim"),
-    "v": ("batch", "act_kv_heads", "cache_length", "head_dim"),
-    "segment_ids": ("batch", "cache_length"),
-}
-
-
-def _constrain_cache(cache: dict) -> dict:
-    def one(name, x):
-        axes = _CACHE_AXES[name]
-        return constrain(x, ("layers", *axes) if x.ndim == len(axes) + 1 else axes)
-
-    return {name: [one(name, x) for x in value] if isinstance(value, (list, tuple)) else one(name, value)
-            for name, value in cache.items()}
+def _constrain_cache(cache: dict, kv_heads: int) -> dict:
+    """Transformer.init_cache's layout: heads-major k/v stacked [L, B, KV, S, hd], or (on CPU) one
+    array per layer without size-1 B / KV dims; slot segments [B, S]."""
+    batch = cache["segment_ids"].shape[0]
+    out = {"segment_ids": constrain(cache["segment_ids"], ("batch", "cache_length"))}
+    for name in ("k", "v"):
+        value = cache[name]
+        if isinstance(value, (list, tuple)):
+            axes = heads_major_cache_axes(batch, kv_heads, squeeze=True)
+            out[name] = [constrain(x, axes) for x in value]
+        else:
+            out[name] = constrain(value, ("layers", *HEADS_MAJOR_CACHE_AXES))
+    return out
 
 
 def _mask_vocab(logits: jax.Array, limit: int) -> jax.Array:
@@ -312,13 +311,14 @@ def _generate_jit(graphdef, params, prompt_ids, prompt_mask, rng_keys, temperatu
     # On CPU, per-layer heads-major cache buffers updated in place (Transformer.init_cache) and
     # per-layer weight copies made once here, not per step inside the loop (see
     # Transformer.forward_with_cache). Elsewhere the stacked cache and weights are used as they are.
-    cache = _constrain_cache(model.init_cache(b, p + max_new - 1, per_layer=on_cpu))
+    kv_heads = model.cfg.num_kv_heads
+    cache = _constrain_cache(model.init_cache(b, p + max_new - 1, per_layer=on_cpu), kv_heads)
     if on_cpu and decode_weights is None:
         decode_weights = cpu_decode_weights(model)
     layers = decode_weights["layers"] if on_cpu else None
     fused = decode_weights["fused"] if on_cpu else None
     logits, cache = _prefill(model, ids, positions, mask, cache, layers, fused)
-    cache = _constrain_cache(cache)
+    cache = _constrain_cache(cache, kv_heads)
 
     eos = jnp.asarray(spec.eos_token_ids or (-1,), jnp.int32)
     seq_len = max((len(s) for s in spec.stop_sequences), default=0)
@@ -373,7 +373,7 @@ def _generate_jit(graphdef, params, prompt_ids, prompt_mask, rng_keys, temperatu
             state["tok"][:, None], pos, jnp.ones_like(pos), state["cache"], p + step - 1, layers=layers,
             fused=fused,
         )
-        state = dict(state, cache=_constrain_cache(cache))
+        state = dict(state, cache=_constrain_cache(cache, kv_heads))
         return record(state, step, *pick(logits[:, 0], step, state["done"], state["window"]))
 
     state = jax.lax.while_loop(cond, body, state)

@@ -112,10 +112,29 @@ def cache_bias(q_segment: jax.Array, q_slot: jax.Array, kv_segment: jax.Array) -
     return jnp.where(keep, 0.0, NEG_INF).astype(jnp.float32)
 
 
-def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, bias: jax.Array) -> jax.Array:
+HEADS_MAJOR_CACHE_AXES = ("batch", "act_kv_heads", "cache_length", "head_dim")
+
+
+def heads_major_cache_axes(batch: int, kv_heads: int, squeeze: bool) -> tuple[str, ...]:
+    """Logical axes of a heads-major k / v buffer: [B, KV, S, hd], or with ``squeeze`` (the CPU
+    per-layer buffers, :meth:`Transformer.init_cache`) without its size-1 B and KV dims.
+
+    XLA:CPU drops a dot's size-1 dims through a bitcast of its operand; a bitcast between a
+    buffer's in-place update and the attention's dot that reads it made XLA duplicate the update
+    and copy the whole buffer (four copies of every layer's k and v per batch-1 decode step,
+    growing with the cache). A buffer without size-1 dims is read by the dot as it is."""
+    if not squeeze:
+        return HEADS_MAJOR_CACHE_AXES
+    kept = [name for name, size in (("batch", batch), ("act_kv_heads", kv_heads)) if size != 1]
+    return (*kept, "cache_length", "head_dim")
+
+
+def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, bias: jax.Array,
+                     kv_heads: int | None = None) -> jax.Array:
     """softmax(q k^T / sqrt(hd) + bias) v over a heads-major cache, fp32 scores.
 
-    q [B, T, H, hd]; k_cache / v_cache [B, KV, S, hd]; bias [B, T, S] (:func:`cache_bias`).
+    q [B, T, H, hd]; k_cache / v_cache [B, KV, S, hd], or without their size-1 B / KV dims
+    (:func:`heads_major_cache_axes`; then ``kv_heads`` names KV); bias [B, T, S] (:func:`cache_bias`).
     Both products are dots with the batch dims (B, KV) leading and one contracting dim, so
     XLA:CPU reads the cache in place: scores [B, KV, T*G, S] = q_h . k^T, out = probs . v.
     (A [B, S, KV, hd] cache would be copied into a transposed layout for each product, every
@@ -123,13 +142,14 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, bias:
     underflows to the same 0. Every cached pass (prefill, decode; any cache layout) runs this.
     """
     b, t, h, hd = q.shape
-    kvh, s = k_cache.shape[1], k_cache.shape[2]
+    kvh = k_cache.shape[1] if k_cache.ndim == 4 else kv_heads
+    s, lead = k_cache.shape[-2], k_cache.shape[:-2]
     g = h // kvh
-    q_h = q.reshape(b, t, kvh, g, hd).transpose(0, 2, 1, 3, 4).reshape(b, kvh, t * g, hd)
-    scores = jnp.einsum("bknd,bksd->bkns", q_h, k_cache.astype(q.dtype), preferred_element_type=jnp.float32)
+    q_h = q.reshape(b, t, kvh, g, hd).transpose(0, 2, 1, 3, 4).reshape(*lead, t * g, hd)
+    scores = jnp.einsum("...nd,...sd->...ns", q_h, k_cache.astype(q.dtype), preferred_element_type=jnp.float32)
     scores = (scores / math.sqrt(hd)).reshape(b, kvh, t, g, s) + bias[:, None, :, None, :]
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).reshape(b, kvh, t * g, s)
-    out = jnp.einsum("bkns,bksd->bknd", probs, v_cache.astype(q.dtype))
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).reshape(*lead, t * g, s)
+    out = jnp.einsum("...ns,...sd->...nd", probs, v_cache.astype(q.dtype))
     return out.reshape(b, kvh, t, g, hd).transpose(0, 2, 1, 3, 4).reshape(b, t, h, hd)
 
 
@@ -327,17 +347,22 @@ class Attention(nnx.Module):
 
     def with_heads_major_cache(self, x, positions, k_cache, v_cache, bias, cache_index, qkv_kernel=None):
         """Self-attention of ``x`` [B, T, D] over this layer's heads-major cache k/v
-        [B, KV, S, hd]: the new keys / values are written at slots [cache_index, cache_index + T)
-        (an in-place update of a buffer the decode loop carries), then :func:`cached_attention`
-        with ``bias`` [B, T, S] (:func:`cache_bias`, the slots' segments already updated).
+        [B, KV, S, hd] (or without its size-1 B / KV dims: :func:`heads_major_cache_axes`): the
+        new keys / values are written at slots [cache_index, cache_index + T) (an in-place update
+        of a buffer the decode loop carries), then :func:`cached_attention` with ``bias``
+        [B, T, S] (:func:`cache_bias`, the slots' segments already updated).
         Returns the output and the updated (k_cache, v_cache)."""
         q, k, v = self._qkv(x, positions, qkv_kernel)
-        axes = ("batch", "act_kv_heads", "cache_length", "head_dim")
-        k_cache = constrain(jax.lax.dynamic_update_slice_in_dim(
-            k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype), cache_index, axis=2), axes)
-        v_cache = constrain(jax.lax.dynamic_update_slice_in_dim(
-            v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), cache_index, axis=2), axes)
-        out = cached_attention(q, k_cache, v_cache, bias)
+        kvh = self.cfg.num_kv_heads
+        axes = heads_major_cache_axes(x.shape[0], kvh, squeeze=k_cache.ndim < 4)
+
+        def update(cache, new):  # new [B, T, KV, hd] -> the cache's layout, written at cache_index
+            new = new.transpose(0, 2, 1, 3).reshape(*cache.shape[:-2], new.shape[1], new.shape[3])
+            return constrain(jax.lax.dynamic_update_slice_in_dim(
+                cache, new.astype(cache.dtype), cache_index, axis=cache.ndim - 2), axes)
+
+        k_cache, v_cache = update(k_cache, k), update(v_cache, v)
+        out = cached_attention(q, k_cache, v_cache, bias, kv_heads=kvh)
         return self._output(out, x.dtype), (k_cache, v_cache)
 
     def __call__(self, x, positions, q_segment, q_slot):
@@ -540,13 +565,16 @@ class Transformer(nnx.Module):
         """Empty heads-major KV cache: k/v [L, B, KV, S, hd] and per-slot segment ids [B, S]
         (0 = empty), shared by all layers (every layer fills the same slots).
 
-        ``per_layer`` (the CPU decode layout): k/v as lists of L arrays [B, KV, S, hd]. A decode
-        loop then updates each layer's buffer in place; with the stacked layout XLA:CPU slices,
-        updates and writes back the whole [L, ...] cache once per layer per step."""
+        ``per_layer`` (the CPU decode layout): k/v as lists of L arrays [B, KV, S, hd] without
+        their size-1 B / KV dims (:func:`heads_major_cache_axes`). A decode loop then updates each
+        layer's buffer in place; with the stacked layout XLA:CPU slices, updates and writes back
+        the whole [L, ...] cache once per layer per step."""
         cfg = self.cfg
         dtype = dtype or cfg.dtype
         shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
         if per_layer:
+            sizes = dict(zip(HEADS_MAJOR_CACHE_AXES, shape))
+            shape = tuple(sizes[a] for a in heads_major_cache_axes(batch, cfg.num_kv_heads, squeeze=True))
             k = [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)]
             v = [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)]
         else:
