@@ -80,7 +80,6 @@ PEAK_HBM_BYTES_PER_S = {
     "TPU v4": 1.2e12,
 }
 
-PROMPT_LEN = 16
 
 
 def peak_bandwidth(device_kind: str) -> float | None:
@@ -178,7 +177,7 @@ def profile_generate(sampler: Sampler, prompts: list[list[int]], n_new: int) -> 
 
     b = len(prompts)
     ids = np.asarray(prompts, np.int32)
-    cfg = SamplingConfig(max_new_tokens=n_new, eos_token_ids=(), batch_size=b, prompt_bucket=PROMPT_LEN)
+    cfg = SamplingConfig(max_new_tokens=n_new, eos_token_ids=(), batch_size=b, prompt_bucket=ids.shape[1])
     args = (sampler.graphdef, sampler.params, ids, np.ones_like(ids), row_keys(0, range(b), [0] * b),
             np.float32(1.0), np.float32(1.0), sampler.cpu_decode_weights())
     compiled = _generate_jit.lower(*args, spec=_spec_of(cfg, (), 0)).compile()
@@ -215,6 +214,8 @@ def main() -> None:
     ap.add_argument("--torch-threads", type=int, default=0, help="0 = the faster of 1 and all cores, per batch size")
     ap.add_argument("--no-hf", action="store_true", help="time only the dcd-jax sampler")
     ap.add_argument("--no-profile", action="store_true", help="skip the per-op-class profile of each batch")
+    ap.add_argument("--prompt-len", type=int, default=16,
+                    help="prompt tokens per row (the KV cache holds prompt + new tokens - 1 slots)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.quick:
@@ -246,8 +247,8 @@ def main() -> None:
     rng = np.random.RandomState(0)
     rows = []
     for b in batches:
-        prompts = rng.randint(0, args.vocab, (b, PROMPT_LEN)).tolist()
-        configs = {n: SamplingConfig(max_new_tokens=n, eos_token_ids=(), batch_size=b, prompt_bucket=PROMPT_LEN)
+        prompts = rng.randint(0, args.vocab, (b, args.prompt_len)).tolist()
+        configs = {n: SamplingConfig(max_new_tokens=n, eos_token_ids=(), batch_size=b, prompt_bucket=args.prompt_len)
                    for n in (n_new, 1)}
         compile_s = {}
         for n, sc in configs.items():
@@ -307,7 +308,7 @@ def main() -> None:
         })
         if hf is not None:
             hf_step = (med["hf"][n_new] - med["hf"][1]) / (n_new - 1)
-            hf_tokens = hf_outs[-1][:, PROMPT_LEN:].tolist()
+            hf_tokens = hf_outs[-1][:, args.prompt_len:].tolist()
             row.update({
                 "hf_total_s": med["hf"][n_new],
                 "hf_prefill_s": med["hf"][1],
@@ -316,12 +317,12 @@ def main() -> None:
                 "speedup": hf_step / step_s,
                 "greedy_rows_identical_to_hf": float(np.mean([a == h for a, h in zip(our_tokens, hf_tokens)])),
             })
-        slots = PROMPT_LEN + n_new - 1
+        slots = args.prompt_len + n_new - 1
         if on_cpu:
             def our_step_s(b=b, prompts=prompts):
                 times = {}
                 for n in (n_new, 1):
-                    sc = SamplingConfig(max_new_tokens=n, eos_token_ids=(), batch_size=b, prompt_bucket=PROMPT_LEN)
+                    sc = SamplingConfig(max_new_tokens=n, eos_token_ids=(), batch_size=b, prompt_bucket=args.prompt_len)
                     times[n] = median_time(lambda sc=sc: sampler.generate(prompts, sc), 1)
                 return (times[n_new] - times[1]) / (n_new - 1)
 
@@ -373,7 +374,7 @@ def main() -> None:
             "family": "qwen2", "params": info["params"], "hidden": args.hidden, "layers": args.layers,
             "heads": args.heads, "kv_heads": args.kv_heads, "mlp": args.mlp, "vocab": args.vocab, "dtype": dtype,
         },
-        "prompt_len": PROMPT_LEN,
+        "prompt_len": args.prompt_len,
         "new_tokens": n_new,
         "method": "decode tok/s = batch*(N-1)/(t(N)-t(1)), greedy, EOS off, median of repeats after warm-up",
         "rows": rows,
@@ -381,7 +382,7 @@ def main() -> None:
 
     print(f"\nSampler decode throughput on {kind} ({device.platform}), "
           f"qwen2-shaped {info['params'] / 1e6:.1f}M params, "
-          f"{dtype}, prompt {PROMPT_LEN}, {n_new} new tokens\n")
+          f"{dtype}, prompt {args.prompt_len}, {n_new} new tokens\n")
     head = (f"{'batch':>5} | {'dcd-jax tok/s':>13} | {'step ms':>8} | {'HF tok/s':>9} | {'HF step ms':>10} | "
             f"{'speedup':>7} | {'=HF':>4}")
     head += f" | {'BW roofline':>11} | {'matmul floor':>12}"
