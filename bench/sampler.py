@@ -81,7 +81,6 @@ PEAK_HBM_BYTES_PER_S = {
 }
 
 
-
 def peak_bandwidth(device_kind: str) -> float | None:
     for name, bw in PEAK_HBM_BYTES_PER_S.items():
         if name.lower() in device_kind.lower():
@@ -319,11 +318,8 @@ def main() -> None:
             })
         slots = args.prompt_len + n_new - 1
         if on_cpu:
-            def our_step_s(b=b, prompts=prompts):
-                times = {}
-                for n in (n_new, 1):
-                    sc = SamplingConfig(max_new_tokens=n, eos_token_ids=(), batch_size=b, prompt_bucket=args.prompt_len)
-                    times[n] = median_time(lambda sc=sc: sampler.generate(prompts, sc), 1)
+            def our_step_s(prompts=prompts, configs=configs):
+                times = {n: median_time(lambda sc=sc: sampler.generate(prompts, sc), 1) for n, sc in configs.items()}
                 return (times[n_new] - times[1]) / (n_new - 1)
 
             # Against the step's own matmuls alone (XLA, same shapes and layouts), in the same rounds:
