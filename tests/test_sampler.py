@@ -102,9 +102,10 @@ def test_greedy_matches_transformers_generate(family, tmp_path):
 
 def test_batch_one_decode_updates_the_cache_in_place(tmp_path):
     """Batch 1 with one KV head (qwen3 fixture): the CPU per-layer KV buffers drop both size-1
-    dims ([S, hd]), the decode program copies no KV buffer (XLA:CPU duplicated the in-place update
-    of a [1, 1, S, hd] buffer and copied it, four times per layer per step: decode time grew with
-    the cache), and greedy tokens and per-token log-probs still equal transformers'."""
+    dims (keys [hd, S], values [S, hd]), the decode program copies no KV buffer (XLA:CPU
+    duplicated the in-place update of a [1, 1, S, hd] buffer and copied it, four times per layer
+    per step: decode time grew with the cache), and greedy tokens and per-token log-probs still
+    equal transformers'."""
     import re
 
     hf_model = make_hf_model("qwen3")
@@ -122,16 +123,46 @@ def test_batch_one_decode_updates_the_cache_in_place(tmp_path):
 
     cache = model.init_cache(1, 24, per_layer=True)
     slots, hd = 24, model.cfg.head_dim
-    assert all(x.shape == (slots, hd) for x in cache["k"] + cache["v"])
+    assert all(x.shape == (hd, slots) for x in cache["k"]) and all(x.shape == (slots, hd) for x in cache["v"])
     ids = np.asarray(prompt, np.int32)
     args = (sampler.graphdef, sampler.params, ids, np.ones_like(ids), row_keys(0, [0], [0]), np.float32(1.0),
             np.float32(1.0), sampler.cpu_decode_weights())
     hlo = sampler_mod._generate_jit.lower(*args, spec=sampler_mod._spec_of(cfg, (), 0)).compile().as_text()
     slots = ids.shape[1] + MAX_NEW - 1
-    buffer = rf"f32\[(?:1,)?(?:1,)?{slots},{hd}\]"
+    buffer = rf"f32\[(?:1,)?(?:1,)?(?:{slots},{hd}|{hd},{slots})\]"
     assert re.search(buffer, hlo), "the KV buffers should appear in the decode program"
     copies = re.findall(rf"= {buffer}\S* copy\(", hlo)
     assert not copies, f"{len(copies)} copies of a KV buffer in the decode program"
+
+
+def test_long_prompt_prefill_attends_blockwise_and_matches_transformers(tmp_path):
+    """A prefill writes slots [0, P): it attends over its own rows with the training pass's causal
+    kernel (query blocks, upper triangle skipped), not over the whole cache: greedy tokens and
+    per-token log-probs equal transformers' across several query blocks, and the compiled program
+    never forms the [.., P * G, S] score tensor of a dense pass over the cache."""
+    import re
+
+    hf_model = make_hf_model("qwen2")
+    sampler = Sampler.from_model(dcd_jax.load_hf(save_hf_model("qwen2", tmp_path / "qwen2")))
+    prompts = _prompts(6, [200, 131])
+    cfg = SamplingConfig(max_new_tokens=MAX_NEW, eos_token_ids=(), batch_size=2, logprobs=True)
+    out = sampler.generate(prompts, cfg)
+    assert [c[0].token_ids for c in out] == _hf_greedy(hf_model, prompts, MAX_NEW, None)
+    for prompt, c in zip(prompts, out):
+        seq = np.asarray([prompt + c[0].token_ids])
+        logits = hf_logits(hf_model, seq)[0].astype(np.float64)
+        logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+        at = np.arange(len(prompt) - 1, seq.shape[1] - 1)
+        np.testing.assert_allclose(c[0].logprobs, logp[at, seq[0, at + 1]], atol=2e-4, rtol=0)
+
+    p = prompt_bucket_length(200, cfg.prompt_bucket)
+    ids = np.asarray([x + [0] * (p - len(x)) for x in prompts], np.int32)
+    args = (sampler.graphdef, sampler.params, ids, (ids > 0).astype(np.int32), row_keys(0, [0, 1], [0, 0]),
+            np.float32(1.0), np.float32(1.0), sampler.cpu_decode_weights())
+    hlo = sampler_mod._generate_jit.lower(*args, spec=sampler_mod._spec_of(cfg, (), 0)).compile().as_text()
+    groups, slots = 6 // 2, p + MAX_NEW - 1
+    assert re.search(rf"f32\[[0-9,]*,{slots}\]", hlo), "the decode steps' scores over the cache should appear"
+    assert not re.search(rf"[\[,]{p * groups},{slots}\]", hlo), "a dense [P * G, S] score tensor in the prefill"
 
 
 # Most tests share one compiled program shape (batch bucket 4, prompt bucket 16, 8 new tokens):

@@ -60,7 +60,7 @@ import numpy as np
 from flax import nnx
 
 from dcd_jax.models import bind, positions_from_mask
-from dcd_jax.models.transformer import HEADS_MAJOR_CACHE_AXES, heads_major_cache_axes
+from dcd_jax.models.transformer import HEADS_MAJOR_CACHE_AXES, per_layer_cache_axes
 from dcd_jax.sharding import batch_shards, constrain, named_sharding, traced_for_cpu
 
 __all__ = [
@@ -257,13 +257,13 @@ def _prefill(model, ids, positions, segment_ids, cache, layers, fused):
 
 def _constrain_cache(cache: dict, kv_heads: int) -> dict:
     """Transformer.init_cache's layout: heads-major k/v stacked [L, B, KV, S, hd], or (on CPU) one
-    array per layer without size-1 B / KV dims; slot segments [B, S]."""
+    array per layer (:func:`per_layer_cache_axes`); slot segments [B, S]."""
     batch = cache["segment_ids"].shape[0]
     out = {"segment_ids": constrain(cache["segment_ids"], ("batch", "cache_length"))}
     for name in ("k", "v"):
         value = cache[name]
         if isinstance(value, (list, tuple)):
-            axes = heads_major_cache_axes(batch, kv_heads, squeeze=True)
+            axes = per_layer_cache_axes(batch, kv_heads, name)
             out[name] = [constrain(x, axes) for x in value]
         else:
             out[name] = constrain(value, ("layers", *HEADS_MAJOR_CACHE_AXES))

@@ -115,39 +115,47 @@ def cache_bias(q_segment: jax.Array, q_slot: jax.Array, kv_segment: jax.Array) -
 HEADS_MAJOR_CACHE_AXES = ("batch", "act_kv_heads", "cache_length", "head_dim")
 
 
-def heads_major_cache_axes(batch: int, kv_heads: int, squeeze: bool) -> tuple[str, ...]:
-    """Logical axes of a heads-major k / v buffer: [B, KV, S, hd], or with ``squeeze`` (the CPU
-    per-layer buffers, :meth:`Transformer.init_cache`) without its size-1 B and KV dims.
+def per_layer_cache_axes(batch: int, kv_heads: int, name: str) -> tuple[str, ...]:
+    """Logical axes of a CPU per-layer ``k`` or ``v`` buffer (:meth:`Transformer.init_cache` with
+    ``per_layer``): heads-major without its size-1 B and KV dims, the keys with slots minor
+    ([B, KV, hd, S]) and the values [B, KV, S, hd].
 
-    XLA:CPU drops a dot's size-1 dims through a bitcast of its operand; a bitcast between a
-    buffer's in-place update and the attention's dot that reads it made XLA duplicate the update
-    and copy the whole buffer (four copies of every layer's k and v per batch-1 decode step,
-    growing with the cache). A buffer without size-1 dims is read by the dot as it is."""
-    if not squeeze:
-        return HEADS_MAJOR_CACHE_AXES
-    kept = [name for name, size in (("batch", batch), ("act_kv_heads", kv_heads)) if size != 1]
-    return (*kept, "cache_length", "head_dim")
+    Size-1 dims: XLA:CPU drops a dot's size-1 dims through a bitcast of its operand; a bitcast
+    between a buffer's in-place update and the attention's dot that reads it made XLA duplicate the
+    update and copy the whole buffer (four copies of every layer's k and v per batch-1 decode step,
+    growing with the cache). A buffer without size-1 dims is read by the dot as it is.
+    Keys slots-minor: the score product ``q [G, hd] . k`` then contracts the buffer's major dim,
+    the form XLA:CPU's small-matrix dots stream fastest (like ``probs . v``); against [S, hd] keys
+    the score dot took ~3x the time of the value dot at 16 rows x 1055 slots."""
+    kept = [axis for axis, size in (("batch", batch), ("act_kv_heads", kv_heads)) if size != 1]
+    return (*kept, "head_dim", "cache_length") if name == "k" else (*kept, "cache_length", "head_dim")
 
 
 def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, bias: jax.Array,
-                     kv_heads: int | None = None) -> jax.Array:
+                     kv_heads: int | None = None, *, keys_transposed: bool = False) -> jax.Array:
     """softmax(q k^T / sqrt(hd) + bias) v over a heads-major cache, fp32 scores.
 
-    q [B, T, H, hd]; k_cache / v_cache [B, KV, S, hd], or without their size-1 B / KV dims
-    (:func:`heads_major_cache_axes`; then ``kv_heads`` names KV); bias [B, T, S] (:func:`cache_bias`).
+    q [B, T, H, hd]; k_cache / v_cache [B, KV, S, hd], or a CPU per-layer buffer
+    (:func:`per_layer_cache_axes`: without its size-1 B / KV dims, then ``kv_heads`` names KV; with
+    ``keys_transposed`` the keys are [B, KV, hd, S]); bias [B, T, S] (:func:`cache_bias`).
     Both products are dots with the batch dims (B, KV) leading and one contracting dim, so
     XLA:CPU reads the cache in place: scores [B, KV, T*G, S] = q_h . k^T, out = probs . v.
     (A [B, S, KV, hd] cache would be copied into a transposed layout for each product, every
     layer of every decode step.) The additive bias equals the masked select: exp(s - 1e30 - max)
-    underflows to the same 0. Every cached pass (prefill, decode; any cache layout) runs this.
+    underflows to the same 0. Every decode step runs this (any cache layout); a prefill from slot 0
+    attends over its own rows instead (:meth:`Attention.with_heads_major_cache`).
     """
     b, t, h, hd = q.shape
-    kvh = k_cache.shape[1] if k_cache.ndim == 4 else kv_heads
-    s, lead = k_cache.shape[-2], k_cache.shape[:-2]
+    kvh = v_cache.shape[1] if v_cache.ndim == 4 else kv_heads
+    s, lead = v_cache.shape[-2], v_cache.shape[:-2]
     g = h // kvh
-    q_h = q.reshape(b, t, kvh, g, hd).transpose(0, 2, 1, 3, 4).reshape(*lead, t * g, hd)
-    scores = jnp.einsum("...nd,...sd->...ns", q_h, k_cache.astype(q.dtype), preferred_element_type=jnp.float32)
-    scores = (scores / math.sqrt(hd)).reshape(b, kvh, t, g, s) + bias[:, None, :, None, :]
+    # q scaled, not the scores: XLA:CPU fused the scores' scale as a materialized [B, KV, T*G, S]
+    # operand of the score dot's fusion, read again by every layer of every decode step.
+    q_h = (q * jnp.asarray(1.0 / math.sqrt(hd), q.dtype)).reshape(b, t, kvh, g, hd)
+    q_h = q_h.transpose(0, 2, 1, 3, 4).reshape(*lead, t * g, hd)
+    spec = "...nd,...ds->...ns" if keys_transposed else "...nd,...sd->...ns"
+    scores = jnp.einsum(spec, q_h, k_cache.astype(q.dtype), preferred_element_type=jnp.float32)
+    scores = scores.reshape(b, kvh, t, g, s) + bias[:, None, :, None, :]
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).reshape(*lead, t * g, s)
     out = jnp.einsum("...ns,...sd->...nd", probs, v_cache.astype(q.dtype))
     return out.reshape(b, kvh, t, g, hd).transpose(0, 2, 1, 3, 4).reshape(b, t, h, hd)
@@ -345,41 +353,58 @@ class Attention(nnx.Module):
             y = y + self.o_proj["bias"][...].astype(dtype)
         return y
 
-    def with_heads_major_cache(self, x, positions, k_cache, v_cache, bias, cache_index, qkv_kernel=None):
+    def with_heads_major_cache(self, x, positions, k_cache, v_cache, bias, cache_index, qkv_kernel=None, *,
+                               per_layer: bool = False, own_rows=None):
         """Self-attention of ``x`` [B, T, D] over this layer's heads-major cache k/v
-        [B, KV, S, hd] (or without its size-1 B / KV dims: :func:`heads_major_cache_axes`): the
+        [B, KV, S, hd] (``per_layer``: a CPU per-layer buffer, :func:`per_layer_cache_axes`): the
         new keys / values are written at slots [cache_index, cache_index + T) (an in-place update
         of a buffer the decode loop carries), then :func:`cached_attention` with ``bias``
         [B, T, S] (:func:`cache_bias`, the slots' segments already updated).
+        ``own_rows`` (q_segment, q_slot) [B, T], for a pass writing slots [0, T) (a prefill): every
+        slot a query may see is then one of its own rows', so the attention is the training pass's
+        causal kernel over the new k / v (:meth:`_causal_attention`; ``bias`` unused), which skips
+        the upper triangle and never forms [B, KV, T*G, S] scores.
         Returns the output and the updated (k_cache, v_cache)."""
         q, k, v = self._qkv(x, positions, qkv_kernel)
         kvh = self.cfg.num_kv_heads
-        axes = heads_major_cache_axes(x.shape[0], kvh, squeeze=k_cache.ndim < 4)
+        k_axes, v_axes = ([per_layer_cache_axes(x.shape[0], kvh, name) for name in ("k", "v")] if per_layer
+                          else [HEADS_MAJOR_CACHE_AXES] * 2)
 
-        def update(cache, new):  # new [B, T, KV, hd] -> the cache's layout, written at cache_index
-            new = new.transpose(0, 2, 1, 3).reshape(*cache.shape[:-2], new.shape[1], new.shape[3])
+        def update(cache, new, axes):  # new [B, T, KV, hd] -> the cache's layout, written at cache_index
+            new = new.transpose(0, 2, 1, 3)  # [B, KV, T, hd]
+            slots_minor = axes[-1] == "cache_length"
+            if slots_minor:
+                new = jnp.swapaxes(new, -1, -2)
+            new = new.reshape(*cache.shape[:-2], *new.shape[-2:])
             return constrain(jax.lax.dynamic_update_slice_in_dim(
-                cache, new.astype(cache.dtype), cache_index, axis=cache.ndim - 2), axes)
+                cache, new.astype(cache.dtype), cache_index, axis=cache.ndim - (1 if slots_minor else 2)), axes)
 
-        k_cache, v_cache = update(k_cache, k), update(v_cache, v)
-        out = cached_attention(q, k_cache, v_cache, bias, kv_heads=kvh)
+        k_cache, v_cache = update(k_cache, k, k_axes), update(v_cache, v, v_axes)
+        if own_rows is not None:
+            out = self._causal_attention(q, k, v, *own_rows)
+        else:
+            out = cached_attention(q, k_cache, v_cache, bias, kv_heads=kvh,
+                                   keys_transposed=k_axes[-1] == "cache_length")
         return self._output(out, x.dtype), (k_cache, v_cache)
+
+    def _causal_attention(self, q, k, v, q_segment, q_slot):
+        """Causal attention of q [B, T, H, hd] over k / v [B, T, KV, hd] of the same packed rows
+        (slots 0..T-1) with the configured kernel."""
+        attention = self.cfg.attention
+        if attention == "splash":
+            return splash_attention(q, k, v, q_segment)  # causal + segments, no [T, T] mask
+        if attention == "einsum":
+            return blockwise_causal_attention(q, k, v, q_segment)
+        # Slots are 0..T-1 here, so is_causal is exact and lets cuDNN skip the upper triangle;
+        # the mask adds the packed-segment (and padding) restriction.
+        mask = attention_mask(q_segment, q_slot, q_segment, q_slot)
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, 0], is_causal=True, implementation=attention)
 
     def __call__(self, x, positions, q_segment, q_slot):
         """Causal self-attention of ``x`` [B, T, D] over its own packed rows (slots 0..T-1; the
         training and scoring pass; cached passes use :meth:`with_heads_major_cache`)."""
-        cfg = self.cfg
         q, k, v = self._qkv(x, positions)
-        if cfg.attention == "splash":
-            out = splash_attention(q, k, v, q_segment)  # causal + segments, no [T, T] mask
-        elif cfg.attention == "einsum":
-            out = blockwise_causal_attention(q, k, v, q_segment)
-        else:
-            # Slots are 0..T-1 here, so is_causal is exact and lets cuDNN skip the upper triangle;
-            # the mask adds the packed-segment (and padding) restriction.
-            mask = attention_mask(q_segment, q_slot, q_segment, q_slot)
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, 0], is_causal=True, implementation=cfg.attention)
-        return self._output(out, x.dtype), None
+        return self._output(self._causal_attention(q, k, v, q_segment, q_slot), x.dtype), None
 
 
 class MLP(nnx.Module):
@@ -422,12 +447,14 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x, positions, q_segment, q_slot):
         return self._block(x, lambda h: self.attn(h, positions, q_segment, q_slot))
 
-    def with_heads_major_cache(self, x, positions, k_cache, v_cache, bias, cache_index, fused=None):
+    def with_heads_major_cache(self, x, positions, k_cache, v_cache, bias, cache_index, fused=None, *,
+                               per_layer: bool = False, own_rows=None):
         """The layer over its own heads-major cache (see :meth:`Attention.with_heads_major_cache`);
         ``fused``: this layer's {"qkv", "gate_up"} kernels (:meth:`Transformer.fused_decode_weights`)."""
         fused = fused or {}
         return self._block(x, lambda h: self.attn.with_heads_major_cache(h, positions, k_cache, v_cache, bias,
-                                                                        cache_index, fused.get("qkv")),
+                                                                        cache_index, fused.get("qkv"),
+                                                                        per_layer=per_layer, own_rows=own_rows),
                            fused.get("gate_up"))
 
 
@@ -521,11 +548,15 @@ class Transformer(nnx.Module):
     def _run_layers_cached(self, x, positions, segment_ids, slots, cache, cache_index, layers=None, fused=None):
         """The layers as a Python loop over static layer indices, each over its heads-major cache
         (a per-layer buffer, or a slice of the stacked one updated in place): the shared slot
-        segments and the attention bias are updated / built once, not per layer."""
+        segments and the attention bias are updated / built once, not per layer. A pass from slot 0
+        (a prefill; ``cache_index`` the int 0) attends over its own rows (``own_rows`` of
+        :meth:`Attention.with_heads_major_cache`): causality hides every later slot."""
         layer_def, layer_state = nnx.split(self.layers)
         kv_segment = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, cache_index, axis=1)
         kv_segment = constrain(kv_segment, ("batch", "cache_length"))
-        bias = cache_bias(segment_ids, slots, kv_segment)
+        from_start = isinstance(cache_index, int) and cache_index == 0
+        own_rows = (segment_ids, slots) if from_start else None
+        bias = None if from_start else cache_bias(segment_ids, slots, kv_segment)
         ks, vs = cache["k"], cache["v"]
         per_layer = isinstance(ks, (list, tuple))
         ks, vs = (list(ks), list(vs)) if per_layer else (ks, vs)
@@ -533,7 +564,8 @@ class Transformer(nnx.Module):
             state = layers[i] if layers is not None else jax.tree.map(lambda a: a[i], layer_state)
             layer = nnx.merge(layer_def, state)
             x, (k, v) = layer.with_heads_major_cache(x, positions, ks[i], vs[i], bias, cache_index,
-                                                     fused["layers"][i] if fused is not None else None)
+                                                     fused["layers"][i] if fused is not None else None,
+                                                     per_layer=per_layer, own_rows=own_rows)
             if per_layer:
                 ks[i], vs[i] = k, v
             else:
@@ -565,18 +597,17 @@ class Transformer(nnx.Module):
         """Empty heads-major KV cache: k/v [L, B, KV, S, hd] and per-slot segment ids [B, S]
         (0 = empty), shared by all layers (every layer fills the same slots).
 
-        ``per_layer`` (the CPU decode layout): k/v as lists of L arrays [B, KV, S, hd] without
-        their size-1 B / KV dims (:func:`heads_major_cache_axes`). A decode loop then updates each
-        layer's buffer in place; with the stacked layout XLA:CPU slices, updates and writes back
-        the whole [L, ...] cache once per layer per step."""
+        ``per_layer`` (the CPU decode layout): k/v as lists of L arrays, k [B, KV, hd, S] and
+        v [B, KV, S, hd] without their size-1 B / KV dims (:func:`per_layer_cache_axes`). A decode
+        loop then updates each layer's buffer in place; with the stacked layout XLA:CPU slices,
+        updates and writes back the whole [L, ...] cache once per layer per step."""
         cfg = self.cfg
         dtype = dtype or cfg.dtype
         shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
         if per_layer:
             sizes = dict(zip(HEADS_MAJOR_CACHE_AXES, shape))
-            shape = tuple(sizes[a] for a in heads_major_cache_axes(batch, cfg.num_kv_heads, squeeze=True))
-            k = [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)]
-            v = [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)]
+            k, v = ([jnp.zeros(tuple(sizes[a] for a in per_layer_cache_axes(batch, cfg.num_kv_heads, name)), dtype)
+                     for _ in range(cfg.num_layers)] for name in ("k", "v"))
         else:
             k = jnp.zeros((cfg.num_layers, *shape), dtype)
             v = jnp.zeros((cfg.num_layers, *shape), dtype)
