@@ -453,18 +453,22 @@ def sampler_section() -> str | None:
         d = json.loads(path.read_text())
         rows = [[r["batch"], r.get("dcd_jax_decode_tok_s"), r.get("hf_decode_tok_s"), r.get("speedup"),
                  r.get("host_bandwidth_roofline_fraction", r.get("hbm_roofline_fraction")),
-                 r.get("matmul_floor_fraction")] for r in d["rows"]]
+                 r.get("matmul_floor_fraction"), r.get("dcd_jax_prefill_s"), r.get("hf_prefill_s")] for r in d["rows"]]
         paired = any("matmul_floor_fraction" in r for r in d["rows"])
+        prompt = f", prompts of {d['prompt_len']} tokens" if "prompt_len" in d else ""
         parts.append(
             f"### Sampler decode ({path.name}: {d['device_kind']}{_cpu_note(d.get('cpu'))}, "
-            f"{d['model']['params'] / 1e6:.1f}M Qwen2 shape{_load_note(d.get('load_average_1m_before_after'))})\n\n"
+            f"{d['model']['params'] / 1e6:.1f}M Qwen2 shape{prompt}"
+            f"{_load_note(d.get('load_average_1m_before_after'))})\n\n"
             + ("Host limits, each paired with our step (median over rounds of a reference probe and our step back to "
                "back): bandwidth roofline = (param + KV bytes) / step time over the bandwidth a jitted matvec streams "
                "here; matmul floor = the time of the step's own matmuls alone (XLA, same shapes and decode layouts, "
                "chained; no attention, norms or sampling) over the whole step's time (above 1: those dots chained "
                "alone ran slower than inside our step).\n\n" if paired else "")
+            + "Prefill: one generate call with a single new token (the prompt's pass and the first token), "
+            "median seconds.\n\n"
             + _table(["batch", "dcd-jax tok/s", "transformers tok/s", "ratio", "bandwidth roofline (batch 1)",
-                      "matmul floor"], rows)
+                      "matmul floor", "dcd-jax prefill s", "transformers prefill s"], rows)
         )
     return "\n\n".join(parts) + "\n"
 

@@ -69,6 +69,16 @@ def _hf_greedy(hf_model, prompts, max_new, eos):
     return rows
 
 
+def _assert_logprobs_match_hf(hf_model, prompts, completions):
+    """Each completion's per-token log-probs equal transformers' on prompt + completion."""
+    for prompt, c in zip(prompts, completions):
+        seq = np.asarray([prompt + c.token_ids])
+        logits = hf_logits(hf_model, seq)[0].astype(np.float64)
+        logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+        at = np.arange(len(prompt) - 1, seq.shape[1] - 1)
+        np.testing.assert_allclose(c.logprobs, logp[at, seq[0, at + 1]], atol=2e-4, rtol=0)
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_greedy_matches_transformers_generate(family, tmp_path):
     hf_model = make_hf_model(family)
@@ -92,12 +102,7 @@ def test_greedy_matches_transformers_generate(family, tmp_path):
     # Cached decoding sees exactly what a full forward pass sees: per-token log-probs of the
     # generated ids equal transformers' on prompt + completion (a sensitive check of positions,
     # cache slots and masks, which greedy ids of a tiny random model may not detect).
-    for prompt, c in zip(prompts, out):
-        seq = np.asarray([prompt + c[0].token_ids])
-        logits = hf_logits(hf_model, seq)[0].astype(np.float64)
-        logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
-        at = np.arange(len(prompt) - 1, seq.shape[1] - 1)
-        np.testing.assert_allclose(c[0].logprobs, logp[at, seq[0, at + 1]], atol=2e-4, rtol=0)
+    _assert_logprobs_match_hf(hf_model, prompts, [c[0] for c in out])
 
 
 def test_batch_one_decode_updates_the_cache_in_place(tmp_path):
@@ -115,11 +120,7 @@ def test_batch_one_decode_updates_the_cache_in_place(tmp_path):
     cfg = SamplingConfig(max_new_tokens=MAX_NEW, eos_token_ids=(), batch_size=1, logprobs=True)
     out = sampler.generate(prompt, cfg)[0][0]
     assert out.token_ids == _hf_greedy(hf_model, prompt, MAX_NEW, None)[0]
-    seq = np.asarray([prompt[0] + out.token_ids])
-    logits = hf_logits(hf_model, seq)[0].astype(np.float64)
-    logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
-    at = np.arange(len(prompt[0]) - 1, seq.shape[1] - 1)
-    np.testing.assert_allclose(out.logprobs, logp[at, seq[0, at + 1]], atol=2e-4, rtol=0)
+    _assert_logprobs_match_hf(hf_model, prompt, [out])
 
     cache = model.init_cache(1, 24, per_layer=True)
     slots, hd = 24, model.cfg.head_dim
@@ -148,12 +149,7 @@ def test_long_prompt_prefill_attends_blockwise_and_matches_transformers(tmp_path
     cfg = SamplingConfig(max_new_tokens=MAX_NEW, eos_token_ids=(), batch_size=2, logprobs=True)
     out = sampler.generate(prompts, cfg)
     assert [c[0].token_ids for c in out] == _hf_greedy(hf_model, prompts, MAX_NEW, None)
-    for prompt, c in zip(prompts, out):
-        seq = np.asarray([prompt + c[0].token_ids])
-        logits = hf_logits(hf_model, seq)[0].astype(np.float64)
-        logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
-        at = np.arange(len(prompt) - 1, seq.shape[1] - 1)
-        np.testing.assert_allclose(c[0].logprobs, logp[at, seq[0, at + 1]], atol=2e-4, rtol=0)
+    _assert_logprobs_match_hf(hf_model, prompts, [c[0] for c in out])
 
     p = prompt_bucket_length(200, cfg.prompt_bucket)
     ids = np.asarray([x + [0] * (p - len(x)) for x in prompts], np.int32)
