@@ -372,12 +372,11 @@ class Attention(nnx.Module):
 
         def update(cache, new, axes):  # new [B, T, KV, hd] -> the cache's layout, written at cache_index
             new = new.transpose(0, 2, 1, 3)  # [B, KV, T, hd]
-            slots_minor = axes[-1] == "cache_length"
-            if slots_minor:
+            if axes[-1] == "cache_length":  # keys slots-minor
                 new = jnp.swapaxes(new, -1, -2)
             new = new.reshape(*cache.shape[:-2], *new.shape[-2:])
             return constrain(jax.lax.dynamic_update_slice_in_dim(
-                cache, new.astype(cache.dtype), cache_index, axis=cache.ndim - (1 if slots_minor else 2)), axes)
+                cache, new.astype(cache.dtype), cache_index, axis=axes.index("cache_length")), axes)
 
         k_cache, v_cache = update(k_cache, k, k_axes), update(v_cache, v, v_axes)
         if own_rows is not None:
