@@ -57,6 +57,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import dcd_jax  # noqa: E402
+from dcd_jax import host_memory  # noqa: E402
 from dcd_jax.infer.sampler import Sampler, SamplingConfig  # noqa: E402
 
 # Peak HBM bandwidth (bytes/s) from vendor data sheets, matched by substring of device_kind
@@ -364,6 +365,7 @@ def main() -> None:
         "cpu_count": os.cpu_count(),
         "load_average_1m_before_after": [load_before[0], os.getloadavg()[0]],
         "torch_device": torch_device,
+        "host_allocator": host_memory.active(),
         "jax_version": jax.__version__,
         "torch_version": torch.__version__,
         "model": {
@@ -427,4 +429,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    host_memory.reexec_with_hugepage_malloc()  # the host allocator `dcd-jax` itself runs with
     main()

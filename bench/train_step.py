@@ -75,6 +75,8 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
+from dcd_jax import host_memory  # noqa: E402  (a plain module: no JAX import)
+
 MIB = 1024 * 1024
 TOPK = 20
 QWEN_TRUE_VOCAB = 151665  # Qwen2.5 tokenizer; the embedding has 151936 (padded) rows
@@ -879,6 +881,7 @@ def main(argv=None) -> int:
                                    else "fp32 compute and params, no remat"),
                      "optimizer": "AdamW lr 1e-5 constant, betas (0.9, 0.95), eps 1e-8, wd 0, clip 1.0 (both)",
                      "tokens_per_s": "B*T (all positions) / median step time"},
+        "host_allocator": host_memory.active(),
         "notes": notes,
         "total_wall_s": total_s,
         "load_average_1_5_15": {"start": load_start, "end": os.getloadavg()},
@@ -891,4 +894,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    host_memory.reexec_with_hugepage_malloc()  # the allocator `dcd-jax` runs with; both workers inherit it
     sys.exit(main())

@@ -366,13 +366,14 @@ def train_step_section() -> str | None:
         text = (
             f"### Train step (`{d.get('command', 'python bench/train_step.py')}`, {path.name}: {d['device']['device_kind']}, "
             f"{d['device'].get('cpu_count', '?')} cores{_cpu_note(d['device'].get('cpu'))}"
-            f"{_load_note(d.get('load_average_1_5_15', {}).get('start'))})\n\n"
+            f"{_load_note(d.get('load_average_1_5_15', {}).get('start'))}{_allocator_note(d.get('host_allocator'))})\n\n"
             + ("Ours and torch ran in lockstep, their timed rounds alternating, and our three objectives' steps "
                "rotated within each round, so every ratio is side by side in time. "
                if all(r.get("lockstep_with_torch") for r in d["runs"]) else "")
             + "ours/torch: tokens/s over wall time; CPU-time: the same over process CPU seconds per step (what a "
             "step costs when other jobs share the cores, where wall time also counts waiting for them); ours sys s: "
-            "the kernel's share of our step's CPU time (page faults on the step's freshly mapped buffers).\n\n"
+            "the kernel's share of our step's CPU time (page faults on the step's freshly mapped buffers; far fewer "
+            "with huge pages, the `dcd-jax` command's default: see Set up).\n\n"
             + _table(["model", "params", "BxT", "ours tok/s", "torch tok/s", "ours/torch", "ours/torch CPU-time",
                       "DCD-CE/SFT time", "DCD-KL/SFT time", "ours sys s", "ours peak MiB", "MFU"], rows)
         )
@@ -403,7 +404,8 @@ def gkd_step_section() -> str | None:
                                  got["step_s"] / sft if sft else None, got.get("peak_mib")])
         parts.append(
             f"### GKD vs SFT and DCD per step (`{d.get('command', 'python bench/train_step.py')}`, {path.name}: "
-            f"{d['device']['device_kind']}, {d['device'].get('cpu_count', '?')} cores)\n\n"
+            f"{d['device']['device_kind']}, {d['device'].get('cpu_count', '?')} cores"
+            f"{_allocator_note(d.get('host_allocator'))})\n\n"
             f"Same student, batch and optimizer; {d['settings'].get('ours_layout', 'timed steps interleaved in one process')}. "
             "GKD-l0: the live teacher "
             "scores the data batch (full-vocabulary JSD); GKD-l1: the student first regenerates the batch "
@@ -420,6 +422,11 @@ def gkd_step_section() -> str | None:
 def _load_note(load) -> str:
     """The host's 1-minute load average when the run started (other jobs share the cores)."""
     return f", 1-min load average {load[0]:.1f} at start" if load else ""
+
+
+def _allocator_note(allocator) -> str:
+    """The malloc setting the run's processes had (dcd_jax/host_memory.py); runs before it recorded none."""
+    return f", malloc: {allocator}" if allocator else ""
 
 
 def _train_step_profile(d: dict) -> str | None:
@@ -459,7 +466,7 @@ def sampler_section() -> str | None:
         parts.append(
             f"### Sampler decode ({path.name}: {d['device_kind']}{_cpu_note(d.get('cpu'))}, "
             f"{d['model']['params'] / 1e6:.1f}M Qwen2 shape{prompt}"
-            f"{_load_note(d.get('load_average_1m_before_after'))})\n\n"
+            f"{_load_note(d.get('load_average_1m_before_after'))}{_allocator_note(d.get('host_allocator'))})\n\n"
             + ("Host limits, each paired with our step (median over rounds of a reference probe and our step back to "
                "back): bandwidth roofline = (param + KV bytes) / step time over the bandwidth a jitted matvec streams "
                "here; matmul floor = the time of the step's own matmuls alone (XLA, same shapes and decode layouts, "
