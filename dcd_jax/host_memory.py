@@ -65,11 +65,14 @@ def reexec_with_hugepage_malloc() -> None:
     PID, same arguments; the child finds the tunable set and goes on). Call it first thing in an
     entry point, before threads or output."""
     env = hugepage_malloc_env(os.environ, libc=glibc_version(), thp=thp_mode())
-    if env is None:
+    if env is None or not sys.executable:  # (an embedded interpreter has no executable to restart)
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    try:
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    except OSError:  # could not restart: run on with the allocator as it is
+        return
 
 
 def active() -> str:
