@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from dcd_jax.errors import ConfigError, UserError  # a plain module: importing it costs nothing
+from dcd_jax import host_memory  # plain modules: importing them costs nothing
+from dcd_jax.errors import ConfigError, UserError
 
 EPILOG = """\
 pipeline:  generate (teacher traces) -> score-teacher (cached teacher log-probs)
@@ -437,8 +438,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = args.debug or os.environ.get("DCD_JAX_DEBUG", "").lower() in ("1", "true", "yes")
 
     with _cli_logging(debug):
-        from dcd_jax import host_memory
-
         logging.getLogger(__name__).debug("host allocator: %s", host_memory.active())
         try:
             return int(args.func(args) or 0)
@@ -461,8 +460,6 @@ def run() -> None:
     """The ``dcd-jax`` console script (and ``python -m dcd_jax.cli``): restarts itself once with
     huge pages for large host buffers (:mod:`dcd_jax.host_memory`; ``DCD_JAX_HUGEPAGE_MALLOC=0``
     to skip), then runs :func:`main`. In-process callers use :func:`main` and keep their allocator."""
-    from dcd_jax import host_memory
-
     host_memory.reexec_with_hugepage_malloc()
     sys.exit(main())
 

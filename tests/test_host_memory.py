@@ -80,7 +80,10 @@ def test_console_script_restarts_once_with_the_tunable_then_runs_main(monkeypatc
     assert done.value.code == 7 and len(calls) == 1
     # A restart that fails (no such executable) runs the command on in this process.
     monkeypatch.delenv("GLIBC_TUNABLES")
-    monkeypatch.setattr(os, "execve", lambda *a: (_ for _ in ()).throw(FileNotFoundError(2, "gone")))
+    def missing_executable(path, argv, env):
+        raise FileNotFoundError(2, "No such file or directory", path)
+
+    monkeypatch.setattr(os, "execve", missing_executable)
     with pytest.raises(SystemExit) as done:
         cli.run()
     assert done.value.code == 7
