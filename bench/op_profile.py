@@ -26,8 +26,11 @@ import gzip
 import json
 import os
 import re
+import statistics
 import tempfile
 import time
+
+import numpy as np
 
 CLASSES = ("matmul", "attention", "loss", "optimizer", "other")  # the train step's
 DECODE_CLASSES = ("matmul", "attention", "sampling", "other")  # the sampler's
@@ -210,3 +213,35 @@ def profile_compiled(compiled, args: tuple, *, calls: int = 3, donate: bool = Tr
         "top_ops": [[n, classes[n], s / calls] for n, s in per_op.most_common(8)],
         "state_returned_to_args": donate,
     }
+
+
+class MatmulProbe:
+    """XLA's fp32 matmul throughput on this host: [4096 x 512] @ [512 x 2048] jitted, the dense
+    shape of a 25M-model layer at B*T = 4096 (XLA:CPU's best rate here). Called between the timed
+    steps (train step) or decode rounds (sampler), so that it sees the same load; the median is the
+    reference for the step's achieved FLOP/s."""
+
+    M, K, N = 4096, 512, 2048
+
+    def __init__(self):
+        import jax
+        import jax.numpy as jnp
+
+        rng = np.random.default_rng(1)
+        self.a = jnp.asarray(rng.normal(size=(self.M, self.K)), jnp.float32)
+        self.w = jnp.asarray(rng.normal(size=(self.K, self.N)), jnp.float32)
+        self.fn = jax.jit(lambda a, w: a @ w)
+        self.fn(self.a, self.w).block_until_ready()
+        self.times: list[float] = []
+
+    def measure(self, calls: int = 3) -> None:
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            self.fn(self.a, self.w).block_until_ready()
+            self.times.append(time.perf_counter() - t0)
+
+    def summary(self) -> dict:
+        flops = 2.0 * self.M * self.K * self.N
+        t = statistics.median(self.times)
+        return {"shape": [self.M, self.K, self.N], "dtype": "float32", "flops": flops, "median_s": t,
+                "flops_per_s": flops / t, "calls": len(self.times)}

@@ -117,6 +117,17 @@ def stream_bandwidth_probe(total_bytes: int = 256 << 20):
     return lambda: sum(m.nbytes for m in mats) / median_time(lambda: f(mats, x).block_until_ready(), 10)
 
 
+def decode_matrices(cfg) -> dict[str, tuple[tuple[int, int], int]]:
+    """The weight matrices a decode step multiplies by, in the CPU decode layouts
+    (:meth:`~dcd_jax.models.transformer.Transformer.fused_decode_weights`): name -> ([K, N], how many
+    per step)."""
+    d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q_width, kv_width = cfg.num_heads * hd, cfg.num_kv_heads * hd
+    layers = cfg.num_layers
+    return {"qkv": ((d, q_width + 2 * kv_width), layers), "o": ((q_width, d), layers),
+            "gate_up": ((d, 2 * f), layers), "down": ((f, d), layers), "unembed": ((d, cfg.vocab_size), 1)}
+
+
 def matmul_chain_probe(cfg, batch: int):
     """A probe (built and compiled once, called once per paired round) returning the seconds of
     the decode step's matmuls alone: for each layer ``[batch, D]`` against the fused
@@ -127,16 +138,16 @@ def matmul_chain_probe(cfg, batch: int):
     import jax.numpy as jnp
 
     rng = np.random.default_rng(3)
-    d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    q_width, kv_width = cfg.num_heads * hd, cfg.num_kv_heads * hd
+    f, q_width = cfg.intermediate_size, cfg.num_heads * cfg.head_dim
+    matrices = decode_matrices(cfg)
 
     def weight(*shape):
         return jnp.asarray(rng.normal(size=shape) * 0.02, jnp.float32)
 
-    layers = [{"qkv": weight(d, q_width + 2 * kv_width), "o": weight(q_width, d), "gate_up": weight(d, 2 * f),
-               "down": weight(f, d)} for _ in range(cfg.num_layers)]
-    unembed = weight(d, cfg.vocab_size)
-    x = weight(batch, d)
+    layers = [{name: weight(*shape) for name, (shape, _) in matrices.items() if name != "unembed"}
+              for _ in range(cfg.num_layers)]
+    unembed = weight(*matrices["unembed"][0])
+    x = weight(batch, cfg.hidden_size)
 
     @jax.jit
     def chain(x, layers, unembed):
@@ -148,6 +159,50 @@ def matmul_chain_probe(cfg, batch: int):
 
     chain(x, layers, unembed).block_until_ready()
     return lambda: median_time(lambda: chain(x, layers, unembed).block_until_ready(), 5)
+
+
+def shape_stream_probe(cfg, min_bytes: int = 160 << 20):
+    """A probe (built and compiled once, called once per paired round) returning the seconds a
+    batch-1 decode step's matmuls take if each matrix streams at the rate XLA's matvec reaches for
+    matrices of *its own shape* on this host, and the per-shape rates (bytes/s) it measured.
+
+    Per shape (:func:`decode_matrices`), a jitted chain of ``[1, K] @ [K, N]`` products over
+    distinct matrices, ``min_bytes`` in all (more than the last-level cache, so each product reads
+    memory, as in a step), each product feeding the next; then
+        bound = sum over the step's matrices of bytes(shape) / rate(shape).
+    A step's matrices are small (a 512 x 512 fp32 matrix is 1 MiB), and small matrices stream slower
+    than the one large matvec :func:`stream_bandwidth_probe` times: the bound over that probe's rate
+    is the share of the host's bandwidth a step made of XLA's own dots could reach here."""
+    import jax.numpy as jnp
+
+    chains = {}
+    for name, ((k, n), _) in decode_matrices(cfg).items():
+        count = max(2, -(-min_bytes // (k * n * 4)))
+        mats = [jnp.full((k, n), 1e-3 * (i + 1), jnp.float32) for i in range(count)]
+
+        @jax.jit
+        def chain(x, mats):
+            total = jnp.zeros((), jnp.float32)
+            for m in mats:
+                total = total + (x @ m).sum()
+                x = x + 1e-6 * total  # the next product waits for this one, as a layer waits for the last
+            return total
+
+        x = jnp.full((1, k), 0.01, jnp.float32)
+        chain(x, mats).block_until_ready()
+        chains[name] = (chain, x, mats, count * k * n * 4)
+
+    rates: dict[str, list[float]] = {name: [] for name in chains}
+
+    def bound_s() -> float:
+        seconds = 0.0
+        for name, ((k, n), per_step) in decode_matrices(cfg).items():
+            chain, x, mats, nbytes = chains[name]
+            rates[name].append(nbytes / median_time(lambda: chain(x, mats).block_until_ready(), 3))
+            seconds += per_step * k * n * 4 / rates[name][-1]
+        return seconds
+
+    return bound_s, rates
 
 
 def decode_flops_per_step(cfg, batch: int, slots: int) -> float:
@@ -331,6 +386,21 @@ def main() -> None:
             row["achieved_flops_per_s"] = row["flops_per_step"] / step_s
             row["matmul_floor_fraction"] = mm["fraction"]
             row["matmul_floor_rounds"] = mm
+            # Against XLA's best matmul rate here (a large fp32 matmul), in the same rounds: the
+            # step's FLOP/s as a share of it, and the step time if every FLOP ran at that rate.
+            from op_profile import MatmulProbe
+
+            best = MatmulProbe()
+
+            def best_rate(best=best):
+                best.measure()
+                return best.summary()["flops"] / best.times[-1]
+
+            bm = paired_fractions(best_rate, our_step_s, row["flops_per_step"], args.pair_rounds)
+            row["best_matmul_flops_per_s"] = statistics.median(bm["references"])
+            row["best_matmul_fraction"] = bm["fraction"]
+            row["best_matmul_rounds"] = bm
+            row["step_ms_at_best_matmul"] = 1e3 * row["flops_per_step"] / row["best_matmul_flops_per_s"]
         if b == 1:
             itemsize = np.dtype(jax.numpy.dtype(cfg.param_dtype)).itemsize
             kv_itemsize = np.dtype(jax.numpy.dtype(cfg.dtype)).itemsize
@@ -344,6 +414,16 @@ def main() -> None:
                 row["measured_host_stream_bytes_per_s"] = host_bw
                 row["host_bandwidth_roofline_fraction"] = bw["fraction"]
                 row["host_bandwidth_rounds"] = bw
+                # What the same matrices reach at their own shapes' matvec rates, paired with the
+                # large-matvec reference: the share of the bandwidth a step of XLA's dots can reach.
+                bound_s, shape_rates = shape_stream_probe(cfg)
+                sb = paired_fractions(stream_bandwidth_probe(), bound_s, step_bytes, args.pair_rounds)
+                row["shape_bound_step_ms"] = 1e3 * statistics.median(sb["step_s"])
+                row["shape_bound_bandwidth_fraction"] = sb["fraction"]
+                row["shape_bound_rounds"] = sb
+                row["shape_stream_bytes_per_s"] = {
+                    name: {"shape": list(decode_matrices(cfg)[name][0]), "median": statistics.median(rs)}
+                    for name, rs in shape_rates.items()}
             else:
                 peak = peak_bandwidth(kind)
                 row["peak_hbm_bytes_per_s"] = peak
@@ -418,6 +498,18 @@ def main() -> None:
               "step) back to back.)", end="")
     else:
         print("\n(BW roofline, batch 1: (param + KV bytes) / step time vs the chip's peak HBM bandwidth.)", end="")
+    for r in rows:
+        if "step_ms_at_best_matmul" in r and r["batch"] > 1:  # batch 1: the bandwidth line below
+            need = f"; 2x transformers needs <= {r['hf_step_ms'] / 2:.2f} ms" if "hf_step_ms" in r else ""
+            print(f"\nbatch {r['batch']}: step {r['dcd_jax_step_ms']:.2f} ms at {r['best_matmul_fraction']:.0%} of XLA's "
+                  f"best matmul rate here ({r['best_matmul_flops_per_s'] / 1e9:.0f} GFLOP/s, paired); every FLOP of "
+                  f"the step at that rate: {r['step_ms_at_best_matmul']:.2f} ms{need}.", end="")
+        if "shape_bound_bandwidth_fraction" in r:
+            print(f"\nbatch {r['batch']}: the step's matrices, each at its own shape's matvec rate, take "
+                  f"{r['shape_bound_step_ms']:.2f} ms = {r['shape_bound_bandwidth_fraction']:.0%} of the large-matvec "
+                  f"bandwidth (paired); our step reaches {r['host_bandwidth_roofline_fraction']:.0%}. Rates GB/s: "
+                  + ", ".join(f"{n} {'x'.join(map(str, v['shape']))} {v['median'] / 1e9:.1f}"
+                              for n, v in r["shape_stream_bytes_per_s"].items()) + ".", end="")
     print("\n(=HF: share of rows whose greedy tokens equal transformers' exactly; random weights give near-flat "
           "logits, so a few ties may flip.)")
 

@@ -29,7 +29,7 @@ Profile (CPU, ``--no-profile`` to skip): after the timed steps each of our objec
 steps under ``jax.profiler``; :mod:`op_profile` sums XLA's per-thunk time by op class (matmul,
 attention, loss, optimizer, other) and reports host time = call wall time - executable time.
 Reference throughput: a jitted fp32 ``[4096 x 512] @ [512 x 2048]`` matmul timed between the same
-timed steps (:class:`MatmulProbe`); each step's achieved FLOP/s (``flops_per_token`` x tokens/s,
+timed steps (:class:`op_profile.MatmulProbe`); each step's achieved FLOP/s (``flops_per_token`` x tokens/s,
 causal attention counted at half) is reported as a fraction of it.
 
 Memory: for ours, XLA's buffer assignment of the compiled step (``memory_analysis()``; peak =
@@ -311,6 +311,8 @@ def jax_worker(spec: dict) -> dict:
             print(f"   [{name}] compiled in {out['compile_s']:.1f} s", file=sys.stderr, flush=True)
         del params
 
+        from op_profile import MatmulProbe
+
         probe = MatmulProbe() if not gpu else None
         rss_marks = (_peak_rss_bytes(), _rss_bytes(), _reset_peak_rss())
         names = list(runs)
@@ -394,37 +396,6 @@ def gkd_step(spec, cfg, graphdef, objective, tx, schedule, shardings, mesh, batc
 def gkd_ratios(results: dict, sft_step_s: float | None) -> dict:
     return {f"{name}_over_sft_step_time": results[f"ours {name}"]["step_s"] / sft_step_s
             for name in GKD_LMBDA if sft_step_s and "step_s" in results.get(f"ours {name}", {})}
-
-
-class MatmulProbe:
-    """XLA's fp32 matmul throughput on this host: [4096 x 512] @ [512 x 2048] jitted, the dense
-    shape of a 25M-model layer at B*T = 4096. Called between the timed steps, so that it sees the
-    same load; the median is the reference for the step's achieved FLOP/s."""
-
-    M, K, N = 4096, 512, 2048
-
-    def __init__(self):
-        import jax
-        import jax.numpy as jnp
-
-        rng = np.random.default_rng(1)
-        self.a = jnp.asarray(rng.normal(size=(self.M, self.K)), jnp.float32)
-        self.w = jnp.asarray(rng.normal(size=(self.K, self.N)), jnp.float32)
-        self.fn = jax.jit(lambda a, w: a @ w)
-        self.fn(self.a, self.w).block_until_ready()
-        self.times: list[float] = []
-
-    def measure(self, calls: int = 3) -> None:
-        for _ in range(calls):
-            t0 = time.perf_counter()
-            self.fn(self.a, self.w).block_until_ready()
-            self.times.append(time.perf_counter() - t0)
-
-    def summary(self) -> dict:
-        flops = 2.0 * self.M * self.K * self.N
-        t = statistics.median(self.times)
-        return {"shape": [self.M, self.K, self.N], "dtype": "float32", "flops": flops, "median_s": t,
-                "flops_per_s": flops / t, "calls": len(self.times)}
 
 
 def _add_rss(out: dict, rss0: int, marks: tuple[int, int, bool]) -> None:

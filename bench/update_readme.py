@@ -476,8 +476,33 @@ def sampler_section() -> str | None:
             "median seconds.\n\n"
             + _table(["batch", "dcd-jax tok/s", "transformers tok/s", "ratio", "bandwidth roofline (batch 1)",
                       "matmul floor", "dcd-jax prefill s", "transformers prefill s"], rows)
+            + _sampler_bounds(d["rows"])
         )
     return "\n\n".join(parts) + "\n"
+
+
+def _sampler_bounds(rows: list[dict]) -> str:
+    """The host bounds bench/sampler.py measured next to each step (absent in older result files)."""
+    best = [[r["batch"], r["dcd_jax_step_ms"], r["hf_step_ms"] / 2 if "hf_step_ms" in r else None,
+             r["step_ms_at_best_matmul"], r["best_matmul_flops_per_s"] / 1e9, r["best_matmul_fraction"]]
+            for r in rows if "step_ms_at_best_matmul" in r and r["batch"] > 1]  # batch 1 is bandwidth-bound
+    text = ""
+    if best:
+        text += ("\n\nCompute bound: XLA's best fp32 matmul rate on this host (a 4096×512 @ 512×2048 matmul, paired "
+                 "with our step), and the step time if every FLOP of the step ran at that rate, next to the step "
+                 "time a 2x ratio to transformers needs:\n\n"
+                 + _table(["batch", "dcd-jax step ms", "transformers step / 2, ms", "every FLOP at best matmul, ms",
+                           "best matmul GFLOP/s", "step FLOP/s / best matmul"], best))
+    for r in rows:
+        if "shape_bound_bandwidth_fraction" in r:
+            rates = ", ".join(f"{name} {'×'.join(map(str, v['shape']))} {v['median'] / 1e9:.1f}"
+                              for name, v in r["shape_stream_bytes_per_s"].items())
+            text += (f"\n\nBandwidth at the step's own shapes (batch {r['batch']}): each weight matrix of the step "
+                     f"streamed by an isolated chain of XLA matvecs of its shape (GB/s: {rates}) makes a step of "
+                     f"{r['shape_bound_step_ms']:.2f} ms, {r['shape_bound_bandwidth_fraction']:.0%} of the large-matvec "
+                     f"bandwidth (paired); our step: {r['dcd_jax_step_ms']:.2f} ms, "
+                     f"{r['host_bandwidth_roofline_fraction']:.0%}.")
+    return text
 
 
 def loss_memory_section() -> str | None:

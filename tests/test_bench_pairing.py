@@ -68,3 +68,35 @@ def test_every_train_bench_shape_has_a_gkd_teacher_sharing_its_vocabulary():
         assert teacher["vocab_size"] == student["vocab_size"], name
         assert teacher["hidden_size"] >= student["hidden_size"], name
         assert teacher["num_hidden_layers"] >= student["num_hidden_layers"], name
+
+
+def test_decode_matrices_are_the_weights_a_cpu_decode_step_multiplies_by(tmp_path):
+    """The shapes bench/sampler.py's matmul and bandwidth probes stream are those of the model's
+    CPU decode copies (fused q/k/v and gate/up, o, down, unembedding), each counted per step."""
+    import sampler
+    from hf_fixtures import save_hf_model
+
+    import dcd_jax
+    from dcd_jax.infer.sampler import cpu_decode_weights
+
+    model = dcd_jax.load_hf(save_hf_model("qwen2", tmp_path / "qwen2"))
+    weights = cpu_decode_weights(model)
+    layers, fused = weights["layers"], weights["fused"]
+
+    def matrix(w):  # a kernel as the [in, out] matrix its dot contracts
+        w = w[...]
+        return (w.shape[0], int(w.size // w.shape[0])) if w.shape[0] == model.cfg.hidden_size else \
+            (int(w.size // w.shape[-1]), w.shape[-1])
+
+    expected = {
+        "qkv": [matrix(f["qkv"]) for f in fused["layers"]],
+        "o": [matrix(layer["attn"]["o_proj"]["kernel"]) for layer in layers],
+        "gate_up": [matrix(f["gate_up"]) for f in fused["layers"]],
+        "down": [matrix(layer["mlp"]["down_proj"]["kernel"]) for layer in layers],
+        "unembed": [tuple(fused["unembed"].shape)],
+    }
+    got = sampler.decode_matrices(model.cfg)
+    assert set(got) == set(expected)
+    for name, shapes in expected.items():
+        assert got[name] == (shapes[0], len(shapes)), name
+        assert len(set(shapes)) == 1
