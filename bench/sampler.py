@@ -59,6 +59,7 @@ import numpy as np  # noqa: E402
 import dcd_jax  # noqa: E402
 from dcd_jax import host_memory  # noqa: E402
 from dcd_jax.infer.sampler import Sampler, SamplingConfig  # noqa: E402
+from dcd_jax.models.transformer import dense  # noqa: E402
 
 # Peak HBM bandwidth (bytes/s) from vendor data sheets, matched by substring of device_kind
 # (first match wins, so more specific names come first).
@@ -133,8 +134,9 @@ def matmul_chain_probe(cfg, batch: int):
     the decode step's matmuls alone: for each layer ``[batch, D]`` against the fused
     q/k/v, o, fused gate/up and down kernels in the CPU decode layouts
     (:meth:`~dcd_jax.models.transformer.Transformer.fused_decode_weights`), then the ``[D, V]``
-    unembedding; random fp32 weights, jitted as one chain (each product feeds the next, as in a
-    step) with no attention, norms or sampling. What XLA's own dots take here: the step's floor."""
+    unembedding; random fp32 weights, each layer product through the model's own
+    :func:`~dcd_jax.models.transformer.dense` (the kernels a step runs), jitted as one chain (each
+    product feeds the next, as in a step) with no attention, norms or sampling: the step's floor."""
     import jax.numpy as jnp
 
     rng = np.random.default_rng(3)
@@ -152,9 +154,9 @@ def matmul_chain_probe(cfg, batch: int):
     @jax.jit
     def chain(x, layers, unembed):
         for w in layers:
-            x = x + (x @ w["qkv"])[:, :q_width] @ w["o"]
-            gate_up = x @ w["gate_up"]
-            x = x + (gate_up[:, :f] * gate_up[:, f:]) @ w["down"]
+            x = x + dense(dense(x, w["qkv"])[:, :q_width], w["o"])
+            gate_up = dense(x, w["gate_up"])
+            x = x + dense(gate_up[:, :f] * gate_up[:, f:], w["down"])
         return x @ unembed
 
     chain(x, layers, unembed).block_until_ready()
@@ -166,13 +168,14 @@ def shape_stream_probe(cfg, min_bytes: int = 160 << 20):
     batch-1 decode step's matmuls take if each matrix streams at the rate XLA's matvec reaches for
     matrices of *its own shape* on this host, and the per-shape rates (bytes/s) it measured.
 
-    Per shape (:func:`decode_matrices`), a jitted chain of ``[1, K] @ [K, N]`` products over
+    Per shape (:func:`decode_matrices`), a jitted chain of ``[1, K] @ [K, N]`` products (the
+    layers' through the model's :func:`~dcd_jax.models.transformer.dense`, as in a step) over
     distinct matrices, ``min_bytes`` in all (more than the last-level cache, so each product reads
     memory, as in a step), each product feeding the next; then
         bound = sum over the step's matrices of bytes(shape) / rate(shape).
     A step's matrices are small (a 512 x 512 fp32 matrix is 1 MiB), and small matrices stream slower
     than the one large matvec :func:`stream_bandwidth_probe` times: the bound over that probe's rate
-    is the share of the host's bandwidth a step made of XLA's own dots could reach here."""
+    is the share of the host's bandwidth a step made of these products alone reaches here."""
     import jax.numpy as jnp
 
     chains = {}
@@ -181,10 +184,10 @@ def shape_stream_probe(cfg, min_bytes: int = 160 << 20):
         mats = [jnp.full((k, n), 1e-3 * (i + 1), jnp.float32) for i in range(count)]
 
         @jax.jit
-        def chain(x, mats):
+        def chain(x, mats, name=name):
             total = jnp.zeros((), jnp.float32)
             for m in mats:
-                total = total + (x @ m).sum()
+                total = total + (dense(x, m) if name != "unembed" else x @ m).sum()
                 x = x + 1e-6 * total  # the next product waits for this one, as a layer waits for the last
             return total
 

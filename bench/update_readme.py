@@ -498,7 +498,7 @@ def _sampler_bounds(rows: list[dict]) -> str:
             rates = ", ".join(f"{name} {'×'.join(map(str, v['shape']))} {v['median'] / 1e9:.1f}"
                               for name, v in r["shape_stream_bytes_per_s"].items())
             text += (f"\n\nBandwidth at the step's own shapes (batch {r['batch']}): each weight matrix of the step "
-                     f"streamed by an isolated chain of XLA matvecs of its shape (GB/s: {rates}) makes a step of "
+                     f"streamed by an isolated chain of matvecs of its shape (the step's own kernel; GB/s: {rates}) makes a step of "
                      f"{r['shape_bound_step_ms']:.2f} ms, {r['shape_bound_bandwidth_fraction']:.0%} of the large-matvec "
                      f"bandwidth (paired); our step: {r['dcd_jax_step_ms']:.2f} ms, "
                      f"{r['host_bandwidth_roofline_fraction']:.0%}.")

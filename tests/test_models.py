@@ -199,3 +199,29 @@ def test_blockwise_causal_attention_equals_dense_masked_attention(dtype, atol, r
     for got, want in zip(outs["blockwise"][1:], outs["full"][1:]):
         np.testing.assert_allclose(got, want, atol=atol * 4, rtol=0)
     assert np.abs(outs["full"][2]).max() > 0.1  # the key gradient is not trivially zero
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_single_row_projection_splits_the_contraction_and_equals_the_plain_dot(dtype):
+    """A one-row projection on CPU (a batch-1 decode step's) runs as MATVEC_SPLIT partial products
+    over slices of the contraction, one batched dot summed in fp32, and equals the plain product:
+    contract=1 and contract=2 (the attention output's heads x head_dim), fp32 and bf16."""
+    import jax
+    import jax.numpy as jnp
+
+    from dcd_jax.models.transformer import MATVEC_SPLIT, dense
+
+    rng = np.random.default_rng(0)
+    for x_shape, w_shape, contract in [((1, 1, 96), (96, 40), 1), ((1, 1, 4, 24), (4, 24, 40), 2)]:
+        x = jnp.asarray(rng.normal(size=x_shape), dtype)
+        w = jnp.asarray(rng.normal(size=w_shape), dtype)
+        want = np.tensordot(np.asarray(x, np.float32), np.asarray(w, np.float32), axes=contract)
+        got = jax.jit(dense, static_argnums=2)(x, w, contract)
+        assert got.shape == want.shape and got.dtype == x.dtype
+        np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=1e-5 if dtype == "float32" else 1e-2,
+                                   atol=1e-5 if dtype == "float32" else 5e-2)
+        hlo = jax.jit(dense, static_argnums=2).lower(x, w, contract).as_text()
+        assert "batching_dims" in hlo and f"tensor<{MATVEC_SPLIT}x1x" in hlo  # one batched dot over the K slices
+    # Two rows keep the one 2-D dot (the split only pays for a matrix-vector product).
+    hlo = jax.jit(dense).lower(jnp.ones((2, 96)), jnp.ones((96, 40))).as_text()
+    assert "batching_dims" not in hlo
