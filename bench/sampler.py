@@ -163,6 +163,38 @@ def matmul_chain_probe(cfg, batch: int):
     return lambda: median_time(lambda: chain(x, layers, unembed).block_until_ready(), 5)
 
 
+def torch_matmul_chain_probe(cfg, batch: int):
+    """The same chain of a decode step's matmuls as transformers runs them (torch, fp32,
+    ``F.linear`` against [out, in] weights; q, k, v and gate, up as separate products, as in its
+    Qwen2 layers), at torch's current thread count: the seconds of the reference step's floor."""
+    import torch
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(3)
+    d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q_width, kv_width = cfg.num_heads * hd, cfg.num_kv_heads * hd
+
+    def weight(*shape):
+        return torch.randn(*shape, generator=gen) * 0.02
+
+    layers = [{"q": weight(q_width, d), "k": weight(kv_width, d), "v": weight(kv_width, d), "o": weight(d, q_width),
+               "gate": weight(f, d), "up": weight(f, d), "down": weight(d, f)} for _ in range(cfg.num_layers)]
+    unembed = weight(cfg.vocab_size, d)
+    x0 = weight(batch, d)
+
+    @torch.no_grad()
+    def chain():
+        x = x0
+        for w in layers:
+            q, k, v = F.linear(x, w["q"]), F.linear(x, w["k"]), F.linear(x, w["v"])
+            x = x + F.linear(q + k.sum() + v.sum(), w["o"])
+            x = x + F.linear(F.linear(x, w["gate"]) * F.linear(x, w["up"]), w["down"])
+        return F.linear(x, unembed)
+
+    chain()
+    return lambda: median_time(chain, 5)
+
+
 def shape_stream_probe(cfg, min_bytes: int = 160 << 20):
     """A probe (built and compiled once, called once per paired round) returning the seconds a
     batch-1 decode step's matmuls take if each matrix streams at the rate XLA's matvec reaches for
@@ -404,6 +436,13 @@ def main() -> None:
             row["best_matmul_fraction"] = bm["fraction"]
             row["best_matmul_rounds"] = bm
             row["step_ms_at_best_matmul"] = 1e3 * row["flops_per_step"] / row["best_matmul_flops_per_s"]
+            if hf is not None and torch_device == "cpu":
+                # Both steps' matmuls alone, XLA's (ours) and torch's (transformers'), in the same
+                # rounds: when both steps are mostly matmuls, their speed ratio caps our speedup.
+                torch_s = torch_matmul_chain_probe(cfg, b)
+                gemm = paired_fractions(lambda: 1.0 / torch_s(), chain_s, 1.0, args.pair_rounds)
+                row["matmul_chain_ratio_vs_torch"] = gemm["fraction"]
+                row["matmul_chain_ratio_rounds"] = gemm
         if b == 1:
             itemsize = np.dtype(jax.numpy.dtype(cfg.param_dtype)).itemsize
             kv_itemsize = np.dtype(jax.numpy.dtype(cfg.dtype)).itemsize
@@ -504,9 +543,11 @@ def main() -> None:
     for r in rows:
         if "step_ms_at_best_matmul" in r and r["batch"] > 1:  # batch 1: the bandwidth line below
             need = f"; 2x transformers needs <= {r['hf_step_ms'] / 2:.2f} ms" if "hf_step_ms" in r else ""
+            gemm = r.get("matmul_chain_ratio_vs_torch")
+            gemm = f"; the step's matmuls alone run {gemm:.2f}x as fast as transformers' (paired)" if gemm else ""
             print(f"\nbatch {r['batch']}: step {r['dcd_jax_step_ms']:.2f} ms at {r['best_matmul_fraction']:.0%} of XLA's "
                   f"best matmul rate here ({r['best_matmul_flops_per_s'] / 1e9:.0f} GFLOP/s, paired); every FLOP of "
-                  f"the step at that rate: {r['step_ms_at_best_matmul']:.2f} ms{need}.", end="")
+                  f"the step at that rate: {r['step_ms_at_best_matmul']:.2f} ms{need}{gemm}.", end="")
         if "shape_bound_bandwidth_fraction" in r:
             print(f"\nbatch {r['batch']}: the step's matrices, each at its own shape's matvec rate, take "
                   f"{r['shape_bound_step_ms']:.2f} ms = {r['shape_bound_bandwidth_fraction']:.0%} of the large-matvec "

@@ -484,15 +484,18 @@ def sampler_section() -> str | None:
 def _sampler_bounds(rows: list[dict]) -> str:
     """The host bounds bench/sampler.py measured next to each step (absent in older result files)."""
     best = [[r["batch"], r["dcd_jax_step_ms"], r["hf_step_ms"] / 2 if "hf_step_ms" in r else None,
-             r["step_ms_at_best_matmul"], r["best_matmul_flops_per_s"] / 1e9, r["best_matmul_fraction"]]
+             r["step_ms_at_best_matmul"], r["best_matmul_flops_per_s"] / 1e9, r["best_matmul_fraction"],
+             r.get("matmul_chain_ratio_vs_torch")]
             for r in rows if "step_ms_at_best_matmul" in r and r["batch"] > 1]  # batch 1 is bandwidth-bound
     text = ""
     if best:
         text += ("\n\nCompute bound: XLA's best fp32 matmul rate on this host (a 4096×512 @ 512×2048 matmul, paired "
                  "with our step), and the step time if every FLOP of the step ran at that rate, next to the step "
-                 "time a 2x ratio to transformers needs:\n\n"
+                 "time a 2x ratio to transformers needs; and the speed ratio of the two steps' matmuls alone (ours "
+                 "through XLA in our decode layouts, transformers' through torch as its layers run them, same "
+                 "shapes, chained, paired), the ratio the two steps would have if each were its matmuls alone:\n\n"
                  + _table(["batch", "dcd-jax step ms", "transformers step / 2, ms", "every FLOP at best matmul, ms",
-                           "best matmul GFLOP/s", "step FLOP/s / best matmul"], best))
+                           "best matmul GFLOP/s", "step FLOP/s / best matmul", "matmuls alone, ours vs torch"], best))
     for r in rows:
         if "shape_bound_bandwidth_fraction" in r:
             rates = ", ".join(f"{name} {'×'.join(map(str, v['shape']))} {v['median'] / 1e9:.1f}"
