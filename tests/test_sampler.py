@@ -383,3 +383,43 @@ def test_cpu_decode_layout_equals_accelerator_layout(qwen2_sampler, monkeypatch)
         for a, b in zip(flat_got, flat_want):
             np.testing.assert_allclose(a.logprobs, b.logprobs, atol=2e-5, rtol=0)
     assert len({tuple(c.token_ids) for cs in cpu[1] for c in cs}) > 3  # sampled rows differ
+
+
+def test_finished_rows_leave_the_batch_and_every_output_is_unchanged(qwen2_sampler):
+    """With ``min_rows`` the decode loop halves its batch (32 -> 16 -> 8 rows) whenever no more than
+    half of it is still generating: rows ending early (EOS) stop being decoded. Tokens, lengths and
+    finished flags of every row equal those of the loop that decodes all rows to the end (log-probs
+    to fp32 rounding), greedy and sampled, with padding rows in the batch."""
+    s = qwen2_sampler
+    assert sampler_mod.row_stages(32, 8) == [32, 16, 8]
+    assert sampler_mod.row_stages(24, 8) == [24, 12]
+    assert sampler_mod.row_stages(1, 8) == [1] and sampler_mod.row_stages(32, 0) == [32]
+    prompts = _prompts(11, [3 + i % 7 for i in range(28)])
+    p, b, max_new = 12, 32, 12
+    ids = np.zeros((b, p), np.int32)
+    for r, x in enumerate(prompts):  # rows 28..31: padding rows
+        ids[r, p - len(x):] = x
+    mask = (ids > 0).astype(np.int32)
+    keys = row_keys(0, range(b), [0] * b)
+    for base in (SamplingConfig(max_new_tokens=max_new, eos_token_ids=()),
+                 SamplingConfig(max_new_tokens=max_new, eos_token_ids=(), temperature=0.3, logprobs=True)):
+        # EOS ids the rows generate at different steps (random weights: the commonest tokens).
+        free = np.asarray(generate_tokens(s.graphdef, s.params, ids, mask, keys, base)[0])[:28]
+        for n in range(1, 6):
+            eos = tuple(int(t) for t in np.argsort(-np.bincount(free.ravel()), kind="stable")[:n])
+            first = [min([row.index(t) for t in eos if t in row], default=max_new) for row in free.tolist()]
+            if sum(f < max_new - 2 for f in first) > 16:  # most rows end early
+                break
+        assert len(set(first)) > 3 and sum(f < max_new - 2 for f in first) > 16, first
+        cfg = dataclasses.replace(base, eos_token_ids=eos)
+        full = jax.device_get(generate_tokens(s.graphdef, s.params, ids, mask, keys, cfg))
+        staged = jax.device_get(generate_tokens(s.graphdef, s.params, ids, mask, keys, cfg, min_rows=8))
+        for a, c in zip(full[:3], staged[:3]):  # tokens, lengths, finished
+            np.testing.assert_array_equal(a, c)
+        if cfg.logprobs:  # (a batch of another size may round the last bit differently)
+            np.testing.assert_allclose(staged[3], full[3], rtol=0, atol=1e-5)
+        assert not full[2][28:].any()  # padding rows never finish
+        args = (s.graphdef, s.params, ids, mask, keys, np.float32(1.0), np.float32(1.0))
+        loops = [sampler_mod._generate_jit.lower(*args, spec=sampler_mod._spec_of(cfg, (), 0, rows)).as_text()
+                 .count("stablehlo.while") for rows in (0, 8)]
+        assert loops[1] == 3 * loops[0]  # the decode loop (and the loops inside it) for each of 3 batch sizes

@@ -166,6 +166,7 @@ class _DecodeSpec:
     stop_sequences: tuple[tuple[int, ...], ...]
     pad_id: int
     logprobs: bool = False
+    min_rows: int = 0  # halve the batch down to this many rows as rows finish (0: never)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,7 +174,8 @@ class _DecodeSpec:
 # ---------------------------------------------------------------------------------------------
 
 
-def _spec_of(cfg: SamplingConfig, stop_sequences: Sequence[Sequence[int]], pad_id: int) -> _DecodeSpec:
+def _spec_of(cfg: SamplingConfig, stop_sequences: Sequence[Sequence[int]], pad_id: int,
+             min_rows: int = 0) -> _DecodeSpec:
     return _DecodeSpec(
         max_new_tokens=int(cfg.max_new_tokens),
         greedy=cfg.greedy,
@@ -183,7 +185,39 @@ def _spec_of(cfg: SamplingConfig, stop_sequences: Sequence[Sequence[int]], pad_i
         stop_sequences=tuple(tuple(int(t) for t in s) for s in stop_sequences if len(s)),
         pad_id=int(pad_id),
         logprobs=bool(cfg.logprobs),
+        min_rows=int(min_rows),
     )
+
+
+# The smallest batch the single-device sampler halves down to as rows finish (each halving adds a
+# loop to the compiled program; below 8 rows a step costs about the same whatever the batch).
+MIN_DECODE_ROWS = 8
+
+
+def row_stages(rows: int, min_rows: int) -> list[int]:
+    """Batch sizes of the decode loop's stages: ``rows``, then halved while the half is a whole
+    number of at least ``min_rows`` rows (``min_rows`` 0: one stage). A stage ends when no more
+    rows than the next size are still generating; those rows move on to the smaller batch."""
+    stages = [rows]
+    while min_rows and stages[-1] % 2 == 0 and stages[-1] // 2 >= min_rows:
+        stages.append(stages[-1] // 2)
+    return stages
+
+
+def _take_rows(state: dict, order: jax.Array) -> dict:
+    """``state`` restricted to the rows ``order`` (every per-row array; the cache's batch axis:
+    axis 0 of per-layer buffers and slot segments, axis 1 of the stacked [L, B, ...] k/v)."""
+    out = {}
+    for name, value in state.items():
+        if name == "step":
+            out[name] = value
+        elif name == "cache":
+            out[name] = {key: ([x[order] for x in c] if isinstance(c, (list, tuple))
+                               else c[:, order] if key in ("k", "v") else c[order])
+                         for key, c in value.items()}
+        else:
+            out[name] = value[order]
+    return out
 
 
 def left_align(prompt_ids: jax.Array, prompt_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -324,7 +358,7 @@ def _generate_jit(graphdef, params, prompt_ids, prompt_mask, rng_keys, temperatu
     seq_len = max((len(s) for s in spec.stop_sequences), default=0)
     stop_seqs = [jnp.asarray(s, jnp.int32) for s in spec.stop_sequences]
 
-    def pick(logits, step, done, window):
+    def pick(logits, step, done, window, keys):
         logits = _mask_vocab(logits, vocab_limit)
         step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
         tok = _filter_and_sample(logits, step_keys, spec, temperature, top_p)
@@ -357,30 +391,51 @@ def _generate_jit(graphdef, params, prompt_ids, prompt_mask, rng_keys, temperatu
         "done": lengths_in == 0,  # padding rows are finished from the start
         "lengths": jnp.zeros((b,), jnp.int32),
         "window": jnp.full((b, max(seq_len, 1)), -1, jnp.int32),
+        "lengths_in": lengths_in,
+        "keys": keys,
+        "row": jnp.arange(b, dtype=jnp.int32),  # each row's index in the prompt batch
     }
     if spec.logprobs:
         state["logprobs"] = constrain(jnp.zeros((b, max_new), jnp.float32), ("batch", "length"))
-    state = record(state, 0, *pick(logits, 0, state["done"], state["window"]))
-
-    def cond(state):
-        return (state["step"] < max_new) & ~jnp.all(state["done"])
+    state = record(state, 0, *pick(logits, 0, state["done"], state["window"], keys))
 
     def body(state):
         step = state["step"]
         # Feed the token sampled at step-1: position = prompt length + step - 1, slot P + step - 1.
-        pos = (lengths_in + step - 1)[:, None]
+        pos = (state["lengths_in"] + step - 1)[:, None]
         logits, cache = model.forward_with_cache(
             state["tok"][:, None], pos, jnp.ones_like(pos), state["cache"], p + step - 1, layers=layers,
             fused=fused,
         )
         state = dict(state, cache=_constrain_cache(cache, kv_heads))
-        return record(state, step, *pick(logits[:, 0], step, state["done"], state["window"]))
+        return record(state, step, *pick(logits[:, 0], step, state["done"], state["window"], state["keys"]))
 
-    state = jax.lax.while_loop(cond, body, state)
-    finished = state["done"] & (lengths_in > 0)
+    # Rows that finished early are not decoded on: once no more rows than half the batch are still
+    # generating, those rows (and the other finished rows needed to fill it) move into a batch half
+    # the size, in a loop compiled for it; each row's tokens, positions, random stream and cache
+    # go with it, so its output is unchanged. Outputs go back to the prompt rows at each stage's end.
+    outputs = {name: state[name] for name in ("tokens", "lengths", "done", "logprobs") if name in state}
+    stages = row_stages(b, spec.min_rows)
+    for i, rows in enumerate(stages):
+        if i:
+            running_first = jnp.argsort(state["done"], stable=True)[:rows]
+            state = _take_rows(state, running_first)
+            state["cache"] = _constrain_cache(state["cache"], kv_heads)
+        next_rows = stages[i + 1] if i + 1 < len(stages) else 0
+
+        def cond(state, next_rows=next_rows):
+            running = ~state["done"]
+            return (state["step"] < max_new) & (jnp.sum(running) > next_rows)
+
+        state = jax.lax.while_loop(cond, body, state)
+        if len(stages) > 1:
+            outputs = {name: value.at[state["row"]].set(state[name]) for name, value in outputs.items()}
+        else:
+            outputs = {name: state[name] for name in outputs}
+    finished = outputs["done"] & (lengths_in > 0)
     if spec.logprobs:
-        return state["tokens"], state["lengths"], finished, state["logprobs"]
-    return state["tokens"], state["lengths"], finished
+        return outputs["tokens"], outputs["lengths"], finished, outputs["logprobs"]
+    return outputs["tokens"], outputs["lengths"], finished
 
 
 def generate_tokens(
@@ -394,6 +449,7 @@ def generate_tokens(
     stop_sequences: Sequence[Sequence[int]] = (),
     pad_id: int = 0,
     decode_weights: dict | None = None,
+    min_rows: int = 0,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Generate up to ``cfg.max_new_tokens`` tokens for each prompt row.
 
@@ -413,6 +469,9 @@ def generate_tokens(
         pad_id: filler written after a row's last token.
         decode_weights: on CPU, :func:`cpu_decode_weights` of this model made beforehand (else they
             are made inside every call); ignored elsewhere.
+        min_rows: decode rows that finish early no further: the batch halves (down to this many
+            rows, :func:`row_stages`) whenever no more than half of it is still generating; 0 keeps
+            every row to the end. Unsharded rows only (each half must be whole on every shard).
 
     Returns:
         tokens [B, max_new_tokens] int32 (``pad_id`` past each row's length), lengths [B] int32
@@ -421,7 +480,7 @@ def generate_tokens(
         logprobs [B, max_new_tokens] fp32 (log-softmax of the unfiltered, temperature-1 logits at
         each generated token; 0 past the length).
     """
-    spec = _spec_of(cfg, stop_sequences, pad_id)
+    spec = _spec_of(cfg, stop_sequences, pad_id, min_rows)
     temperature = np.float32(cfg.temperature if not cfg.greedy else 1.0)
     return _generate_jit(graphdef, params, prompt_ids, prompt_mask, rng_keys, temperature, np.float32(cfg.top_p),
                          decode_weights, spec=spec)
@@ -555,7 +614,7 @@ class Sampler:
         if self.mesh is None:
             return generate_tokens(self.graphdef, self.params, ids, mask, keys, cfg,
                                    stop_sequences=stop_sequences, pad_id=self.pad_id,
-                                   decode_weights=self.cpu_decode_weights())
+                                   decode_weights=self.cpu_decode_weights(), min_rows=MIN_DECODE_ROWS)
         put = lambda x, axes: jax.device_put(x, named_sharding(self.mesh, axes, x.shape))
         ids, mask, keys = put(ids, ("batch", "length")), put(mask, ("batch", "length")), put(keys, ("batch", None))
         with jax.set_mesh(self.mesh):
