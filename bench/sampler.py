@@ -284,6 +284,99 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def eos_ids_ending_rows(sampler: Sampler, prompts: list[list[int]], n_new: int) -> tuple[int, ...]:
+    """EOS ids under which most rows end early at different steps (random weights have no EOS of
+    their own): the fewest of the commonest greedy tokens that end at least 3/4 of the rows in the
+    first half of the budget."""
+    cfg = SamplingConfig(max_new_tokens=n_new, eos_token_ids=(), batch_size=len(prompts),
+                         prompt_bucket=len(prompts[0]))
+    free = [c[0].token_ids for c in sampler.generate(prompts, cfg)]
+    counts = np.bincount([t for row in free for t in row])
+    for n in range(1, 33):
+        eos = tuple(int(t) for t in np.argsort(-counts, kind="stable")[:n])
+        first = [min([row.index(t) for t in eos if t in row], default=n_new) for row in free]
+        if sum(f < n_new // 2 for f in first) >= 0.75 * len(prompts):
+            return eos
+    return eos
+
+
+def eos_rows(args, batches, sampler, hf, torch_device, kind, device, dtype, info) -> None:
+    """``--eos``: whole greedy generate calls (prefill included) where rows end at different
+    steps, both sides with the same EOS ids, side by side (alternating, median of ``--repeats``):
+    transformers decodes every row until the last one ends; our loop drops finished rows."""
+    import torch
+
+    load_before = os.getloadavg()
+    rng = np.random.RandomState(0)
+    rows = []
+    n_new = args.new_tokens
+    for b in batches:
+        prompts = rng.randint(0, args.vocab, (b, args.prompt_len)).tolist()
+        eos = eos_ids_ending_rows(sampler, prompts, n_new)
+        cfg = SamplingConfig(max_new_tokens=n_new, eos_token_ids=eos, batch_size=b, prompt_bucket=args.prompt_len)
+        ours_out = sampler.generate(prompts, cfg)  # warm-up: compiles
+        ids = torch.tensor(prompts, device=torch_device)
+
+        def hf_gen():
+            with torch.no_grad():
+                return hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                   max_new_tokens=n_new, eos_token_id=list(eos), pad_token_id=0)
+
+        hf_out = hf_gen()
+        sides = {"ours": lambda: sampler.generate(prompts, cfg), "hf": hf_gen}
+        times = {side: [] for side in sides}
+        for i in range(args.repeats):
+            for side in (list(sides) if i % 2 == 0 else list(sides)[::-1]):
+                t0 = time.perf_counter()
+                sides[side]()
+                times[side].append(time.perf_counter() - t0)
+        ours_tokens = [list(c[0].token_ids) for c in ours_out]  # up to and including the EOS id
+        lengths = [len(t) for t in ours_tokens]
+
+        def hf_row(row):
+            row = row[args.prompt_len:].tolist()
+            ends = [row.index(t) for t in eos if t in row]
+            return row[:min(ends) + 1] if ends else row
+
+        hf_rows = [hf_row(r) for r in hf_out]
+        same = [h == o for h, o in zip(hf_rows, ours_tokens)]
+        med = {side: statistics.median(ts) for side, ts in times.items()}
+        rows.append({
+            "batch": b, "new_tokens": n_new, "eos_ids": list(eos),
+            "rows_ended_by_eos": sum(c[0].finished_by == "eos" for c in ours_out),
+            "generated_tokens": sum(lengths), "row_lengths": lengths,
+            "dcd_jax_generate_s": med["ours"], "hf_generate_s": med["hf"],
+            "dcd_jax_tok_s": sum(lengths) / med["ours"], "hf_tok_s": sum(lengths) / med["hf"],
+            "speedup": med["hf"] / med["ours"], "greedy_rows_identical_to_hf": float(np.mean(same)),
+            "times_s": times,
+        })
+        print(f"batch {b}: done", file=sys.stderr, flush=True)
+    from op_profile import host_cpu
+
+    result = {
+        "bench": "sampler_generate_eos", "device_kind": kind, "platform": device.platform,
+        "cpu": host_cpu(), "cpu_count": os.cpu_count(),
+        "load_average_1m_before_after": [load_before[0], os.getloadavg()[0]],
+        "host_allocator": host_memory.active(), "jax_version": jax.__version__, "torch_version": torch.__version__,
+        "model": {"family": "qwen2", "params": info["params"], "hidden": args.hidden, "layers": args.layers,
+                  "heads": args.heads, "kv_heads": args.kv_heads, "mlp": args.mlp, "vocab": args.vocab, "dtype": dtype},
+        "prompt_len": args.prompt_len, "new_tokens": n_new,
+        "method": "whole greedy generate calls (prefill included), same EOS ids on both sides; tokens/s = generated "
+                  "tokens (to each row's EOS) / call time; median of repeats, sides alternating",
+        "rows": rows,
+    }
+    print(f"\n{'batch':>5} | {'rows ended':>10} | {'tokens':>6} | {'dcd-jax s':>9} | {'HF s':>7} | {'speedup':>7} | {'=HF':>4}")
+    for r in rows:
+        print(f"{r['batch']:>5} | {r['rows_ended_by_eos']:>10} | {r['generated_tokens']:>6} | "
+              f"{r['dcd_jax_generate_s']:>9.3f} | {r['hf_generate_s']:>7.3f} | {r['speedup']:>6.2f}x | "
+              f"{r['greedy_rows_identical_to_hf']:>4.2f}")
+    slug = re.sub(r"[^a-z0-9]+", "_", kind.lower()).strip("_") or device.platform
+    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / f"sampler_{slug}_eos.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="batches 1,16 and 16 new tokens")
@@ -306,6 +399,10 @@ def main() -> None:
     ap.add_argument("--no-profile", action="store_true", help="skip the per-op-class profile of each batch")
     ap.add_argument("--prompt-len", type=int, default=16,
                     help="prompt tokens per row (the KV cache holds prompt + new tokens - 1 slots)")
+    ap.add_argument("--eos", action="store_true",
+                    help="rows end at different steps: EOS ids (the commonest greedy tokens) that most rows "
+                         "generate early, on both sides; times whole generate calls instead (--out defaults to "
+                         "sampler_<device>_eos.json)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.quick:
@@ -336,6 +433,8 @@ def main() -> None:
     host_bw = None
     rng = np.random.RandomState(0)
     rows = []
+    if args.eos:
+        return eos_rows(args, batches, sampler, hf, torch_device, kind, device, dtype, info)
     for b in batches:
         prompts = rng.randint(0, args.vocab, (b, args.prompt_len)).tolist()
         configs = {n: SamplingConfig(max_new_tokens=n, eos_token_ids=(), batch_size=b, prompt_bucket=args.prompt_len)

@@ -458,6 +458,9 @@ def sampler_section() -> str | None:
     parts = []
     for path in files:
         d = json.loads(path.read_text())
+        if d.get("bench") == "sampler_generate_eos":
+            parts.append(_sampler_eos_part(path.name, d))
+            continue
         rows = [[r["batch"], r.get("dcd_jax_decode_tok_s"), r.get("hf_decode_tok_s"), r.get("speedup"),
                  r.get("host_bandwidth_roofline_fraction", r.get("hbm_roofline_fraction")),
                  r.get("matmul_floor_fraction"), r.get("dcd_jax_prefill_s"), r.get("hf_prefill_s")] for r in d["rows"]]
@@ -479,6 +482,22 @@ def sampler_section() -> str | None:
             + _sampler_bounds(d["rows"])
         )
     return "\n\n".join(parts) + "\n"
+
+
+def _sampler_eos_part(name: str, d: dict) -> str:
+    rows = [[r["batch"], f"{r['rows_ended_by_eos']} of {r['batch']}", r["generated_tokens"], r["dcd_jax_generate_s"],
+             r["hf_generate_s"], r["speedup"], r["greedy_rows_identical_to_hf"]] for r in d["rows"]]
+    return (f"### Sampler, rows ending at different steps ({name}: `python bench/sampler.py --eos`, {d['device_kind']}"
+            f"{_cpu_note(d.get('cpu'))}, {d['model']['params'] / 1e6:.1f}M Qwen2 shape, prompts of {d['prompt_len']} "
+            f"tokens, up to {d['new_tokens']} new{_load_note(d.get('load_average_1m_before_after'))}"
+            f"{_allocator_note(d.get('host_allocator'))})\n\n"
+            "Whole greedy generate calls (prefill included), both sides with the same EOS ids (random weights have "
+            "none: the commonest greedy tokens, the fewest that end 3/4 of the rows within the first half of the "
+            "budget, at most 32 of them): transformers decodes every row until "
+            "the last one ends, our loop halves its batch as rows finish. Median seconds per call, sides "
+            "alternating.\n\n"
+            + _table(["batch", "rows ended by EOS", "tokens generated", "dcd-jax s", "transformers s", "ratio",
+                      "rows identical to transformers"], rows))
 
 
 def _sampler_bounds(rows: list[dict]) -> str:
