@@ -423,3 +423,25 @@ def test_finished_rows_leave_the_batch_and_every_output_is_unchanged(qwen2_sampl
         loops = [sampler_mod._generate_jit.lower(*args, spec=sampler_mod._spec_of(cfg, (), 0, rows)).as_text()
                  .count("stablehlo.while") for rows in (0, 8)]
         assert loops[1] == 3 * loops[0]  # the decode loop (and the loops inside it) for each of 3 batch sizes
+
+
+def test_finished_rows_leave_the_stacked_cache_too(qwen2_sampler, monkeypatch):
+    """The accelerator layout (one stacked [L, B, ...] KV cache, traced here on CPU) moves rows the
+    same way: a 16-row batch halved down to 4 rows gives the full loop's tokens and lengths."""
+    s = qwen2_sampler
+    monkeypatch.setattr(sampler_mod, "traced_for_cpu", lambda: False)
+    b, p, max_new = 16, 9, 10
+    ids = np.zeros((b, p), np.int32)
+    for r, x in enumerate(_prompts(12, [2 + i % 7 for i in range(b)])):
+        ids[r, p - len(x):] = x
+    mask = (ids > 0).astype(np.int32)
+    keys = row_keys(0, range(b), [0] * b)
+    free = np.asarray(generate_tokens(s.graphdef, s.params, ids, mask, keys,
+                                      SamplingConfig(max_new_tokens=max_new, eos_token_ids=()))[0])
+    eos = tuple(int(t) for t in np.argsort(-np.bincount(free.ravel()), kind="stable")[:3])
+    cfg = SamplingConfig(max_new_tokens=max_new, eos_token_ids=eos)
+    full = jax.device_get(generate_tokens(s.graphdef, s.params, ids, mask, keys, cfg))
+    staged = jax.device_get(generate_tokens(s.graphdef, s.params, ids, mask, keys, cfg, min_rows=4))
+    assert full[2].sum() > b // 2  # enough rows end for the batch to halve
+    for a, c in zip(full, staged):
+        np.testing.assert_array_equal(a, c)
