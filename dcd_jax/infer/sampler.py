@@ -6,7 +6,8 @@ Two layers:
   plus a mask (left- or right-padded; rows are left-aligned inside). One prefill call writes the
   prompts into a fixed-size KV cache, then a ``lax.while_loop`` decodes one token per step for
   every row until all rows have finished (EOS or an in-loop stop sequence) or ``max_new_tokens``
-  is reached. Greedy (temperature 0) is an argmax; otherwise logits are divided by the
+  is reached; with ``min_rows`` (the single-device :class:`Sampler`) the batch halves whenever no
+  more than half of it is still generating, so finished rows stop costing steps. Greedy (temperature 0) is an argmax; otherwise logits are divided by the
   temperature and filtered by top-k / top-p in fp32 before a categorical draw whose key is
   ``fold_in(row_key, step)``, so every row has its own reproducible stream.
 * :class:`Sampler` - the host side: tokenization, ``n`` samples per prompt, chunking into
@@ -190,7 +191,7 @@ def _spec_of(cfg: SamplingConfig, stop_sequences: Sequence[Sequence[int]], pad_i
 
 
 # The smallest batch the single-device sampler halves down to as rows finish (each halving adds a
-# loop to the compiled program; below 8 rows a step costs about the same whatever the batch).
+# decode loop to the compiled program, so a bucket of 64 rows compiles 4).
 MIN_DECODE_ROWS = 8
 
 
