@@ -22,7 +22,15 @@ fractions is reported, since this host's speed swings by tens of percent between
   * every batch: the matmul floor, the time of the step's matmuls alone (:func:`matmul_chain_probe`:
     the same weight shapes and decode layouts, chained, no attention / norms / sampling) over our
     whole step's time. 100% would mean everything but XLA's own dots costs nothing; the rest of a
-    gap to the bandwidth or to transformers is then the speed of XLA:CPU's dot kernels here.
+    gap to the bandwidth or to transformers is then the speed of XLA:CPU's dot kernels here;
+  * every batch: XLA's best fp32 matmul rate here (a large matmul) and the step time if every FLOP
+    ran at it; with transformers, the speed ratio of the two steps' matmuls alone (ours through XLA,
+    theirs through torch as its layers run them; :func:`torch_matmul_chain_probe`);
+  * batch 1: the step's matrices, each streamed at the rate a chain of products of its own shape
+    reaches (:func:`shape_stream_probe`), as a share of the large-matvec bandwidth.
+``--eos`` times whole generate calls instead, with rows ending at different steps
+(:func:`eos_rows`): transformers decodes every row until the last one ends, our loop drops
+finished rows.
 On GPU, batch 1 also reports the fraction of the HBM-bandwidth roofline: a decode step must read
 every parameter once (the tied embedding once, as the unembedding) plus the KV cache; our loop
 attends over the whole fixed-size cache (prompt + N - 1 slots) every step, so it reads all of it:
@@ -33,7 +41,7 @@ Each batch size is also profiled (``--no-profile`` to skip): one generate call u
 ``jax.profiler``, XLA's thunk time summed by op class (matmul, attention over the KV cache,
 sampling, other) by ``bench/op_profile.py``.
 
-    python bench/sampler.py [--quick] [--batches 1,16,64] [--new-tokens 32] [--dtype float32]
+    python bench/sampler.py [--quick] [--batches 1,16,64] [--new-tokens 32] [--dtype float32] [--eos]
 
 Writes a table to stdout and JSON to bench/results/sampler_<device>.json.
 """
