@@ -240,8 +240,9 @@ class MatmulProbe:
             self.fn(self.a, self.w).block_until_ready()
             self.times.append(time.perf_counter() - t0)
 
+    flops = 2.0 * M * K * N
+
     def summary(self) -> dict:
-        flops = 2.0 * self.M * self.K * self.N
         t = statistics.median(self.times)
-        return {"shape": [self.M, self.K, self.N], "dtype": "float32", "flops": flops, "median_s": t,
-                "flops_per_s": flops / t, "calls": len(self.times)}
+        return {"shape": [self.M, self.K, self.N], "dtype": "float32", "flops": self.flops, "median_s": t,
+                "flops_per_s": self.flops / t, "calls": len(self.times)}

@@ -292,6 +292,15 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def write_result(result: dict, out: str | None, device, suffix: str = "") -> None:
+    """The JSON to ``out``, else to bench/results/sampler_<device kind><suffix>.json."""
+    slug = re.sub(r"[^a-z0-9]+", "_", device.device_kind.lower()).strip("_") or device.platform
+    path = Path(out) if out else Path(__file__).resolve().parent / "results" / f"sampler_{slug}{suffix}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {path}")
+
+
 def eos_ids_ending_rows(sampler: Sampler, prompts: list[list[int]], n_new: int) -> tuple[int, ...]:
     """EOS ids under which most rows end early at different steps (random weights have no EOS of
     their own): the fewest of the commonest greedy tokens that end at least 3/4 of the rows in the
@@ -378,11 +387,7 @@ def eos_rows(args, batches, sampler, hf, torch_device, kind, device, dtype, info
         print(f"{r['batch']:>5} | {r['rows_ended_by_eos']:>10} | {r['generated_tokens']:>6} | "
               f"{r['dcd_jax_generate_s']:>9.3f} | {r['hf_generate_s']:>7.3f} | {r['speedup']:>6.2f}x | "
               f"{r['greedy_rows_identical_to_hf']:>4.2f}")
-    slug = re.sub(r"[^a-z0-9]+", "_", kind.lower()).strip("_") or device.platform
-    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / f"sampler_{slug}_eos.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    write_result(result, args.out, device, "_eos")
 
 
 def main() -> None:
@@ -536,7 +541,7 @@ def main() -> None:
 
             def best_rate(best=best):
                 best.measure()
-                return best.summary()["flops"] / best.times[-1]
+                return best.flops / best.times[-1]
 
             bm = paired_fractions(best_rate, our_step_s, row["flops_per_step"], args.pair_rounds)
             row["best_matmul_flops_per_s"] = statistics.median(bm["references"])
@@ -664,11 +669,7 @@ def main() -> None:
     print("\n(=HF: share of rows whose greedy tokens equal transformers' exactly; random weights give near-flat "
           "logits, so a few ties may flip.)")
 
-    slug = re.sub(r"[^a-z0-9]+", "_", kind.lower()).strip("_") or device.platform
-    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / f"sampler_{slug}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    write_result(result, args.out, device)
 
 
 if __name__ == "__main__":

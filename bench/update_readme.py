@@ -501,7 +501,7 @@ def _sampler_eos_part(name: str, d: dict) -> str:
 
 
 def _sampler_bounds(rows: list[dict]) -> str:
-    """The host bounds bench/sampler.py measured next to each step (absent in older result files)."""
+    """The host bounds bench/sampler.py measured next to each step (CPU runs only)."""
     best = [[r["batch"], r["dcd_jax_step_ms"], r["hf_step_ms"] / 2 if "hf_step_ms" in r else None,
              r["step_ms_at_best_matmul"], r["best_matmul_flops_per_s"] / 1e9, r["best_matmul_fraction"],
              r.get("matmul_chain_ratio_vs_torch")]
