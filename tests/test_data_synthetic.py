@@ -218,6 +218,10 @@ def test_long_problems_ledger_template_and_output_styles():
                 lhs, rhs = line.rstrip(".").split(" = ")
                 assert evaluate(lhs) == int(rhs), (l["id"], line)
         for r in (s, l):
+            if r["style"] == "mixed":  # careful unless some line holds two operations
+                two = any(len(re.findall(r" [-+*/] ", x.split(" = ")[0])) >= 2 for x in _computation_lines(r["response"]))
+                assert classify_style(r["response"]) == ("compressed" if two else "careful"), r["response"]
+                continue
             assert classify_style(r["response"]) == expected[r["style"]], r["response"]
             assert classify_style(r["solution"]) == "careful"
     assert classify_style("12 + 3 = 15.") == "other" and classify_style("7 + 2 * 3 = 13.\nThe answer is 13.") == "compressed"
@@ -228,3 +232,62 @@ def test_long_problems_ledger_template_and_output_styles():
     assert 40 <= min(lengths[2]) and max(lengths[8]) <= 240 and np.mean(lengths[8]) >= 2.5 * np.mean(lengths[2])
     with pytest.raises(ConfigError, match="template"):
         from_dict(SyntheticTaskConfig, {"template": "novel"})
+
+
+def _computation_lines(text: str) -> list[str]:
+    return [line for line in text.split("\n") if " = " in line]
+
+
+def test_mixed_traces_mix_careful_and_compressed_lines_within_one_trace():
+    """The within-trace regime: every line right, the answer right, and most long traces hold both a
+    careful (one-operation) and a compressed (two-operation) line; rate 0 is the careful solution,
+    rate 1 pairs every two operations."""
+    base = dict(n_examples=300, min_steps=4, max_steps=8, max_start=9, max_operand=9, max_value=20, restate=True,
+                style_mix={"mixed": 1.0})
+    records = generate_problems(SyntheticTaskConfig(**base))
+    both = 0
+    for r in records:
+        assert r["style"] == "mixed" and extract_answer(r["response"]) == r["answer"]
+        ops = []
+        for line in _computation_lines(r["response"]):
+            lhs, rhs = line.rstrip(".").split(" = ")
+            assert evaluate(lhs) == int(rhs), (r["id"], line)
+            ops.append(len(re.findall(r" [-+*/] ", lhs)))
+        assert min(ops) >= 1 and max(ops) <= 4  # a compressed line: two operations (a group counts two)
+        both += 1 in ops and max(ops) >= 2
+    assert both > 0.6 * len(records)
+    assert {classify_style(r["response"]) for r in records} == {"careful", "compressed"}
+    careful = generate_problems(SyntheticTaskConfig(**{**base, "mixed_line_rate": 0.0}))
+    assert all(r["response"] == r["solution"] for r in careful)
+    paired = generate_problems(SyntheticTaskConfig(**{**base, "mixed_line_rate": 1.0}))
+    for r in paired:
+        sentences_restated = sum(line.endswith(".") and " = " not in line for line in r["response"].split("\n")[1:-1])
+        assert sentences_restated == r["num_steps"] % 2  # only an odd last operation is written carefully
+
+
+def test_intermediate_errors_leave_the_answer_right():
+    """The teacher-error regime: one line before the last computation states a wrong value, the
+    trace still ends at the gold answer, and the share of such traces follows the rate."""
+    mix = {"careful": 0.5, "compressed": 0.35, "terse": 0.15}
+    all_wrong = generate_problems(SyntheticTaskConfig(n_examples=200, min_steps=2, max_steps=8, style_mix=mix,
+                                                      intermediate_error_rate=1.0))
+    clean = generate_problems(SyntheticTaskConfig(n_examples=200, min_steps=2, max_steps=8, style_mix=mix))
+    for r, c in zip(all_wrong, clean):
+        lines = _computation_lines(c["response"])
+        if len(lines) < 2:  # terse traces have one computation line: nothing before the last
+            assert "error_line" not in r and r["response"] == c["response"]
+            continue
+        wrong = [i for i, (x, y) in enumerate(zip(r["response"].split("\n"), c["response"].split("\n"))) if x != y]
+        assert wrong == [r["error_line"]]
+        bad = r["response"].split("\n")[r["error_line"]]
+        lhs, rhs = bad.rstrip(".").split(" = ")
+        assert evaluate(lhs) != int(rhs) and 1 <= abs(evaluate(lhs) - int(rhs)) <= 3 or int(rhs) == evaluate(lhs) + 1
+        assert bad != _computation_lines(r["response"])[-1]
+        assert extract_answer(r["response"]) == r["answer"] and r["trace_correct"]
+        assert {k: v for k, v in r.items() if k not in ("response", "error_line")} == \
+            {k: v for k, v in c.items() if k != "response"}
+    some = generate_problems(SyntheticTaskConfig(n_examples=2000, style_mix={"careful": 1.0}, min_steps=3,
+                                                 intermediate_error_rate=0.3))
+    assert abs(sum("error_line" in r for r in some) / len(some) - 0.3) < 0.04
+    with pytest.raises(ConfigError, match="intermediate_error_rate"):
+        from_dict(SyntheticTaskConfig, {"intermediate_error_rate": 1.5})

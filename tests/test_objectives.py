@@ -169,6 +169,9 @@ CASES = {
     ),
     "ce-dcd_prefix-lam": dict(loss="ce", weighting="dcd_prefix", dcd=DCDConfig(tau=0.7, b=0.2),
                               lam=LamSchedule(kind="linear", warmup_steps=100)),
+    "ce-dcd_sequence-clip": dict(loss="ce", weighting="dcd_sequence", dcd=DCDConfig(tau=0.5, b=-0.1, clip_max=1.8),
+                                 lam=LamSchedule(kind="constant")),
+    "kl-dcd_sequence-lam": dict(loss="kl", weighting="dcd_sequence", lam=LamSchedule(kind="linear", warmup_steps=80)),
     "ce-dft": dict(loss="ce", weighting="dft"),
     "ce-idft": dict(loss="ce", weighting="idft", idft=IDFTConfig(alpha_min=0.2, alpha_max=0.9, warmup_steps=200)),
     "ce-iwsft-seq": dict(loss="ce", weighting="iw_sft", reduction="sequence", iw_sft=IWSFTConfig(kappa=0.5, c=1.2)),
@@ -227,7 +230,7 @@ def test_lam_zero_is_exactly_sft():
     assert float(dcd[1].metrics["lam"]) == 0.0
 
 
-@pytest.mark.parametrize("loss, weighting", [("ce", "dcd"), ("ce", "dcd_prefix"), ("ce", "dft"), ("ce", "idft"),
+@pytest.mark.parametrize("loss, weighting", [("ce", "dcd"), ("ce", "dcd_prefix"), ("ce", "dcd_sequence"), ("kl", "dcd_sequence"), ("ce", "dft"), ("ce", "idft"),
                                              ("ce", "iw_sft"), ("todi", "none")])
 def test_every_method_at_strength_zero_is_exactly_sft_or_kd(loss, weighting):
     """objective.strength = 0 turns every weighting into plain SFT (ce) and the ToDi loss into plain KD
@@ -400,7 +403,7 @@ def test_registry_and_config_validation_agree():
     with pytest.raises(ConfigError) as err:
         from_dict(ObjectiveConfig, {"weighting": "dpo"})
     assert all(repr(name) in str(err.value) for name in WEIGHTINGS)
-    assert {"none", "dcd", "dcd_prefix", "dft", "idft", "iw_sft"} <= set(WEIGHTINGS) and "todi" not in WEIGHTINGS
+    assert {"none", "dcd", "dcd_prefix", "dcd_sequence", "dft", "idft", "iw_sft"} <= set(WEIGHTINGS) and "todi" not in WEIGHTINGS
 
 
 def test_a_new_weighting_is_one_function_and_one_entry():

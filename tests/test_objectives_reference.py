@@ -121,7 +121,7 @@ def objective(cfg, hidden, unembed, batch, *, step, ref_hidden=None, ref_unembed
         w = frozen["w"]
     else:
         w = np.ones(seg.shape)
-        if cfg.weighting in ("dcd", "dcd_prefix"):
+        if cfg.weighting in ("dcd", "dcd_prefix", "dcd_sequence"):
             d = cfg.dcd
             l = lp - batch["teacher_logprobs"].astype(np.float64)
             if cfg.weighting == "dcd_prefix":  # l_t -> mean of l over the sequence's response tokens up to t
@@ -130,6 +130,12 @@ def objective(cfg, hidden, unembed, batch, *, step, ref_hidden=None, ref_unembed
                     for i, t in enumerate(ts):
                         running[b, t] = np.mean([l[b, u] for u in ts[: i + 1]])
                 l = running
+            if cfg.weighting == "dcd_sequence":  # l_t -> mean of l over all of the sequence's response tokens
+                whole = np.zeros(seg.shape)
+                for b, ts in sequences(batch):
+                    for t in ts:
+                        whole[b, t] = np.mean([l[b, u] for u in ts])
+                l = whole
             w = np.where(valid, sigmoid((np.where(valid, l, 0) - d.b) / d.tau), 1.0)
             if d.normalize:
                 w = w / w[valid].mean()

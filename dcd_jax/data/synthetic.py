@@ -14,11 +14,16 @@ is what distribution correction is for. This module makes the effect visible on 
     problem is copied before its computation;
   - ``compressed``: two steps per line, intermediate results partly skipped;
   - ``terse``: the whole computation as one expression and its value;
-  - ``answer_only``: just the answer.
+  - ``answer_only``: just the answer;
+  - ``mixed``: careful and compressed *within* one trace: each next pair of operations is written
+    as one compressed line with probability ``mixed_line_rate``, else as careful lines (so no
+    filter of whole traces can remove the hard lines).
 
   Every trace ends with the exact sentence ``The answer is N.``. ``error_rate`` makes a fraction
   of traces slip in their last computation (the trace's answer is then wrong; ``trace_correct``
-  says so). Records also carry ``solution``: the canonical careful trace (always correct).
+  says so). ``intermediate_error_rate`` makes a fraction state a wrong value (off by 1-3) on one
+  computation line before the last, while the next lines go on from the right value: the trace
+  still reaches the right answer (``error_line`` is the index of the wrong line). Records also carry ``solution``: the canonical careful trace (always correct).
 * :func:`teacher_training_records` - problems with their canonical solutions, to train a teacher.
 * :func:`build_tokenizer` - a small Qwen2-style byte-level BPE (digits always single tokens,
   ~500 entries) with a ChatML-like chat template, saved in Hugging Face format.
@@ -41,7 +46,10 @@ from typing import Any, Iterable, Mapping
 
 from dcd_jax.config import ConfigError
 
-STYLES = ("careful", "compressed", "terse", "answer_only")
+STYLES = ("careful", "compressed", "terse", "answer_only", "mixed")
+# The tokenizer's training corpus draws these (``mixed`` lines are careful and compressed lines, so
+# its text adds nothing to learn, and leaving it out keeps every tokenizer built before it the same).
+_TOKENIZER_STYLES = ("careful", "compressed", "terse", "answer_only")
 SYSTEM_PROMPT = "Solve the problem step by step. End with: The answer is N."
 ANSWER_RE = re.compile(r"The answer is (-?\d+)\.")
 
@@ -92,6 +100,10 @@ class SyntheticTaskConfig:
       max_value: Every intermediate amount stays within [0, max_value].
       style_mix: Relative weights of the trace styles (keys from :data:`STYLES`).
       error_rate: Fraction of traces whose last computation is off by 1-3.
+      intermediate_error_rate: Fraction of traces with one wrong intermediate line (off by 1-3)
+        that still reach the right answer (traces with two or more computation lines).
+      mixed_line_rate: In ``mixed`` traces, the probability that the next two operations are
+        written as one compressed line (else: careful lines for the next operation).
       template: Narrative of the problems (:data:`TEMPLATES`): ``story`` (a person's items) or
         ``ledger`` (a place's stock, other sentences; the demo pretrains its student on it).
       restate: Careful traces restate each sentence of the problem on its own line before its
@@ -111,6 +123,8 @@ class SyntheticTaskConfig:
         default_factory=lambda: {"careful": 0.5, "compressed": 0.2, "terse": 0.2, "answer_only": 0.1}
     )
     error_rate: float = 0.0
+    intermediate_error_rate: float = 0.0
+    mixed_line_rate: float = 0.5
     template: str = "story"
     restate: bool = False
 
@@ -132,8 +146,9 @@ class SyntheticTaskConfig:
             raise ConfigError(f"synthetic.style_mix: unknown style(s) {unknown}; styles are {list(STYLES)}")
         if any(w < 0 for w in self.style_mix.values()) or sum(self.style_mix.values()) <= 0:
             raise ConfigError("synthetic.style_mix: weights must be >= 0 and not all 0")
-        if not 0.0 <= self.error_rate <= 1.0:
-            raise ConfigError(f"synthetic.error_rate must be in [0, 1], got {self.error_rate}")
+        for knob in ("error_rate", "intermediate_error_rate", "mixed_line_rate"):
+            if not 0.0 <= getattr(self, knob) <= 1.0:
+                raise ConfigError(f"synthetic.{knob} must be in [0, 1], got {getattr(self, knob)}")
         if self.template not in TEMPLATES:
             raise ConfigError(f"synthetic.template={self.template!r}; expected one of {list(TEMPLATES)}")
 
@@ -231,11 +246,48 @@ def _expression(steps: list[_Step]) -> str:
     return expr
 
 
+def _mixed_lines(steps: list[_Step], name: str, item: str, restated: list[str] | None,
+                 rng: random.Random, rate: float) -> list[str]:
+    """Careful and compressed lines in one trace: at each position the next two operations become one
+    compressed line with probability ``rate`` (when two remain), else the next one careful lines."""
+    lines = [f"{name} starts with {steps[0].before} {item}."]
+    i = 0
+    while i < len(steps):
+        if i + 1 < len(steps) and rng.random() < rate:
+            lines.append(f"{_expression(steps[i : i + 2])} = {steps[i + 1].after}.")
+            i += 2
+        else:
+            lines += _careful_lines([steps[i]], name, item, restated[i : i + 1] if restated else None)[1:]
+            i += 1
+    return lines
+
+
+def _slip_intermediate(lines: list[str], rng: random.Random) -> tuple[list[str], int | None]:
+    """One computation line before the last states a value off by 1-3; later lines are unchanged
+    (they go on from the right value). Returns the lines and the index of the wrong one."""
+    computations = [i for i, line in enumerate(lines) if " = " in line]
+    if len(computations) < 2:
+        return lines, None
+    i = rng.choice(computations[:-1])
+    left, value = lines[i].rsplit(" = ", 1)
+    right = int(value.rstrip("."))
+    wrong = right + rng.choice((-3, -2, -1, 1, 2, 3))
+    wrong = wrong if wrong >= 0 else right + 1
+    return lines[:i] + [f"{left} = {wrong}."] + lines[i + 1 :], i
+
+
 def _trace(style: str, steps: list[_Step], name: str, item: str, final: int,
-           restated: list[str] | None = None) -> str:
+           restated: list[str] | None = None, line_rng: random.Random | None = None,
+           mixed_line_rate: float = 0.5) -> str:
     """A teacher trace in ``style`` whose last stated value is ``final`` (careful traces restate
-    each sentence of the problem before its computation when ``restated`` gives them)."""
+    each sentence of the problem before its computation when ``restated`` gives them; ``mixed``
+    traces draw their line styles from ``line_rng``)."""
     answer = f"The answer is {final}."
+    if style == "mixed":
+        lines = _mixed_lines(steps, name, item, restated, line_rng or random.Random(0), mixed_line_rate)
+        if final != steps[-1].after:
+            lines[-1] = lines[-1].rsplit("=", 1)[0] + f"= {final}."
+        return "\n".join(lines + [answer])
     if style == "answer_only":
         return answer
     if style == "terse":
@@ -284,16 +336,25 @@ def generate_problem(cfg: SyntheticTaskConfig, index: int) -> dict[str, Any]:
         story = " ".join(sentences)
         prompt = f"{name} has {steps[0].before} {item}. {story} How many {item} does {name} have now?"
     restated = sentences if cfg.restate else None
-    return {
+    # The line-level draws (mixed styles, intermediate slips) come from their own stream, so the
+    # problems and traces of a config without them are the same as before these knobs existed.
+    line_rng = random.Random(f"dcd-synthetic/{cfg.seed}/{cfg.split}/{index}/lines")
+    response = _trace(style, steps, name, item, final, restated, line_rng, cfg.mixed_line_rate)
+    record = {
         "id": f"{cfg.split}-{cfg.seed}-{index}",
         "prompt": prompt,
-        "response": _trace(style, steps, name, item, final, restated),
+        "response": response,
         "answer": str(answer),
         "style": style,
         "num_steps": len(steps),
         "trace_correct": final == answer,
         "solution": _trace("careful", steps, name, item, answer, restated),
     }
+    if cfg.intermediate_error_rate > 0 and line_rng.random() < cfg.intermediate_error_rate:
+        lines, wrong = _slip_intermediate(response.split("\n"), line_rng)
+        if wrong is not None:
+            record.update(response="\n".join(lines), error_line=wrong)
+    return record
 
 
 def generate_problems(cfg: SyntheticTaskConfig) -> list[dict[str, Any]]:
@@ -363,7 +424,7 @@ def build_tokenizer(out_dir: str | Path | None = None, *, vocab_size: int = 512,
     from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
 
     corpus_cfg = SyntheticTaskConfig(seed=seed, n_examples=3000, split="tokenizer", max_steps=6,
-                                     style_mix={s: 1.0 for s in STYLES})
+                                     style_mix={s: 1.0 for s in _TOKENIZER_STYLES})
     corpus = [SYSTEM_PROMPT, "system user assistant"]
     for r in generate_problems(corpus_cfg):
         corpus += [r["prompt"], r["response"], r["solution"]]

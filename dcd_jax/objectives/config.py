@@ -11,7 +11,7 @@ YAML example::
 
     objective:
       loss: ce                 # ce (token NLL) | kl (forward KL from the teacher's stored top-k) | todi | gkd (live teacher)
-      weighting: dcd           # a registered weighting: none | dcd | dcd_prefix | dft | idft | iw_sft
+      weighting: dcd           # a registered weighting: none | dcd | dcd_prefix | dcd_sequence | dft | idft | iw_sft
       reduction: token         # token | sequence
       chunk_size: 256          # sequence chunk for the memory-light loss (0 = no chunking)
       dcd: {tau: 1.0, b: 0.0, normalize: true, clip_min: null, clip_max: null}
@@ -225,8 +225,9 @@ class ObjectiveConfig:
     forward and reverse KL on that support (``todi``); ``gkd`` = generalized JSD to a live teacher
     over the full vocabulary, on partly student-generated batches (``gkd``).
     ``weighting``: a registered weighting (:data:`~dcd_jax.objectives.weights.WEIGHTINGS`): ``none``
-    (SFT / plain KD), ``dcd`` (the method), ``dcd_prefix`` (DCD on the prefix-mean log-ratio; uses
-    the ``dcd`` and ``lam`` knobs), ``dft``, ``idft``, ``iw_sft`` - the offline baselines. ``todi``
+    (SFT / plain KD), ``dcd`` (the method), ``dcd_prefix`` (DCD on the prefix-mean log-ratio), ``dcd_sequence``
+    (DCD on the trace-mean log-ratio: a soft trace selection; both use the ``dcd`` and ``lam``
+    knobs), ``dft``, ``idft``, ``iw_sft`` - the offline baselines. ``todi``
     and ``gkd`` losses take ``weighting: none``.
     ``reduction``: ``token`` = sum over response tokens / their number (global batch);
     ``sequence`` = mean over each sequence's response tokens, then mean over sequences.

@@ -19,6 +19,12 @@ same masking and ``stop_gradient`` to all of them; the weighted reduction is sha
              ``w_t = sigmoid((m_t - b) / tau)``, normalized, clipped; a token after a prefix the
              student would not have written counts less (offline counterpart of the
              accumulated-discrepancy weights of on-policy IW-OPD, arXiv 2606.22600).
+* ``dcd_sequence`` the DCD transform of the log-ratio averaged over the whole response,
+             ``m_s = mean_{t in s} l_t``, given to every token of trace ``s``:
+             ``w_t = sigmoid((m_s - b) / tau)``, normalized, clipped. A soft trace selection: a
+             trace the student would not write (high teacher / student ratio over all of it)
+             counts less as a whole, while every token of a kept trace keeps its full signal
+             (token ``dcd`` instead removes the signal from the hard tokens of every trace).
 * ``dft``    ``w_t = pi_theta(y_t)``  (Dynamic Fine-Tuning, Wu et al. 2025).
 * ``idft``   ``w_t = pi_theta(y_t) ** alpha_t``, entropy-adaptive exponent
              ``alpha_t = s(step) (alpha_min + (alpha_max - alpha_min)(1 - H_t / log V))``.
@@ -172,6 +178,13 @@ def dcd_prefix_weights(cfg: ObjectiveConfig, log_ratio: jax.Array, mask: jax.Arr
     return dcd_weights(cfg, prefix_mean(log_ratio, mask, segment_ids), mask, step)
 
 
+def dcd_sequence_weights(cfg: ObjectiveConfig, log_ratio: jax.Array, mask: jax.Array, segment_ids: jax.Array,
+                         step) -> Weights:
+    """DCD on the trace-mean log-ratio ``m_s`` (one value per packed sequence), same knobs as ``dcd``."""
+    seq_mean, _ = segments.sequence_means(log_ratio, mask, segment_ids)
+    return dcd_weights(cfg, segments.broadcast_to_tokens(seq_mean, segment_ids), mask, step)
+
+
 def iw_sft_weights(cfg: ObjectiveConfig, log_ratio_ref: jax.Array, mask: jax.Array, segment_ids: jax.Array) -> Weights:
     """iw-SFT with ``log_ratio_ref = log pi_theta(y_t) - log pi_ref(y_t)``."""
     c = cfg.iw_sft
@@ -206,6 +219,10 @@ register_weighting(Weighting(
 register_weighting(Weighting(
     "dcd_prefix",
     lambda cfg, x: dcd_prefix_weights(cfg, x.target_logprobs - x.teacher_logprobs, x.mask, x.segment_ids, x.step),
+    batch_fields=TEACHER_LOGPROBS, config_section="dcd", lam_mix=True))
+register_weighting(Weighting(
+    "dcd_sequence",
+    lambda cfg, x: dcd_sequence_weights(cfg, x.target_logprobs - x.teacher_logprobs, x.mask, x.segment_ids, x.step),
     batch_fields=TEACHER_LOGPROBS, config_section="dcd", lam_mix=True))
 register_weighting(Weighting(
     "dft", lambda cfg, x: Weights(jnp.exp(x.target_logprobs), jnp.zeros_like(x.target_logprobs),

@@ -1,0 +1,55 @@
+"""bench/study.py: the two-level bootstrap over builds and seeds, the val-chosen setting, the oracle filter."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import study  # noqa: E402
+
+
+def test_constant_differences_give_a_point_interval():
+    out = study.hierarchical_bootstrap({0: [0.2, 0.2], 1: [0.2, 0.2, 0.2]}, n_boot=500)
+    assert out["mean"] == pytest.approx(0.2) and out["ci"] == [pytest.approx(0.2), pytest.approx(0.2)]
+    assert out["builds"] == 2 and out["runs"] == 5 and out["positive"] == 5 and out["builds_positive"] == 2
+
+
+def test_the_pooled_mean_weights_builds_equally_not_runs():
+    out = study.hierarchical_bootstrap({0: [1.0], 1: [0.0, 0.0, 0.0]}, n_boot=200)
+    assert out["mean"] == pytest.approx(0.5)
+    assert out["per_build"] == {0: 1.0, 1: 0.0}
+
+
+def test_builds_that_disagree_widen_the_interval_to_both_of_them():
+    """Two builds with opposite, seed-stable effects: a bootstrap over the six runs alone would give a
+    narrow interval around 0; resampling builds first puts both builds' values inside the CI."""
+    diffs = {0: [1.0, 1.0, 1.0], 1: [-1.0, -1.0, -1.0]}
+    out = study.hierarchical_bootstrap(diffs, n_boot=4000)
+    assert out["ci"] == [pytest.approx(-1.0), pytest.approx(1.0)]
+    flat = study.seed_bootstrap([1.0, 1.0, 1.0, -1.0, -1.0, -1.0], n_boot=4000)
+    assert flat["ci"][1] - flat["ci"][0] < 1.7
+
+
+def _run(setting, acc, build=0, seed=0):
+    return {"regime": "pertrace", "build": build, "seed": seed, "method": "DCD-seq", "setting": setting,
+            "val": {"accuracy": acc}}
+
+
+def test_the_trace_level_setting_is_chosen_on_val_with_ties_to_tau1():
+    runs = [_run("tau0.5", 0.7), _run("tau1", 0.6), _run("tau2", 0.5), _run("tau2", 0.99, build=1)]
+    assert study.chosen_seq_setting(runs, "pertrace") == "tau0.5"
+    runs[1] = _run("tau1", 0.7)
+    assert study.chosen_seq_setting(runs, "pertrace") == "tau1"
+    assert study.chosen_seq_setting(runs[:2], "pertrace") is None  # the sweep is not finished
+
+
+def test_the_oracle_filter_keeps_exactly_the_careful_traces(tmp_path):
+    from dcd_jax.data.synthetic import SyntheticTaskConfig, classify_style, generate_problems
+
+    records = generate_problems(SyntheticTaskConfig(n_examples=60, style_mix={"careful": 1, "compressed": 1, "terse": 1}))
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    kept = [json.loads(line) for line in open(study.careful_only(tmp_path))]
+    expected = [r for r in records if classify_style(r["response"]) == "careful"]
+    assert 0 < len(kept) < len(records) and kept == json.loads(json.dumps(expected))
