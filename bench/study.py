@@ -10,11 +10,13 @@ data and the teacher's cached scores (``dcd_jax.demo``; build 0 of the ``pertrac
 demo's own stages). A *seed* is the data order of a distillation run. Every method of a build sees
 the same cached teacher scores, the same steps and learning rate, and the seed's data order.
 
-Methods (:data:`METHODS`): SFT; the style-oracle filter (SFT on the traces
-:func:`~dcd_jax.data.synthetic.classify_style` calls careful: an oracle a user does not have);
-trace-level DCD (``dcd_sequence``: every token of a trace weighted by the sigmoid of the trace's
-mean student / teacher log-ratio, a soft trace selection a user can run; its ``tau`` is chosen on
-``val`` of build 0, seed 0); the paper's token-level DCD (``dcd``) and the prefix-mean ``dcd_prefix``.
+Methods (:data:`METHODS`; :data:`DEFAULT_METHODS` run by default): SFT; the style-oracle filter
+(SFT on the traces :func:`~dcd_jax.data.synthetic.classify_style` calls careful: an oracle a user
+does not have); Select (SFT on the traces the pretrained student fits best by their mean student /
+teacher log-ratio, :mod:`dcd_jax.teacher.selection`, ``dcd-jax data select``: what a user can run;
+its keep fraction is chosen on ``val`` of build 0, seed 0); the paper's token-level DCD (``dcd``) and
+the prefix-mean ``dcd_prefix``. ``DCD-seq`` (``dcd_sequence``: the trace-mean log-ratio of the
+*current* student as a weight) is a diagnostic run at build 0, seed 0 only.
 
 Every run is evaluated greedily on ``val`` (the product's default is chosen there) and on ``eval``
 (what is reported). Paired differences against SFT and against the undistilled student come with a
@@ -45,15 +47,21 @@ from experiment import code_version, line_statistics, merge, score_records, summ
 # distillation data drawn from, the regime's task). ``pertrace``: each trace in one style (the demo).
 REGIMES = {"pertrace": {}}
 # name -> (objective, data): data "all" = the scored distillation traces, "careful" = the oracle filter.
+# "select": SFT on the traces the pretrained student fits best (dcd_jax.teacher.selection; the keep
+# fraction is the run's setting, chosen on val).
 METHODS = {
     "SFT": ({"loss": "ce", "weighting": "none"}, "all"),
     "Oracle-filter": ({"loss": "ce", "weighting": "none"}, "careful"),
-    "DCD-seq": ({"loss": "ce", "weighting": "dcd_sequence"}, "all"),
+    "Select": ({"loss": "ce", "weighting": "none"}, "select"),
     "DCD-CE": ({"loss": "ce", "weighting": "dcd"}, "all"),
     "DCD-prefix": ({"loss": "ce", "weighting": "dcd_prefix"}, "all"),
+    "DCD-seq": ({"loss": "ce", "weighting": "dcd_sequence"}, "all"),
 }
-# Validation sweep of the trace-level weighting (build 0, seed 0, split val): the sigmoid's temperature.
-SEQ_SWEEP = {"tau0.5": {"dcd": {"tau": 0.5}}, "tau1": {}, "tau2": {"dcd": {"tau": 2.0}}}
+DEFAULT_METHODS = ("SFT", "Oracle-filter", "Select", "DCD-CE", "DCD-prefix")
+# Validation sweeps (build 0, seed 0, split val), one per method with a setting: the selection's keep
+# fraction, and the trace-level weighting's sigmoid temperature (a diagnostic: its weights drift).
+SWEEPS = {"Select": {"keep0.3": {}, "keep0.5": {}, "keep0.7": {}},
+          "DCD-seq": {"tau0.5": {"dcd": {"tau": 0.5}}, "tau1": {}, "tau2": {"dcd": {"tau": 2.0}}}}
 REFERENCES = ("SFT", "undistilled")
 
 
@@ -114,6 +122,21 @@ def careful_only(traces: Path) -> Path:
     return out
 
 
+def selected(bdir: Path, brec: dict, keep_fraction: float) -> Path:
+    """The traces the pretrained student fits best (:mod:`dcd_jax.teacher.selection`), written once."""
+    from dcd_jax.teacher.selection import select_traces
+
+    traces = bdir / "traces"
+    out = traces / f"train_select{keep_fraction:g}.jsonl"
+    if not out.is_file():
+        scores = bdir / "study_select" / "student.parquet"
+        if not scores.is_file():
+            records = [json.loads(line) for line in open(traces / "train.jsonl")]
+            scores = score_records(brec["student_flax"], records, bdir / "study_select")
+        select_traces(traces / "train.jsonl", scores, traces / "train.teacher.parquet", out, keep_fraction=keep_fraction)
+    return out
+
+
 def eval_split(model: str, bdir: Path, split: str, out: Path, scale) -> dict:
     from dcd_jax.demo import evaluate_models
 
@@ -121,6 +144,22 @@ def eval_split(model: str, bdir: Path, split: str, out: Path, scale) -> dict:
     summary = summarize_eval(ev["results"]["m"]["embedded"])
     summary.update(line_statistics(out / "generations" / "m" / "generations" / "embedded.jsonl"))
     return summary
+
+
+# Weightings whose weights the study recomputes offline (by trace style, position and token class).
+DIAGNOSED = ("dcd", "dcd_prefix", "dcd_sequence")
+
+
+def diagnostic_records(bdir: Path, n: int = 256) -> tuple[list[dict], dict]:
+    """The first ``n`` distillation traces of a build and the class of each of their response tokens."""
+    from transformers import AutoTokenizer
+
+    from dcd_jax.data import DataConfig
+    from dcd_jax.eval.weight_diagnostics import record_token_classes
+
+    records = [json.loads(line) for line in open(bdir / "traces" / "train.jsonl")][:n]
+    tokenizer = AutoTokenizer.from_pretrained(bdir / "assets" / "tokenizer")
+    return records, record_token_classes(records, tokenizer, DataConfig(path=str(bdir / "traces" / "train.jsonl")))
 
 
 def build_record(work: Path, regime: str, build: int) -> dict:
@@ -149,16 +188,16 @@ def build_record(work: Path, regime: str, build: int) -> dict:
     rec["teacher_samples"] = {"kept": sampled["traces_in_file"], "sampled": sampled["generated"],
                               "kept_style_counts": sampled["kept_style_counts"]}
     rec["teacher_val_curve"] = teacher_done.get("val_curve", [])
-    # Step 0: the pretrained student's and the teacher's NLL of the traces by style, token-DCD's weights.
-    records = [json.loads(line) for line in open(bdir / "traces" / "train.jsonl")][:256]
+    # Step 0: the pretrained student's and the teacher's NLL of the traces by style and by token class,
+    # and the weights of each DCD weighting.
+    records, classes = diagnostic_records(bdir)
     scores = score_records(student["flax"], records, bdir / "study_diag")
-    diag = weight_diagnostics(from_dict(ObjectiveConfig, {"weighting": "dcd"}), records, scores,
-                              bdir / "traces" / "train.teacher.parquet")
-    teacher_nll = weight_diagnostics(from_dict(ObjectiveConfig, {"weighting": "none"}), records,
-                                     bdir / "traces" / "train.teacher.parquet", bdir / "traces" / "train.teacher.parquet")
-    rec["step0"] = {"student_nll_by_style": diag["student_nll_by_style"],
-                    "teacher_nll_by_style": teacher_nll["student_nll_by_style"],
-                    "dcd_weight_by_style": diag["by_style"], "dcd_weight_by_position": diag["by_position"]}
+    teacher_scores = bdir / "traces" / "train.teacher.parquet"
+    teacher_nll = weight_diagnostics(from_dict(ObjectiveConfig, {"weighting": "none"}), records, teacher_scores,
+                                     teacher_scores)
+    rec["step0"] = {"teacher_nll_by_style": teacher_nll["student_nll_by_style"], "weights": {
+        w: weight_diagnostics(from_dict(ObjectiveConfig, {"weighting": w}), records, scores, teacher_scores, classes)
+        for w in DIAGNOSED}}
     marker.write_text(json.dumps(rec, indent=2))
     return rec
 
@@ -181,6 +220,8 @@ def train_run(work: Path, regime: str, build: int, method: str, setting: str, se
             "topk": scale.topk}
     if data_kind == "careful":
         data = {"path": str(careful_only(traces))}
+    if data_kind == "select":
+        data = {**data, "path": str(selected(bdir, brec, float(setting.removeprefix("keep"))))}
     run_dir = work / "runs" / name
     t0 = time.time()
     trained = _train(brec["student_flax"], data, objective, steps, lr, run_dir, scale, seed)
@@ -188,6 +229,15 @@ def train_run(work: Path, regime: str, build: int, method: str, setting: str, se
               "objective": objective, "data": data_kind, "train": trained,
               "val": eval_split(trained["hf"], bdir, "val", run_dir / "results_val", scale),
               "eval": eval_split(trained["hf"], bdir, "eval", run_dir / "results", scale)}
+    if objective["weighting"] in DIAGNOSED:  # what its weights emphasize at the end of training
+        from dcd_jax.config import from_dict
+        from dcd_jax.eval.weight_diagnostics import weight_diagnostics
+        from dcd_jax.objectives.config import ObjectiveConfig
+
+        records, classes = diagnostic_records(bdir)
+        scores = score_records(trained["hf"], records, run_dir / "diag_after")
+        result["weights_after"] = weight_diagnostics(from_dict(ObjectiveConfig, objective), records, scores,
+                                                     traces / "train.teacher.parquet", classes)
     result["seconds"] = round(time.time() - t0, 1)
     marker.parent.mkdir(parents=True, exist_ok=True)
     tmp = marker.with_suffix(".tmp")
@@ -196,27 +246,89 @@ def train_run(work: Path, regime: str, build: int, method: str, setting: str, se
     return json.loads(marker.read_text())
 
 
-def chosen_seq_setting(runs: list[dict], regime: str) -> str | None:
-    """The ``SEQ_SWEEP`` entry with the best val accuracy on build 0, seed 0 (ties: ``tau1``, the paper's)."""
+def check_weights(work: Path, regime: str, build: int, brec: dict, batches: int = 3) -> dict:
+    """Rule out a defect in the weights: on the build's real distillation batches, the statistics of
+    the token-DCD weights the jitted train step computes (its metrics, on the parameters it starts
+    from: the pretrained student's, then after one and two updates) equal a float64 recomputation
+    from the model's full logits and the batch's cached teacher log-probs (``w = sigmoid(l)``, ``l = log p_S(y_t) - log p_T(y_t)``, divided
+    by its mean over the batch's response tokens). Cached as ``<build dir>/weight_check.json``."""
+    import jax
+    import numpy as np
+
+    from dcd_jax.config import from_dict
+    from dcd_jax.models import bind
+    from dcd_jax.train.batch import to_global_batch
+    from dcd_jax.train.config import RunConfig
+    from dcd_jax.train.loop import build_run
+
+    bdir = build_dir(work, regime, build)
+    marker = bdir / "weight_check.json"
+    if marker.is_file():
+        return json.loads(marker.read_text())
+    scale = build_scale(regime)
+    traces = bdir / "traces"
+    cfg = from_dict(RunConfig, {
+        "model": {"path": brec["student_flax"], "dtype": "float32"},
+        "data": {"seq_len": scale.seq_len, "batch_size": scale.batch_size, "num_epochs": None, "seed": 0,
+                 "path": str(traces / "train.jsonl"), "teacher_scores": str(traces / "train.teacher.parquet"),
+                 "topk": scale.topk},
+        "objective": {"chunk_size": 128, "weighting": "dcd"},
+        "train": {"steps": 10, "out_dir": str(bdir / "weight_check_run"), "progress": False},
+    })
+    mesh = cfg.mesh.make()
+    run = build_run(cfg, mesh, {})
+    out = []
+    with jax.set_mesh(mesh):
+        for _ in range(batches):
+            local = next(run.data_iter)
+            model = bind(run.graphdef, run.state["params"])  # the parameters this step's weights are computed with
+            logits = np.asarray(model(local["input_ids"], local["positions"], local["segment_ids"]), np.float64)
+            run.state, metrics = run.step_fn(run.state, to_global_batch(local, mesh, 1))  # the state is donated
+            logits = logits[..., : run.true_vocab]
+            logp = logits - logits.max(-1, keepdims=True)
+            logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+            target = np.take_along_axis(logp, local["targets"][..., None].astype(np.int64), -1)[..., 0]
+            mask = (local["loss_mask"] > 0) & (local["segment_ids"] > 0)
+            ratio = target - local["teacher_logprobs"].astype(np.float64)
+            w = 1.0 / (1.0 + np.exp(-ratio[mask]))
+            w = w / w.mean()
+            ref = {"log_ratio_mean": ratio[mask].mean(), "weight_std": w.std(), "weight_min": w.min(),
+                   "weight_max": w.max(), "nll": -target[mask].mean(), "tokens": float(mask.sum())}
+            got = {k: float(metrics[k]) for k in ref}
+            out.append({"jitted": got, "float64": {k: float(v) for k, v in ref.items()},
+                        "max_rel_diff": max(abs(got[k] - ref[k]) / max(abs(ref[k]), 1e-6) for k in ref)})
+    result = {"batches": out, "max_rel_diff": max(b["max_rel_diff"] for b in out)}
+    marker.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def chosen_setting(runs: list[dict], regime: str, method: str = "DCD-seq") -> str | None:
+    """The ``SWEEPS[method]`` entry with the best val accuracy on build 0, seed 0 (ties: the middle
+    entry, i.e. ``tau1`` / ``keep0.5``); None until the sweep has run."""
     sweep = {r["setting"]: r["val"]["accuracy"] for r in runs
-             if r["regime"] == regime and r["build"] == 0 and r["seed"] == 0 and r["method"] == "DCD-seq"}
-    if set(sweep) != set(SEQ_SWEEP):
+             if r["regime"] == regime and r["build"] == 0 and r["seed"] == 0 and r["method"] == method}
+    if set(sweep) != set(SWEEPS[method]):
         return None
+    middle = list(SWEEPS[method])[len(SWEEPS[method]) // 2]
     best = max(sweep.values())
-    return "tau1" if sweep["tau1"] == best else max(sweep, key=sweep.get)
+    return middle if sweep[middle] == best else max(sweep, key=sweep.get)
 
 
-def main_runs(runs: list[dict], regime: str, setting: str | None) -> list[dict]:
-    """The runs of the comparison: every method, DCD-seq at its chosen setting only."""
-    return [r for r in runs if r["regime"] == regime and (r["method"] != "DCD-seq" or r["setting"] == setting)]
+
+def main_runs(runs: list[dict], regime: str, settings: dict) -> list[dict]:
+    """The runs of the comparison: every method, a swept method at its chosen setting only."""
+    return [r for r in runs if r["regime"] == regime and (r["method"] not in SWEEPS or r["setting"] == settings.get(r["method"]))]
 
 
 def summarize(runs: list[dict], builds: dict, regime: str) -> dict:
     """Per method: mean of every metric; paired differences (eval and val) against SFT and against
     the undistilled student, pooled over builds (hierarchical bootstrap) and per build."""
-    setting = chosen_seq_setting(runs, regime)
-    rows = main_runs(runs, regime, setting)
-    out: dict = {"dcd_seq_setting": setting, "methods": {}}
+    settings = {m: chosen_setting(runs, regime, m) for m in SWEEPS}
+    rows = main_runs(runs, regime, settings)
+    out: dict = {"settings": settings, "sweeps": {m: {r["setting"]: r["val"]["accuracy"] for r in runs
+                                                      if r["regime"] == regime and r["build"] == 0 and r["seed"] == 0
+                                                      and r["method"] == m} for m in SWEEPS},
+                 "methods": {}}
     for method in METHODS:
         mine = [r for r in rows if r["method"] == method]
         if not mine:
@@ -257,6 +369,8 @@ def collect(work: Path) -> tuple[list[dict], dict]:
     builds = {}
     for p in sorted(work.glob("*-b*/study_build.json")):
         rec = json.loads(p.read_text())
+        if (p.parent / "weight_check.json").is_file():
+            rec["weight_check"] = json.loads((p.parent / "weight_check.json").read_text())
         builds.setdefault(rec["regime"], {})[rec["build"]] = rec
     return runs, builds
 
@@ -268,7 +382,7 @@ def write_results(out: Path, work: Path, args, code: str) -> dict:
         "command": "python bench/study.py --regime {} --builds {} --seeds {}".format(args.regime, args.builds, args.seeds),
         "code": previous.get("code") if previous.get("code", "").endswith(code) else
         (f"{previous['code']}, resumed at {code}" if previous.get("code") else code),
-        "steps": args.steps, "lr": args.lr, "seq_sweep": SEQ_SWEEP,
+        "steps": args.steps, "lr": args.lr, "sweeps": SWEEPS,
         "methods": {k: {"objective": v[0], "data": v[1]} for k, v in METHODS.items()},
         "regimes": {reg: {"task_overrides": REGIMES.get(reg, {}),
                           "builds": {str(b): {k: v for k, v in rec.items() if k not in ("student_flax", "student_hf",
@@ -319,7 +433,7 @@ def main() -> None:
     parser.add_argument("--regime", default="pertrace", choices=sorted(REGIMES))
     parser.add_argument("--builds", default="0,1,2")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     parser.add_argument("--steps", type=int, default=240)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--work", default="study_out")
@@ -340,36 +454,43 @@ def main() -> None:
         brec = build_record(work, args.regime, build)
         if study is not None:
             check_reproduced(study, brec)
+        brec["weight_check"] = check_weights(work, args.regime, build, brec)
         write_results(out, work, args, code)
-        if build == 0 and "DCD-seq" in methods:  # the validation sweep of the trace-level temperature
-            for setting, override in SEQ_SWEEP.items():
-                train_run(work, args.regime, 0, "DCD-seq", setting, 0, brec, args.steps, args.lr, override)
-            write_results(out, work, args, code)
+        for method in (m for m in methods if m in SWEEPS and build == 0):  # the validation sweeps
+            for setting, override in SWEEPS[method].items():
+                train_run(work, args.regime, 0, method, setting, 0, brec, args.steps, args.lr, override)
+                write_results(out, work, args, code)
         for seed in seeds:
             for method in methods:
                 setting, override = "", {}
-                if method == "DCD-seq":
-                    setting = chosen_seq_setting(collect(work)[0], args.regime)
+                if method in SWEEPS:
+                    setting = chosen_setting(collect(work)[0], args.regime, method)
                     if setting is None:
-                        print(f"skip DCD-seq of build {build}: the val sweep (build 0, seed 0) has not run yet")
+                        print(f"skip {method} of build {build}: its val sweep (build 0, seed 0) has not run yet")
                         continue
-                    override = SEQ_SWEEP[setting]
+                    override = SWEEPS[method][setting]
                 train_run(work, args.regime, build, method, setting, seed, brec, args.steps, args.lr, override)
                 write_results(out, work, args, code)
     print(json.dumps(write_results(out, work, args, code)["regimes"][args.regime]["summary"], indent=1)[:3000])
 
 
 def plot(result: dict, path: Path) -> None:
+    """Top: eval accuracy per method (dots: runs, coloured by build; bar: mean; dashed: the undistilled
+    student of each build). Bottom: token DCD's mean weight by token class, at step 0 (bars, one per
+    build) and at the end of its runs (dots), next to the trace-level weighting's at step 0."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from dcd_jax.eval.weight_diagnostics import TOKEN_CLASSES
+
     regimes = list(result["regimes"])
     if not regimes:
         return
-    fig, axes = plt.subplots(1, len(regimes), figsize=(7 * len(regimes), 4.2), squeeze=False)
-    for ax, reg in zip(axes[0], regimes):
+    fig, axes = plt.subplots(2, len(regimes), figsize=(8 * len(regimes), 8), squeeze=False)
+    for col, reg in enumerate(regimes):
+        ax = axes[0, col]
         summary = result["regimes"][reg]["summary"]
         names = list(summary["methods"])
         for i, name in enumerate(names):
@@ -383,8 +504,25 @@ def plot(result: dict, path: Path) -> None:
             ax.axhline(rec["undistilled"]["eval"]["accuracy"], color=f"C{int(b) % 10}", ls="--", lw=0.8)
         ax.set_xticks(range(len(names)), names, rotation=20)
         ax.set_ylim(0, 1)
-        ax.set_ylabel("greedy accuracy, eval split (dots: seeds; bar: mean)")
+        ax.set_ylabel("greedy accuracy, eval split (dots: runs; bar: mean)")
         ax.set_title(f"regime {reg}: dashed = undistilled student per build")
+        ax.legend(fontsize=7)
+        ax = axes[1, col]
+        builds = result["regimes"][reg]["builds"]
+        width = 0.8 / max(len(builds), 1)
+        for j, (b, rec) in enumerate(builds.items()):
+            w0 = rec.get("step0", {}).get("weights", {}).get("dcd", {}).get("by_token_class", {})
+            xs = [k + j * width for k in range(len(TOKEN_CLASSES))]
+            ax.bar(xs, [w0.get(c, 0.0) for c in TOKEN_CLASSES], width, color=f"C{int(b) % 10}", alpha=0.5,
+                   label=f"build {b}, step 0")
+            for run in (r for r in result["runs"] if r["regime"] == reg and r["build"] == int(b)
+                        and r["method"] == "DCD-CE" and "weights_after" in r):
+                wa = run["weights_after"].get("by_token_class", {})
+                ax.scatter(xs, [wa.get(c, float("nan")) for c in TOKEN_CLASSES], s=10, color=f"C{int(b) % 10}")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks([k + 0.4 - width / 2 for k in range(len(TOKEN_CLASSES))], TOKEN_CLASSES, rotation=20)
+        ax.set_ylabel("token DCD: mean weight of the class's tokens")
+        ax.set_title("which tokens token-level DCD down-weights (bars: step 0; dots: end of each run)")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

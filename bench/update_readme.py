@@ -623,8 +623,108 @@ def plan_section() -> str | None:
     )
 
 
+def _hier(p: dict | None) -> str:
+    """A pooled paired difference: mean [95% CI] (runs > 0, builds > 0)."""
+    if not p:
+        return "n/a"
+    return (f"{p['mean']:+.3f} [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}] "
+            f"({p['positive']}/{p['runs']} runs, {p['builds_positive']}/{p['builds']} builds > 0)")
+
+
+def study_section() -> str | None:
+    """The weighting study over rebuilt stages (bench/study.py -> study.json / study.png)."""
+    d = _load("study.json")
+    if d is None:
+        return None
+    out = [f"### The weighting study over rebuilt stages (`{d['command']}`)
+"]
+    out.append(
+        f"Run at {d['code']}; every run {d['steps']} steps at lr {d['lr']}, evaluated greedily on `val` (where "
+        "the default is chosen) and on `eval` (reported). A *build* rebuilds every upstream stage with its own seed "
+        "(problems, tokenizer, fresh student, its pretraining, the teacher, the distillation data and the "
+        "teacher's cached scores); a *seed* is the data order of a distillation run. Paired differences: "
+        "mean over builds of each build's mean per-seed difference, 95% CI by a hierarchical bootstrap (builds, "
+        "then seeds within each drawn build). Oracle-filter: SFT on the traces whose style is careful (an oracle: "
+        "it reads the style label); DCD-seq: every token of a trace weighted by the sigmoid of the trace's mean "
+        "student / teacher log-ratio (`weighting: dcd_sequence`), its tau chosen on `val`.\n")
+    for reg, r in d["regimes"].items():
+        summary = r["summary"]
+        methods = summary["methods"]
+        if not methods:
+            continue
+        builds = r["builds"]
+        setting = summary.get("dcd_seq_setting")
+        out.append(f"**Regime `{reg}`** ({len(builds)} builds; DCD-seq setting chosen on `val`: `{setting}`, from "
+                   + ", ".join(f"{k} {v:.3f}" for k, v in sorted(
+                       {x['setting']: x['val']['accuracy'] for x in d['runs'] if x['regime'] == reg and x['build'] == 0
+                        and x['seed'] == 0 and x['method'] == 'DCD-seq'}.items())) + "). "
+                   f"Ranked by `val` accuracy: {', '.join(summary['ranking_by_val'])}.\n")
+        rows = []
+        for name, m in methods.items():
+            e, v = m["eval"], m["val"]
+            rows.append([name, m["runs"], e["accuracy"], e["accuracy_sd"], v["accuracy"], e["careful_share"],
+                         e["multi_op_line_share"], _hier(e.get("minus_SFT", {}).get("pooled")),
+                         _hier(e.get("minus_undistilled", {}).get("pooled"))])
+        for who in ("undistilled", "teacher"):
+            accs = [b[who]["eval"]["accuracy"] for b in builds.values()]
+            vals = [b[who]["val"]["accuracy"] for b in builds.values()]
+            cs = [b[who]["eval"]["careful_share"] for b in builds.values()]
+            if accs:
+                rows.append([who, len(accs), sum(accs) / len(accs), None, sum(vals) / len(vals), sum(cs) / len(cs),
+                             None, "", ""])
+        out.append(_table(["method", "runs", "eval accuracy", "sd", "val accuracy", "careful share",
+                           "multi-op line share", "− SFT (paired, pooled)", "− undistilled (paired, pooled)"], rows))
+        out.append("\nEval accuracy per build (mean over seeds; the seeds' values in brackets) and each build's "
+                   "paired difference to SFT (95% CI over its seeds):\n")
+        names = list(methods)
+        brows = []
+        for b, rec in builds.items():
+            row = [f"build {b}", rec["teacher"]["eval"]["accuracy"], rec["undistilled"]["eval"]["accuracy"]]
+            for name in names:
+                pb = methods[name]["by_build"].get(b)  # keys are strings in the JSON
+                if pb is None:
+                    row.append("")
+                    continue
+                seeds = ", ".join(f"{x:.2f}" for x in pb["per_seed_eval"].values())
+                diff = methods[name]["eval"].get("minus_SFT", {}).get("by_build", {}).get(b)
+                dtext = f"; {diff['mean']:+.3f} [{diff['ci'][0]:+.3f}, {diff['ci'][1]:+.3f}]" if diff else ""
+                row.append(f"{pb['eval']:.3f} ({seeds}){dtext}")
+            brows.append(row)
+        out.append(_table(["build", "teacher", "undistilled", *names], brows))
+        out.append("\nWhat each build's pretrained student and teacher make of the distillation traces at step 0 "
+                   "(NLL per token by trace style; mean token weight by style and by token class, 1 = SFT's weight), "
+                   "and the weight check (the jitted step's weight statistics against a float64 recomputation from "
+                   "the logits on real batches: largest relative difference):\n")
+        drows = []
+        for b, rec in builds.items():
+            st = rec.get("step0", {})
+            w = st.get("weights", {})
+            sn = w.get("dcd", {}).get("student_nll_by_style", {})
+            tn = st.get("teacher_nll_by_style", {})
+            wc = rec.get("weight_check", {}).get("max_rel_diff")
+            cls = w.get("dcd", {}).get("by_token_class", {})
+            drows.append([f"build {b}", ", ".join(f"{k} {v:.2f}" for k, v in sn.items()),
+                          ", ".join(f"{k} {v:.2f}" for k, v in tn.items()),
+                          ", ".join(f"{k} {v:.2f}" for k, v in w.get("dcd", {}).get("by_style", {}).items()),
+                          ", ".join(f"{k} {v:.2f}" for k, v in w.get("dcd_sequence", {}).get("by_style", {}).items()),
+                          ", ".join(f"{k} {v:.2f}" for k, v in cls.items()),
+                          f"{wc:.1e}" if wc is not None else "n/a"])
+        out.append(_table(["build", "student NLL by style", "teacher NLL by style", "token DCD weight by style",
+                           "DCD-seq weight by style", "token DCD weight by token class", "weight check"], drows))
+        after = [x for x in d["runs"] if x["regime"] == reg and x["method"] == "DCD-CE" and "weights_after" in x]
+        if after:
+            out.append("\nToken DCD at the end of each run (mean token weight by token class and by trace style, its "
+                       "student's greedy outputs' careful share and eval accuracy):\n")
+            arows = [[f"build {x['build']} seed {x['seed']}", x["eval"]["accuracy"], x["eval"]["careful_share"],
+                      ", ".join(f"{k} {v:.2f}" for k, v in x["weights_after"].get("by_token_class", {}).items()),
+                      ", ".join(f"{k} {v:.2f}" for k, v in x["weights_after"]["by_style"].items())] for x in after]
+            out.append(_table(["run", "accuracy", "careful share", "weight by token class", "weight by style"], arows))
+    out.append("\n![study](bench/results/study.png)\n")
+    return "\n".join(out)
+
+
 def render() -> str:
-    sections = [f() for f in (demo_section, experiment_section, compute_section, train_step_section, gkd_step_section, sampler_section,
+    sections = [f() for f in (demo_section, study_section, experiment_section, compute_section, train_step_section, gkd_step_section, sampler_section,
                               loss_memory_section, data_scale_section, plan_section)]
     body = "\n".join(s for s in sections if s)
     header = ("Regenerated from `bench/results/*.json` by `python bench/update_readme.py`; "

@@ -201,6 +201,35 @@ def cmd_data_tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_select(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from dcd_jax.teacher.scoring import ScoreConfig, score_teacher
+    from dcd_jax.teacher.selection import select_traces
+
+    if (args.keep_fraction is None) == (args.min_log_ratio is None):
+        raise ConfigError("data select: give exactly one of --keep-fraction and --min-log-ratio")
+    if args.keep_fraction is not None and not 0.0 < args.keep_fraction <= 1.0:
+        raise ConfigError(f"data select: --keep-fraction must be in (0, 1], got {args.keep_fraction}")
+    cfg = _load_run_config(args)
+    cfg.require_model()
+    traces = Path(cfg.data.path or "")
+    if traces.suffix != ".jsonl" or not traces.is_file():
+        raise ConfigError(f"data select: data.path must be a JSONL file of traces, got {str(traces)!r}")
+    if not cfg.data.teacher_scores:
+        raise ConfigError("data select: data.teacher_scores is required (the teacher's cached log-probs of the traces; "
+                          "make them with `dcd-jax score-teacher`)")
+    student_scores = args.student_scores or Path(f"{args.out}.student.parquet")
+    if not Path(student_scores).is_file() or args.student_scores is None:  # resumable: score-teacher resumes it
+        score_teacher(dataclasses.replace(cfg.data, teacher_scores=None, topk=0),
+                      ScoreConfig(teacher=cfg.model.path, out=str(student_scores), topk=0, dtype=cfg.model.dtype))
+    report = select_traces(traces, student_scores, cfg.data.teacher_scores, args.out, keep_fraction=args.keep_fraction,
+                           min_log_ratio=args.min_log_ratio)
+    print(f"kept {report['kept']} of {report['traces']} traces -> {args.out}  (train on them with data.path={args.out}; "
+          f"data.teacher_scores stays valid; per-trace log-ratios in {args.out}.selection.json)")
+    return 0
+
+
 def cmd_score_teacher(args: argparse.Namespace) -> int:
     from dcd_jax.distributed import initialize_distributed
     from dcd_jax.teacher.scoring import score_teacher
@@ -371,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(pl)
     pl.set_defaults(func=cmd_plan)
 
-    data = sub.add_parser("data", help="inspect the training data the way the student will see it")
+    data = sub.add_parser("data", help="inspect, tokenize or select the training data")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     inspect = data_sub.add_parser("inspect", help="counts, token-length percentiles, packing, rendered examples with the loss mask")
     inspect.add_argument("--limit", type=int, default=None, help="stream only the first N records (a quick look)")
@@ -388,6 +417,22 @@ def build_parser() -> argparse.ArgumentParser:
     tokenize.add_argument("--out", required=True, type=Path, help="output .jsonl or .parquet (written atomically)")
     _add_config_args(tokenize)
     tokenize.set_defaults(func=cmd_data_tokenize)
+    select = data_sub.add_parser(
+        "select", help="keep the teacher traces the student fits best (mean student/teacher log-ratio per trace)",
+        description="Score data.path's traces once with the student (model.path), take each trace's mean "
+        "per-token log-ratio r = log p_student - log p_teacher against data.teacher_scores, and write the "
+        "traces with the largest r (--keep-fraction) or with r >= --min-log-ratio, in their order, to --out; "
+        "every trace's r goes to <out>.selection.json. Train on the kept traces with data.path=<out> (SFT or "
+        "any objective; the teacher scores stay valid). Pick the fraction on a validation split "
+        "(docs/objectives.md, 'Which objective to pick').")
+    select.add_argument("--out", required=True, type=Path, help="output JSONL of the kept traces (written atomically)")
+    select.add_argument("--keep-fraction", type=float, default=None, help="share of traces to keep, in (0, 1]")
+    select.add_argument("--min-log-ratio", type=float, default=None, help="keep traces with r >= this (nats/token)")
+    select.add_argument("--student-scores", type=Path, default=None,
+                        help="the student's scores of the traces if already made (default: <out>.student.parquet, "
+                        "written and resumed here)")
+    _add_config_args(select)
+    select.set_defaults(func=cmd_data_select)
 
     demo = sub.add_parser("demo", help="run the whole pipeline in miniature on the embedded task (no download)")
     demo.add_argument("--out", type=Path, default=Path("demo_out"), help="working directory (stages are cached here)")

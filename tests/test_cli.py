@@ -10,7 +10,7 @@ from dcd_jax.cli import build_parser
 from dcd_jax.cli import main as cli_main
 
 COMMANDS = [["convert", "hf-to-flax"], ["convert", "flax-to-hf"], ["train"], ["score-teacher"], ["generate"], ["eval"],
-            ["data", "inspect"], ["data", "tokenize"], ["demo"]]
+            ["data", "inspect"], ["data", "tokenize"], ["data", "select"], ["demo"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
@@ -44,6 +44,21 @@ def test_pipeline_commands(assets, tmp_path, capsys):
     assert cli_main(["score-teacher", "--teacher", str(assets["student"]), "--out", str(scores), "--topk", "4",
                      f"data.path={assets['train']}"]) == 0
     assert scores.is_file()
+
+    # data select: the half of the traces the student fits best (here the scorer is the teacher itself, so
+    # every trace's log-ratio is ~0: the two scoring passes agree), kept in their order
+    kept = tmp_path / "kept.jsonl"
+    select = ["data", "select", "--out", str(kept), f"model.path={assets['student']}", f"data.path={assets['train']}",
+              f"data.teacher_scores={scores}"]
+    assert cli_main([*select, "--keep-fraction", "0.5"]) == 0
+    assert "kept 12 of 24 traces" in capsys.readouterr().out
+    every = [json.loads(line)["id"] for line in assets["train"].open()]
+    chosen = [json.loads(line)["id"] for line in kept.open()]
+    assert len(chosen) == 12 and chosen == [i for i in every if i in set(chosen)]
+    ratios = json.loads((tmp_path / "kept.jsonl.selection.json").read_text())["log_ratios"]
+    assert sorted(ratios) == sorted(every) and max(abs(v) for v in ratios.values()) < 1e-3
+    assert cli_main([*select, "--keep-fraction", "1.5"]) == 2
+    assert "--keep-fraction must be in (0, 1]" in capsys.readouterr().err
 
     # data tokenize: the traces as tokenized records; the scores of the text stay valid for them
     tokens = tmp_path / "tokens.parquet"

@@ -39,10 +39,10 @@ def _run(setting, acc, build=0, seed=0):
 
 def test_the_trace_level_setting_is_chosen_on_val_with_ties_to_tau1():
     runs = [_run("tau0.5", 0.7), _run("tau1", 0.6), _run("tau2", 0.5), _run("tau2", 0.99, build=1)]
-    assert study.chosen_seq_setting(runs, "pertrace") == "tau0.5"
+    assert study.chosen_setting(runs, "pertrace") == "tau0.5"
     runs[1] = _run("tau1", 0.7)
-    assert study.chosen_seq_setting(runs, "pertrace") == "tau1"
-    assert study.chosen_seq_setting(runs[:2], "pertrace") is None  # the sweep is not finished
+    assert study.chosen_setting(runs, "pertrace") == "tau1"
+    assert study.chosen_setting(runs[:2], "pertrace") is None  # the sweep is not finished
 
 
 def test_the_oracle_filter_keeps_exactly_the_careful_traces(tmp_path):

@@ -112,3 +112,48 @@ def test_weight_diagnostics_from_two_scores_files(tmp_path):
     lp = read_logprobs(scores)
     careful = np.concatenate([lp[str(r["id"])] for r in records if r["style"] == "careful"])
     assert abs(out["student_nll_by_style"]["careful"] + careful.mean()) < 1e-4
+
+
+def test_token_classes_of_a_hand_built_trace():
+    """Each response token of a careful trace gets its class from the text it starts with, aligned
+    with the training tokenization (one class per response token, the end-of-turn token last)."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from dcd_jax.data import DataConfig
+    from dcd_jax.eval.weight_diagnostics import record_token_classes, response_token_classes
+    from dcd_jax.data.tokenization import tokenize_example
+
+    response = "Ann starts with 4 coins.\nShe finds 3 more coins.\n4 + 3 = 7.\nThe answer is 7."
+    text_of = lambda s: [response.index(s)]  # noqa: E731
+    # by hand, on character offsets: first token, sentence copy, operand, operator, result, answer, end
+    starts = [0, *text_of("She"), *text_of("finds"), response.index("4 +"), response.index("+"),
+              response.index("= 7") , response.index("7."), response.index("The answer"), len(response)]
+    assert response_token_classes(response, starts) == ["first", "restated", "restated", "operand", "operator",
+                                                        "operator", "result", "answer", "end"]
+    tok = AutoTokenizer.from_pretrained(Path(__file__).parent / "fixtures" / "data" / "synthetic_tokenizer")
+    record = {"id": "r0", "prompt": "Ann has 4 coins. She finds 3 more coins. How many?", "response": response}
+    classes = record_token_classes([record], tok, DataConfig(path="unused.jsonl"))["r0"]
+    example = tokenize_example(record, tok, DataConfig(path="unused.jsonl"))
+    targets = example.input_ids[example.response_positions]
+    assert len(classes) == len(targets) and classes[0] == "first" and classes[-1] == "end"
+    pieces = [tok.decode([int(t)]) for t in targets]
+    for piece, cls in zip(pieces, classes):
+        if cls == "result":
+            assert piece.strip() == "7"
+        if cls == "operator":
+            assert piece.strip() in "+-*/="
+        if cls == "restated":
+            assert piece.strip() and piece.strip() in "She finds 3 more coins."
+    assert classes.count("result") == 1 and classes.count("operator") == 2
+    assert {"restated", "operand", "answer"} <= set(classes)
+
+
+def test_weight_by_token_class_is_the_token_mean_per_class():
+    from dcd_jax.eval.weight_diagnostics import mean_by_token_class
+
+    weights = np.array([[2.0, 1.0, 4.0, 9.0], [0.5, 3.0, 0.0, 0.0]])
+    mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0]], np.float32)
+    classes = [["first", "result", "result", "end"], ["first", "operand"]]
+    assert mean_by_token_class(weights, mask, classes) == {"first": 1.25, "operand": 3.0, "result": 2.5}

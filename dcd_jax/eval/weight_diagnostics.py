@@ -9,6 +9,7 @@ with the student in the teacher's place) and the teacher's cached log-probs:
     w_t = compute_weights(cfg, log pi_student(y_t), log pi_T(y_t))   (the set is one batch)
     by_style[s] = sum_{t in traces of style s} w_t / #tokens of those traces
     by_position[i] = mean w_t over tokens in the i-th fifth of their response
+    by_token_class[c] = mean w_t over response tokens of class c (:func:`response_token_classes`)
 """
 
 from __future__ import annotations
@@ -75,6 +76,79 @@ def mean_weight_by_position(weights: np.ndarray, mask: np.ndarray, num_bins: int
     return [float(s / c) if c else None for s, c in zip(sums, counts)]
 
 
+#: What a response token of the embedded task is (:func:`response_token_classes`).
+TOKEN_CLASSES = ("first", "restated", "operand", "operator", "result", "answer", "end", "other")
+
+
+def _char_class(text: str, pos: int) -> str:
+    """The class of character ``pos`` of an embedded-task response ``text`` (see :data:`TOKEN_CLASSES`)."""
+    start = text.rfind("\n", 0, pos) + 1
+    end = text.find("\n", pos)
+    line = text[start: end if end >= 0 else len(text)]
+    col = pos - start
+    if line.startswith("The answer is"):
+        return "answer"
+    if " = " in line:
+        eq = line.rfind(" = ")
+        ch = line[col]
+        if ch in "+-*/=":
+            return "operator"
+        if ch.isdigit():
+            return "result" if col > eq else "operand"
+        return "other"
+    if start > 0 and line.endswith("."):  # a sentence of the problem copied before its computation
+        return "restated"
+    return "other"
+
+
+def response_token_classes(response: str, char_starts: Sequence[int | None]) -> list[str]:
+    """Class of each response token of an embedded-task trace, from where it starts in ``response``.
+
+    ``char_starts[i]``: the character offset in ``response`` where token ``i`` starts (``None`` for a
+    token with no text, e.g. the end-of-turn token: class ``end``). A token is classed by its first
+    non-blank character: ``first`` (the first response token), ``restated`` (a problem sentence
+    copied before its computation), ``operand`` / ``operator`` / ``result`` (digits before ``=``,
+    ``+ - * / =``, digits after ``=`` on a computation line), ``answer`` (the final sentence),
+    ``other`` (the opening line, punctuation, tokens that are only blanks).
+    """
+    out = []
+    for i, start in enumerate(char_starts):
+        if i == 0:
+            out.append("first")
+            continue
+        if start is None or start >= len(response):
+            out.append("end")
+            continue
+        stop = next((s for s in char_starts[i + 1:] if s is not None), len(response))
+        piece = response[start:stop]
+        blanks = len(piece) - len(piece.lstrip(" \n"))
+        out.append("other" if blanks == len(piece) else _char_class(response, start + blanks))
+    return out
+
+
+def record_token_classes(records: Sequence[Mapping[str, Any]], tokenizer: Any, data_cfg: Any) -> dict[str, list[str]]:
+    """``{id: class of every response token}``, tokenized as training does (so aligned with the
+    per-token arrays of a scores file)."""
+    from dcd_jax.data.errors import Location
+    from dcd_jax.data.records import parse_record
+    from dcd_jax.data.tokenization import render_example, tokenize_example
+
+    out = {}
+    for i, raw in enumerate(records):
+        record = parse_record(dict(raw), i, Location("<records>", index=i), data_cfg)
+        example = tokenize_example(record, tokenizer, data_cfg)
+        text, spans = render_example(record, tokenizer, data_cfg)
+        offsets = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).offsets
+        begin = spans[-1][0]
+        positions = np.flatnonzero(example.response_mask)
+        starts = [offsets[p][0] - begin if p < len(offsets) else None for p in positions]
+        response = record.messages[-1].content  # rendered verbatim at ``begin``; end-of-turn markers follow it
+        if not text.startswith(response, begin):
+            raise ValueError(f"record {raw['id']}: the rendered assistant turn does not start with its text")
+        out[str(raw["id"])] = response_token_classes(response, starts)
+    return out
+
+
 def read_logprobs(path: str | Path) -> dict[str, np.ndarray]:
     """``{id: per-response-token log-probs}`` of a scores Parquet file."""
     import pyarrow.parquet as pq
@@ -84,18 +158,42 @@ def read_logprobs(path: str | Path) -> dict[str, np.ndarray]:
                                                               table.column("teacher_logprobs").to_pylist())}
 
 
+def mean_by_token_class(values: np.ndarray, mask: np.ndarray, classes: Sequence[Sequence[str]]) -> dict[str, float]:
+    """``{class: mean of values over the masked tokens of that class}`` (rows of ``classes`` align
+    with the rows of ``values``)."""
+    sums: dict[str, float] = collections.defaultdict(float)
+    counts: dict[str, int] = collections.defaultdict(int)
+    for row, (v, m) in enumerate(zip(values, mask)):
+        for t, c in enumerate(classes[row]):
+            if t < len(m) and m[t] > 0:
+                sums[c] += float(v[t])
+                counts[c] += 1
+    return {c: sums[c] / counts[c] for c in TOKEN_CLASSES if counts.get(c)}
+
+
 def weight_diagnostics(objective: Any, records: Sequence[Mapping[str, Any]], student_scores: str | Path,
-                       teacher_scores: str | Path) -> dict[str, Any]:
+                       teacher_scores: str | Path, token_classes: Mapping[str, Sequence[str]] | None = None
+                       ) -> dict[str, Any]:
     """Mean weight by trace ``style`` and by response position on ``records`` (distillation traces
     with ``id`` and ``style``), from the student's and the teacher's per-token log-probs of them
-    (two scores files, e.g. ``dcd-jax score-teacher`` run once with each model)."""
+    (two scores files, e.g. ``dcd-jax score-teacher`` run once with each model). With
+    ``token_classes`` (:func:`record_token_classes`), also the mean weight, the student's NLL and the
+    teacher's NLL by token class."""
     student_lp, teacher_lp = read_logprobs(student_scores), read_logprobs(teacher_scores)
     ids = [str(r["id"]) for r in records]
     weights, mask = token_weights(objective, [student_lp[i] for i in ids], [teacher_lp[i] for i in ids])
-    return {"by_style": mean_weight_by_group(weights, mask, [r["style"] for r in records]),
-            "by_position": mean_weight_by_position(weights, mask),
-            "student_nll_by_style": mean_weight_by_group(-pad_rows([student_lp[i] for i in ids])[0], mask,
-                                                         [r["style"] for r in records])}
+    out = {"by_style": mean_weight_by_group(weights, mask, [r["style"] for r in records]),
+           "by_position": mean_weight_by_position(weights, mask),
+           "student_nll_by_style": mean_weight_by_group(-pad_rows([student_lp[i] for i in ids])[0], mask,
+                                                        [r["style"] for r in records])}
+    if token_classes is not None:
+        classes = [token_classes[i] for i in ids]
+        out["by_token_class"] = mean_by_token_class(weights, mask, classes)
+        out["student_nll_by_token_class"] = mean_by_token_class(-pad_rows([student_lp[i] for i in ids])[0], mask,
+                                                                classes)
+        out["teacher_nll_by_token_class"] = mean_by_token_class(-pad_rows([teacher_lp[i] for i in ids])[0], mask,
+                                                                classes)
+    return out
 
 
 def style_counts(texts) -> dict[str, int]:
