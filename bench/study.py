@@ -60,7 +60,7 @@ METHODS = {
 DEFAULT_METHODS = ("SFT", "Oracle-filter", "Select", "DCD-CE", "DCD-prefix")
 # Validation sweeps (build 0, seed 0, split val), one per method with a setting: the selection's keep
 # fraction, and the trace-level weighting's sigmoid temperature (a diagnostic: its weights drift).
-SWEEPS = {"Select": {"keep0.3": {}, "keep0.5": {}, "keep0.7": {}},
+SWEEPS = {"Select": {"keep0.3": {}, "keep0.5": {}},
           "DCD-seq": {"tau0.5": {"dcd": {"tau": 0.5}}, "tau1": {}, "tau2": {"dcd": {"tau": 2.0}}}}
 REFERENCES = ("SFT", "undistilled")
 
@@ -379,7 +379,12 @@ def write_results(out: Path, work: Path, args, code: str) -> dict:
     runs, builds = collect(work)
     previous = json.loads(out.read_text()) if out.is_file() else {}
     result = {
-        "command": "python bench/study.py --regime {} --builds {} --seeds {}".format(args.regime, args.builds, args.seeds),
+        # the command that makes every cached run (one invocation per build or all at once: the same runs)
+        "command": " && ".join(
+            "python bench/study.py --regime {} --builds {} --seeds {}".format(
+                reg, ",".join(str(b) for b in sorted({r["build"] for r in runs if r["regime"] == reg})),
+                ",".join(str(s) for s in sorted({r["seed"] for r in runs if r["regime"] == reg})))
+            for reg in sorted({r["regime"] for r in runs})) or f"python bench/study.py --regime {args.regime}",
         "code": previous.get("code") if previous.get("code", "").endswith(code) else
         (f"{previous['code']}, resumed at {code}" if previous.get("code") else code),
         "steps": args.steps, "lr": args.lr, "sweeps": SWEEPS,

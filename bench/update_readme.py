@@ -636,8 +636,7 @@ def study_section() -> str | None:
     d = _load("study.json")
     if d is None:
         return None
-    out = [f"### The weighting study over rebuilt stages (`{d['command']}`)
-"]
+    out = [f"### The weighting study over rebuilt stages (`{d['command']}`)\n"]
     out.append(
         f"Run at {d['code']}; every run {d['steps']} steps at lr {d['lr']}, evaluated greedily on `val` (where "
         "the default is chosen) and on `eval` (reported). A *build* rebuilds every upstream stage with its own seed "
@@ -732,19 +731,55 @@ def render() -> str:
     return f"{BEGIN}\n{header}{body}{END}"
 
 
+# Generated blocks: (file, begin marker, end marker, renderer). ``--check`` covers every one.
+DOC_BEGIN, DOC_END = "<!-- study:begin -->", "<!-- study:end -->"
+
+
+def _blocks() -> list[tuple[Path, str, str, object]]:
+    return [(ROOT / "README.md", BEGIN, END, render),
+            (ROOT / "docs" / "objectives.md", DOC_BEGIN, DOC_END, render_objectives_doc)]
+
+
+def render_objectives_doc() -> str:
+    """docs/objectives.md's "Which objective to pick": the study's decision table (bench/results/study.json)."""
+    d = _load("study.json")
+    body = ""
+    if d is not None:
+        for reg, r in d["regimes"].items():
+            methods = r["summary"]["methods"]
+            if not methods:
+                continue
+            rows = [[name, m["runs"], m["val"]["accuracy"], m["eval"]["accuracy"], m["eval"]["careful_share"],
+                     _hier(m["eval"].get("minus_SFT", {}).get("pooled")),
+                     _hier(m["eval"].get("minus_undistilled", {}).get("pooled"))] for name, m in methods.items()]
+            body += (f"Regime `{reg}` ({len(r['builds'])} stage builds; settings chosen on `val`: "
+                     + ", ".join(f"{k} `{v}`" for k, v in r["summary"]["settings"].items() if v) + "; "
+                     f"ranked by `val`: {', '.join(r['summary']['ranking_by_val'])}):\n\n"
+                     + _table(["method", "runs", "val accuracy", "eval accuracy", "careful share",
+                               "eval − SFT (paired, pooled over builds)", "eval − undistilled (paired, pooled)"], rows)
+                     + "\n\n")
+        body = (f"Generated from `bench/results/study.json` (`{d['command']}`, run at {d['code']}) by "
+                "`python bench/update_readme.py`; every run and per-build table is in the README.\n\n" + body)
+    return f"{DOC_BEGIN}\n{body}{DOC_END}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args()
-    readme = (ROOT / "README.md").read_text()
-    start, end = readme.index(BEGIN), readme.index(END) + len(END)
-    new = readme[:start] + render() + readme[end:]
-    if args.check:
-        if new != readme:
-            print("README.md results section is out of date: run python bench/update_readme.py", file=sys.stderr)
-            return 1
-        return 0
-    (ROOT / "README.md").write_text(new)
+    stale = []
+    for path, begin, end, fn in _blocks():
+        text = path.read_text()
+        start, stop = text.index(begin), text.index(end) + len(end)
+        new = text[:start] + fn() + text[stop:]
+        if new != text:
+            stale.append(path.name)
+            if not args.check:
+                path.write_text(new)
+    if args.check and stale:
+        print(f"{', '.join(stale)}: generated results are out of date: run python bench/update_readme.py",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -25,10 +25,15 @@ confident errors that compound along its own prefixes. The demo builds that regi
                 careful one, so rejection sampling would shrink the style mismatch DCD corrects
   (f) scores    score the distillation data once with the teacher (cached per-token and top-k log-probs)
   (g) student   convert the pretrained student's HF checkpoint to a dcd-jax model dir, as for a real one
-  (h) sft, dcd  distill it with SFT and with DCD: same steps, same data order
-  (i) eval      teacher, undistilled student and both distilled students on held-out problems:
+  (h) select    the product's default recipe, step 1 (``dcd-jax data select``): score the traces once
+                with the pretrained student and keep the :data:`DEFAULT_KEEP_FRACTION` whose mean
+                student / teacher log-ratio is highest (the traces it could have written)
+  (i) sft, selected  distill it with SFT on all traces and with SFT on the selected ones (the
+                default recipe, step 2): same steps, same data order seed
+  (j) eval      teacher, undistilled student and both distilled students on held-out problems:
                 accuracy, accuracy by number of operations, style of the outputs
-  (j) report    comparison table, plot PNG, HF-format students
+  (k) report    comparison table, plot PNG, HF-format students, and how far one seed can be trusted:
+                the study over rebuilt stages (``bench/results/study.json``) quoted beside it
 
 Each stage writes its artifacts under ``--out`` and a ``<stage>.done.json`` marker last, so a
 second run reuses finished stages and a killed run resumes at the stage it was in (training
@@ -49,6 +54,13 @@ from dcd_jax.atomic_files import atomic_write_text
 from dcd_jax.data.synthetic import SyntheticTaskConfig
 
 log = logging.getLogger("dcd_jax.demo")
+
+# The product's default recipe (docs/objectives.md, "Which objective to pick"), chosen on the `val`
+# split by bench/study.py over stage builds x seeds: SFT on the traces the pretrained student fits best
+# (`dcd-jax data select --keep-fraction`), this share of them. The demo's `selected` arm runs it.
+DEFAULT_KEEP_FRACTION = 0.5
+# The study whose pooled result the report quotes (present in a source checkout, the README's install).
+STUDY_JSON = Path(__file__).resolve().parents[1] / "bench" / "results" / "study.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,11 +310,27 @@ def run_demo(out: str | Path = "demo_out", scale: "str | DemoScale" = "small", s
     if not distill:
         return {}
     data = {"path": str(traces / "train.jsonl"), "teacher_scores": str(traces / "train.teacher.parquet"), "topk": s.topk}
-    methods = {"sft": {"weighting": "none"}, "dcd": {"weighting": "dcd"}}  # DCD at its defaults
+
+    def stage_select():
+        from dcd_jax.data import DataConfig
+        from dcd_jax.eval.weight_diagnostics import style_counts
+        from dcd_jax.teacher.scoring import ScoreConfig, score_teacher
+        from dcd_jax.teacher.selection import select_traces
+
+        scores = score_teacher(DataConfig(path=data["path"]), ScoreConfig(
+            teacher=student["student_flax"], topk=0, batch_size=16, out=str(traces / "train.student.parquet")),
+            progress=False)
+        kept = select_traces(data["path"], scores, data["teacher_scores"], traces / "train_selected.jsonl",
+                             keep_fraction=DEFAULT_KEEP_FRACTION)
+        responses = [json.loads(line)["response"] for line in open(traces / "train_selected.jsonl")]
+        return {**kept, "style_counts": style_counts(responses)}
+
+    selection = run_stage(out, "select", stage_select)
+    arms = {"sft": data, "selected": {**data, "path": str(traces / "train_selected.jsonl")}}
     trained = {
-        name: run_stage(out, name, lambda name=name, obj=obj: _train(
-            student["student_flax"], data, obj, s.student_steps, s.student_lr, runs / name, s, seed))
-        for name, obj in methods.items()
+        name: run_stage(out, name, lambda name=name, arm=arm: _train(
+            student["student_flax"], arm, {"weighting": "none"}, s.student_steps, s.student_lr, runs / name, s, seed))
+        for name, arm in arms.items()
     }
 
     def stage_eval():
@@ -311,7 +339,7 @@ def run_demo(out: str | Path = "demo_out", scale: "str | DemoScale" = "small", s
 
     results = run_stage(out, "eval", stage_eval)
     return report(out, results, {"student": pretrain, **trained}, teacher, gen, sampled, student,
-                  scale if isinstance(scale, str) else "custom")
+                  scale if isinstance(scale, str) else "custom", selection=selection, seed=seed)
 
 
 def evaluate_models(models: dict[str, str], eval_path: Path, out: Path, max_new_tokens: int, **eval_options) -> dict:
@@ -332,7 +360,7 @@ def evaluate_models(models: dict[str, str], eval_path: Path, out: Path, max_new_
 
 
 COLUMNS = ("accuracy", "careful_share", "length_mean", "truncation_rate", "repetition_rate", "format_failure_rate",
-           "weight_ess", "final_loss")
+           "traces", "final_loss")
 
 
 def _share_text(counts: dict[str, int]) -> str:
@@ -340,8 +368,53 @@ def _share_text(counts: dict[str, int]) -> str:
     return ", ".join(f"{k} {v / total:.0%}" for k, v in sorted(counts.items()))
 
 
+def study_verdict(this_diff: float, seed: int, scale_name: str, study_json: Path = STUDY_JSON,
+                  stage_seed: int | None = None) -> dict[str, Any] | None:
+    """How far this one run can be trusted: the study's pooled paired difference of the default recipe
+    (Select) to SFT over stage builds x seeds, the range of its runs' differences, and where this run's
+    difference falls in it. None when the study's JSON is not there (an installed package).
+    ``seed``: the run's data-order seed; ``stage_seed``: the seed its stages were built with
+    (default: the same, as in the demo)."""
+    stage_seed = seed if stage_seed is None else stage_seed
+    if not study_json.is_file():
+        return None
+    study = json.loads(study_json.read_text())
+    summary = study.get("regimes", {}).get("pertrace", {}).get("summary", {})
+    select = summary.get("methods", {}).get("Select", {}).get("eval", {})
+    pooled = select.get("minus_SFT", {}).get("pooled")
+    if not pooled:
+        return None
+    runs = {(r["build"], r["seed"], r["method"]): r["eval"]["accuracy"] for r in study["runs"]
+            if r["regime"] == "pertrace" and r["method"] in ("SFT", "Select")
+            and r["setting"] in ("", summary["settings"].get("Select"))}
+    diffs = [runs[(b, s, "Select")] - runs[(b, s, "SFT")] for (b, s, m) in runs if m == "SFT" and (b, s, "Select") in runs]
+    same = None  # the study's own run on these stages: its build 0 is the small demo's stages (seed 0)
+    if scale_name == "small" and stage_seed == 0 and (0, seed, "Select") in runs and (0, seed, "SFT") in runs:
+        same = runs[(0, seed, "Select")] - runs[(0, seed, "SFT")]
+    return {"pooled": pooled, "undistilled": select.get("minus_undistilled", {}).get("pooled"),
+            "runs": len(diffs), "range": [min(diffs), max(diffs)] if diffs else None, "this_run": this_diff,
+            "study_same_stages_and_seed": same, "code": study.get("code")}
+
+
+def _verdict_text(v: dict[str, Any] | None, this_diff: float, seed: int) -> str:
+    if v is None:
+        return (f"One seed: selected - sft = {this_diff:+.3f} on this run. One run is one draw of the data "
+                "order; bench/study.py gives the paired difference over stage builds x seeds.\n")
+    p, u = v["pooled"], v["undistilled"]
+    text = (f"One seed: selected - sft = {this_diff:+.3f} on this run. How far one run can be trusted: the study over "
+            f"{p['builds']} rebuilt stage builds x seeds (bench/results/study.json, {p['runs']} paired runs) puts the "
+            f"default recipe at {p['mean']:+.3f} over SFT, 95% CI [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}] "
+            f"(hierarchical bootstrap), its runs' differences ranging {v['range'][0]:+.3f} to {v['range'][1]:+.3f}")
+    if u:
+        text += f"; over the undistilled student {u['mean']:+.3f} [{u['ci'][0]:+.3f}, {u['ci'][1]:+.3f}]"
+    if v["study_same_stages_and_seed"] is not None:
+        text += (f". These stages are the study's build 0 and this run its seed {seed}, where it measured "
+                 f"{v['study_same_stages_and_seed']:+.3f}")
+    return text + ".\n"
+
+
 def report(out: Path, results: dict, trained: dict, teacher: dict, gen: dict, sampled: dict, student: dict,
-           scale_name: str = "custom") -> dict[str, Any]:
+           scale_name: str = "custom", selection: dict | None = None, seed: int = 0) -> dict[str, Any]:
     """Print the comparison table; write ``report.md``, ``summary.json`` and ``comparison.png``."""
     from dcd_jax.eval.report import markdown_table
 
@@ -356,7 +429,7 @@ def report(out: Path, results: dict, trained: dict, teacher: dict, gen: dict, sa
             "accuracy_by_steps": m["accuracy_by_steps"],
             "length_mean": m.get("length_mean"), "truncation_rate": m.get("truncation_rate"),
             "repetition_rate": m.get("repetition_rate"), "format_failure_rate": m.get("format_failure_rate"),
-            "weight_ess": train_info.get("ess_token_frac") if name in ("sft", "dcd") else None,
+            "traces": (selection or {}).get("kept") if name == "selected" else gen["traces"] if name == "sft" else None,
             "final_loss": train_info.get("final_loss"),
         })
     table = markdown_table([{k: v for k, v in r.items() if k not in ("style_shares", "accuracy_by_steps")}
@@ -365,6 +438,9 @@ def report(out: Path, results: dict, trained: dict, teacher: dict, gen: dict, sa
     by_steps = markdown_table([{"method": r["method"], **{f"{k} ops": r["accuracy_by_steps"].get(k) for k in steps}}
                                for r in rows], ["method", *[f"{k} ops" for k in steps]])
     standin = gen["source"] == "standin"
+    acc = {r["method"]: r["accuracy"] for r in rows}
+    this_diff = acc.get("selected", 0.0) - acc.get("sft", 0.0)
+    verdict = study_verdict(this_diff, seed, scale_name) if "selected" in acc else None
     text = (
         f"# dcd-jax demo\n\nTeacher samples kept by rejection sampling: {sampled['traces_in_file']} of "
         f"{sampled['generated']} ({sampled['prompts']} prompts); their styles: "
@@ -373,12 +449,17 @@ def report(out: Path, results: dict, trained: dict, teacher: dict, gen: dict, sa
         + ("correct programmatic traces in the teacher's style mix, scored by the teacher (stand-in for a teacher "
            "that writes the compressed style correctly)" if standin else "the kept teacher samples")
         + f"; styles: {_share_text(gen['style_counts'])}.\n"
-        f"Student: {student['params']:,} parameters, pretrained on other problems (careful style) before "
-        f"distillation; `student` is it undistilled.\n\n{table}\n\nAccuracy by number of operations:\n\n{by_steps}\n\n"
+        + (f"Selected (the default recipe, `dcd-jax data select --keep-fraction {selection['keep_fraction']}`): "
+           f"{selection['kept']} of {selection['traces']} traces, the ones the pretrained student fits best; styles: "
+           f"{_share_text(selection['style_counts'])}.\n" if selection else "")
+        + f"Student: {student['params']:,} parameters, pretrained on other problems (careful style) before "
+        f"distillation; `student` is it undistilled; `sft`: SFT on all traces; `selected`: SFT on the selected "
+        f"ones, same steps.\n\n{table}\n\n"
+        + (_verdict_text(verdict, this_diff, seed) + "\n" if "selected" in acc else "")
+        + f"Accuracy by number of operations:\n\n{by_steps}\n\n"
         "accuracy: greedy pass@1 on held-out problems (95% bootstrap CI); careful_share: share of greedy outputs "
-        "with one operation per line; length in tokens; weight_ess: effective sample size of the token weights / "
-        "tokens (1 = uniform, SFT); final_loss: mean training loss over the last 20% of steps (DCD's is weighted, "
-        "so not comparable to SFT's).\n"
+        "with one operation per line; length in tokens; traces: distillation traces trained on; final_loss: mean "
+        "training loss over the last 20% of steps.\n"
     )
     atomic_write_text(out / "report.md", text)
     import platform
@@ -392,9 +473,11 @@ def report(out: Path, results: dict, trained: dict, teacher: dict, gen: dict, sa
         "teacher_samples": sampled["generated"], "kept_style_counts": sampled["kept_style_counts"],
         "distill_source": gen["source"], "distill_traces": gen["traces"], "distill_style_counts": gen["style_counts"],
         "student_params": student["params"], "rows": rows,
+        "selection": {k: v for k, v in (selection or {}).items() if k != "seconds"},
+        "verdict": verdict, "selected_minus_sft": this_diff if "selected" in acc else None,
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
-    _plot(out, rows, {k: v for k, v in trained.items() if k in ("sft", "dcd")})
+    _plot(out, rows, {k: v for k, v in trained.items() if k in ("sft", "selected")})
     print(text)
     return summary
 
@@ -417,9 +500,9 @@ def _plot(out: Path, rows: list[dict], trained: dict) -> None:
     ax1.set_title("embedded task")
     for name in trained:
         metrics = [r for r in read_metrics(out / "runs" / name / "metrics.jsonl") if "nll" in r]
-        ax2.plot([r["step"] for r in metrics], [r["nll"] for r in metrics], label=f"{name} (unweighted NLL)")
+        ax2.plot([r["step"] for r in metrics], [r["nll"] for r in metrics], label=f"{name}")
     ax2.set_xlabel("step")
-    ax2.set_ylabel("training NLL of teacher traces")
+    ax2.set_ylabel("training NLL of its traces")
     ax2.legend()
     fig.tight_layout()
     fig.savefig(out / "comparison.png", dpi=120)

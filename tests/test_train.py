@@ -237,7 +237,7 @@ def test_two_processes_equal_one_process(assets, tmp_path):
 
 
 @pytest.mark.parametrize("model_config", ["qwen2.5-0.5b-dcd.yaml", "qwen2.5-1.5b-dcd.yaml", "llama3.2-1b-dcd.yaml", "demo.yaml"])
-@pytest.mark.parametrize("objective", [None, "sft", "kl", "dft", "iw_sft", "todi", "dcd_kl"])
+@pytest.mark.parametrize("objective", [None, "sft", "kl", "dft", "iw_sft", "todi", "dcd", "dcd_kl"])
 def test_ready_configs_load_with_every_baseline(model_config, objective):
     files = [ROOT / "configs" / model_config] + ([ROOT / "configs" / "objectives" / f"{objective}.yaml"] if objective else [])
     cfg = load_config(RunConfig, files)
@@ -245,8 +245,22 @@ def test_ready_configs_load_with_every_baseline(model_config, objective):
     if objective in ("kl", "todi", "dcd_kl"):
         assert cfg.objective.loss == ("todi" if objective == "todi" else "kl") and cfg.data.topk > 0
     if objective is not None:
-        expected = {"sft": "none", "kl": "none", "dft": "dft", "iw_sft": "iw_sft", "todi": "none", "dcd_kl": "dcd"}
+        expected = {"sft": "none", "kl": "none", "dft": "dft", "iw_sft": "iw_sft", "todi": "none", "dcd": "dcd",
+                    "dcd_kl": "dcd"}
         assert cfg.objective.weighting == expected[objective]
+
+
+@pytest.mark.parametrize("model_config", ["qwen2.5-0.5b-dcd.yaml", "qwen2.5-1.5b-dcd.yaml", "llama3.2-1b-dcd.yaml", "demo.yaml"])
+def test_ready_configs_use_the_default_recipe(model_config):
+    """The ready configs and the demo's config train the study's pick (docs/objectives.md): SFT, on the
+    traces `dcd-jax data select` keeps; the demo trains its `selected` arm with that same objective."""
+    from dcd_jax.demo import DEFAULT_KEEP_FRACTION
+
+    cfg = load_config(RunConfig, [ROOT / "configs" / model_config])
+    assert cfg.objective.loss == "ce" and cfg.objective.weighting == "none"
+    text = (ROOT / "configs" / model_config).read_text()
+    assert "data select" in text or "base: qwen2.5-1.5b-dcd.yaml" in text
+    assert f"--keep-fraction {DEFAULT_KEEP_FRACTION}" in (ROOT / "configs" / "qwen2.5-1.5b-dcd.yaml").read_text()
 
 
 def test_local_multiprocess_launcher(tmp_path):
