@@ -49,7 +49,8 @@ def demo_section() -> str | None:
     d = _load("demo_small.json")
     if d is None:
         return None
-    cols = ["accuracy", "careful_share", "length_mean", "truncation_rate", "repetition_rate", "weight_ess"]
+    last = "traces" if any("traces" in r for r in d["rows"]) else "weight_ess"
+    cols = ["accuracy", "careful_share", "length_mean", "truncation_rate", "repetition_rate", last]
     rows = [[r["method"], *[r.get(c) for c in cols]] for r in d["rows"]]
     steps = sorted({k for r in d["rows"] for k in r["accuracy_by_steps"]}, key=int)
     by_steps = [[r["method"], *[r["accuracy_by_steps"].get(k) for k in steps]] for r in d["rows"]]
@@ -74,9 +75,14 @@ def demo_section() -> str | None:
         f"Teacher samples kept by rejection sampling: {d['teacher_samples_kept']} of {d['teacher_samples']} "
         f"({_shares(d['kept_style_counts'])}). Distillation data ({d['distill_source']}): {d['distill_traces']} "
         f"traces ({_shares(d['distill_style_counts'])}). `student`: the pretrained student before distillation. "
-        "Greedy accuracy on held-out problems of 2-8 operations; `careful_share`: outputs with one operation per "
-        "line; `weight_ess` = ESS of DCD's token weights / tokens (1 = uniform, i.e. SFT).\n\n"
+        + (f"Selected (the default recipe's `dcd-jax data select --keep-fraction {d['selection']['keep_fraction']}`): "
+           f"{d['selection']['kept']} of {d['selection']['traces']} traces ({_shares(d['selection']['style_counts'])}). "
+           if d.get("selection") else "")
+        + "Greedy accuracy on held-out problems of 2-8 operations; `careful_share`: outputs with one operation per "
+        "line; " + ("`traces`: distillation traces trained on.\n\n" if last == "traces" else
+                    "`weight_ess` = ESS of DCD's token weights / tokens (1 = uniform, i.e. SFT).\n\n")
         + _table(["method", *cols], rows)
+        + (f"\n\n{_demo_verdict(d)}" if d.get("selected_minus_sft") is not None else "")
         + "\n\nAccuracy by number of operations:\n\n" + _table(["method", *[f"{k} ops" for k in steps]], by_steps)
         + "\n\n![demo](bench/results/demo_small.png)\n"
     )
@@ -91,6 +97,24 @@ def demo_section() -> str | None:
                  "sentence), with a cosine schedule, starting from the student's base-stage checkpoint (a "
                  "curriculum: short careful problems first): the `val` curve above.\n")
     return text
+
+
+def _demo_verdict(d: dict) -> str:
+    """How far the demo's one seed can be trusted: the study's pooled result beside it (the demo's JSON)."""
+    v = d.get("verdict")
+    text = f"**One seed: selected − sft = {d['selected_minus_sft']:+.3f}.**"
+    if not v:
+        return text
+    p = v["pooled"]
+    text += (f" The study over rebuilt stages puts the default recipe at {p['mean']:+.3f} over SFT, 95% CI "
+             f"[{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}] ({p['runs']} paired runs over {p['builds']} builds; their "
+             f"differences range {v['range'][0]:+.3f} to {v['range'][1]:+.3f})")
+    if v.get("undistilled"):
+        u = v["undistilled"]
+        text += f", and over the undistilled student at {u['mean']:+.3f} [{u['ci'][0]:+.3f}, {u['ci'][1]:+.3f}]"
+    if v.get("study_same_stages_and_seed") is not None:
+        text += f"; on these same stages and seed the study measured {v['study_same_stages_and_seed']:+.3f}"
+    return text + "."
 
 
 def _ci(p: dict) -> str:
@@ -251,7 +275,10 @@ def experiment_section() -> str | None:
              for s in d["sweep"]]
     diag = next((r for r in d["runs"] if r["method"] == "DCD-CE" and "weights_before" in r), None)
     text = (
-        f"### The DCD study (`{d['command']}`)\n\n"
+        f"### The earlier single-build DCD study, a case study (`{d['command']}`)\n\n"
+        + "One teacher build, older stages (they no longer rebuild from this code), data-order seeds only: its "
+        "DCD-CE and DCD-prefix gains did not survive rebuilt stages (the study above). Kept for its "
+        "diagnostics. "
         + (f"Run on {d['code']}. " if d.get("code") else "")
         + f"**Result: DCD-CE − SFT greedy accuracy = {_ci(gap)} — {_verdict(gap)}.** "
         + _against_baselines(d)
