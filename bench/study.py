@@ -364,6 +364,36 @@ def summarize(runs: list[dict], builds: dict, regime: str) -> dict:
     return out
 
 
+def diagnose(work: Path) -> dict:
+    """Token-DCD's weights by trace style x token class, recomputed from the cached per-token scores:
+    the pretrained student's (step 0, each build) and each DCD-CE run's final student's. Written to
+    ``<work>/diagnostics.json``, which :func:`write_results` merges into the study JSON."""
+    from dcd_jax.config import from_dict
+    from dcd_jax.eval.weight_diagnostics import weight_diagnostics
+    from dcd_jax.objectives.config import ObjectiveConfig
+
+    cfg = from_dict(ObjectiveConfig, {"weighting": "dcd"})
+    runs, builds = collect(work)
+    out: dict = {}
+    for regime, recs in builds.items():
+        for build in recs:
+            bdir = build_dir(work, regime, build)
+            records, classes = diagnostic_records(bdir)
+            teacher = bdir / "traces" / "train.teacher.parquet"
+            key = f"{regime}-b{build}"
+            out[key] = {"step0": weight_diagnostics(cfg, records, bdir / "study_diag" / "student.parquet", teacher,
+                                                    classes)}
+            for r in runs:
+                scores = work / "runs" / run_name(regime, build, r["method"], r["setting"], r["seed"]) / "diag_after" / \
+                    "student.parquet"
+                if r["regime"] == regime and r["build"] == build and r["method"] == "DCD-CE" and scores.is_file():
+                    out[key][f"DCD-CE seed {r['seed']}"] = {
+                        **weight_diagnostics(cfg, records, scores, teacher, classes),
+                        "eval_accuracy": r["eval"]["accuracy"], "careful_share": r["eval"]["careful_share"]}
+    (work / "diagnostics.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
 def collect(work: Path) -> tuple[list[dict], dict]:
     runs = [json.loads(p.read_text()) for p in sorted((work / "runs").glob("*.json"))]
     builds = {}
@@ -395,6 +425,7 @@ def write_results(out: Path, work: Path, args, code: str) -> dict:
                                      for b, rec in sorted(builds.get(reg, {}).items())},
                           "summary": summarize(runs, builds.get(reg, {}), reg)}
                     for reg in sorted({r["regime"] for r in runs} | set(builds))},
+        "diagnostics": json.loads((work / "diagnostics.json").read_text()) if (work / "diagnostics.json").is_file() else {},
         "runs": [{k: v for k, v in r.items()} for r in runs],
         "run_seconds": round(sum(r.get("seconds", 0.0) for r in runs), 1),
     }
@@ -444,11 +475,15 @@ def main() -> None:
     parser.add_argument("--work", default="study_out")
     parser.add_argument("--out", default="bench/results/study.json")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--diagnose", action="store_true",
+                        help="recompute token DCD's weights by style x token class from the cached scores, then report")
     parser.add_argument("--restore-runs", metavar="JSON")
     args = parser.parse_args()
     work, out = Path(args.work).absolute(), Path(args.out)
     code = code_version()
-    if args.report_only:
+    if args.diagnose:
+        diagnose(work)
+    if args.report_only or args.diagnose:
         print(json.dumps(write_results(out, work, args, code)["regimes"], indent=1)[:4000])
         return
     study = restore(Path(args.restore_runs), work) if args.restore_runs else None

@@ -4,6 +4,7 @@ import json
 import math
 
 import numpy as np
+import pytest
 
 from dcd_jax.eval.weight_diagnostics import (
     mean_weight_by_group, mean_weight_by_position, output_diagnostics, token_weights,
@@ -157,3 +158,31 @@ def test_weight_by_token_class_is_the_token_mean_per_class():
     mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0]], np.float32)
     classes = [["first", "result", "result", "end"], ["first", "operand"]]
     assert mean_by_token_class(weights, mask, classes) == {"first": 1.25, "operand": 3.0, "result": 2.5}
+
+
+def test_weight_by_style_and_token_class_on_hand_built_scores(tmp_path):
+    """weight_diagnostics with token classes: the training weight of each token, averaged per class
+    within each trace style (here DCD at tau 1 without normalization: pi_S / (pi_S + pi_T))."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dcd_jax.eval.weight_diagnostics import weight_diagnostics
+
+    def write(path, rows):
+        pq.write_table(pa.table({"id": list(rows), "teacher_logprobs": [list(map(float, v)) for v in rows.values()]}),
+                       path)
+        return path
+
+    student = {"a": np.log([0.9, 0.5, 0.2]), "b": np.log([0.1, 0.4])}
+    teacher = {"a": np.log([0.9, 0.5, 0.6]), "b": np.log([0.9, 0.4])}
+    records = [{"id": "a", "style": "careful"}, {"id": "b", "style": "compressed"}]
+    classes = {"a": ["first", "result", "result"], "b": ["first", "result"]}
+    cfg = ObjectiveConfig(weighting="dcd", dcd=DCDConfig(normalize=False), lam=LamSchedule(kind="constant"))
+    out = weight_diagnostics(cfg, records, write(tmp_path / "s.parquet", student), write(tmp_path / "t.parquet", teacher),
+                             classes)
+    w = lambda s, t: s / (s + t)  # noqa: E731
+    expected = {"careful": {"first": 0.5, "result": (0.5 + w(0.2, 0.6)) / 2},
+                "compressed": {"first": w(0.1, 0.9), "result": 0.5}}
+    for style, per_class in expected.items():
+        assert out["by_style_and_token_class"][style] == pytest.approx(per_class, rel=1e-5)
+    assert out["by_token_class"]["first"] == pytest.approx((0.5 + w(0.1, 0.9)) / 2, rel=1e-5)

@@ -177,8 +177,8 @@ def weight_diagnostics(objective: Any, records: Sequence[Mapping[str, Any]], stu
     """Mean weight by trace ``style`` and by response position on ``records`` (distillation traces
     with ``id`` and ``style``), from the student's and the teacher's per-token log-probs of them
     (two scores files, e.g. ``dcd-jax score-teacher`` run once with each model). With
-    ``token_classes`` (:func:`record_token_classes`), also the mean weight, the student's NLL and the
-    teacher's NLL by token class."""
+    ``token_classes`` (:func:`record_token_classes`), also the mean weight by token class (overall and
+    within each trace style), the student's NLL and the teacher's NLL by token class."""
     student_lp, teacher_lp = read_logprobs(student_scores), read_logprobs(teacher_scores)
     ids = [str(r["id"]) for r in records]
     weights, mask = token_weights(objective, [student_lp[i] for i in ids], [teacher_lp[i] for i in ids])
@@ -189,6 +189,10 @@ def weight_diagnostics(objective: Any, records: Sequence[Mapping[str, Any]], stu
     if token_classes is not None:
         classes = [token_classes[i] for i in ids]
         out["by_token_class"] = mean_by_token_class(weights, mask, classes)
+        styles = [r["style"] for r in records]
+        out["by_style_and_token_class"] = {
+            style: mean_by_token_class(weights[rows], mask[rows], [c for c, keep in zip(classes, rows) if keep])
+            for style in sorted(set(styles)) for rows in [np.array([x == style for x in styles])]}
         out["student_nll_by_token_class"] = mean_by_token_class(-pad_rows([student_lp[i] for i in ids])[0], mask,
                                                                 classes)
         out["teacher_nll_by_token_class"] = mean_by_token_class(-pad_rows([teacher_lp[i] for i in ids])[0], mask,
