@@ -405,16 +405,31 @@ def collect(work: Path) -> tuple[list[dict], dict]:
     return runs, builds
 
 
+def study_command(runs: list[dict]) -> str:
+    """The invocations that make the cached runs (one per group of builds planned alike; the build-0
+    val sweeps of the methods that have one come with them)."""
+    plans: dict = {}
+    for reg in sorted({r["regime"] for r in runs}):
+        for build in sorted({r["build"] for r in runs if r["regime"] == reg}):
+            by_seeds: dict = {}
+            for method in METHODS:
+                seeds = tuple(sorted({r["seed"] for r in runs if r["regime"] == reg and r["build"] == build
+                                      and r["method"] == method and (method != "DCD-seq")}))
+                if seeds:
+                    by_seeds.setdefault(seeds, []).append(method)
+            for seeds, methods in by_seeds.items():
+                plans.setdefault((reg, seeds, tuple(methods)), []).append(build)
+    return " && ".join(
+        f"python bench/study.py --regime {reg} --builds {','.join(map(str, builds))} --seeds {','.join(map(str, seeds))}"
+        + ("" if methods == DEFAULT_METHODS else f" --methods {','.join(methods)}")
+        for (reg, seeds, methods), builds in plans.items())
+
+
 def write_results(out: Path, work: Path, args, code: str) -> dict:
     runs, builds = collect(work)
     previous = json.loads(out.read_text()) if out.is_file() else {}
     result = {
-        # the command that makes every cached run (one invocation per build or all at once: the same runs)
-        "command": " && ".join(
-            "python bench/study.py --regime {} --builds {} --seeds {}".format(
-                reg, ",".join(str(b) for b in sorted({r["build"] for r in runs if r["regime"] == reg})),
-                ",".join(str(s) for s in sorted({r["seed"] for r in runs if r["regime"] == reg})))
-            for reg in sorted({r["regime"] for r in runs})) or f"python bench/study.py --regime {args.regime}",
+        "command": study_command(runs) or f"python bench/study.py --regime {args.regime}",
         "code": previous.get("code") if previous.get("code", "").endswith(code) else
         (f"{previous['code']}, resumed at {code}" if previous.get("code") else code),
         "steps": args.steps, "lr": args.lr, "sweeps": SWEEPS,

@@ -679,12 +679,11 @@ def study_section() -> str | None:
         if not methods:
             continue
         builds = r["builds"]
-        setting = summary.get("dcd_seq_setting")
-        out.append(f"**Regime `{reg}`** ({len(builds)} builds; DCD-seq setting chosen on `val`: `{setting}`, from "
-                   + ", ".join(f"{k} {v:.3f}" for k, v in sorted(
-                       {x['setting']: x['val']['accuracy'] for x in d['runs'] if x['regime'] == reg and x['build'] == 0
-                        and x['seed'] == 0 and x['method'] == 'DCD-seq'}.items())) + "). "
-                   f"Ranked by `val` accuracy: {', '.join(summary['ranking_by_val'])}.\n")
+        chosen = "; ".join(f"{m}: `{summary['settings'][m]}` (val accuracy "
+                           + ", ".join(f"{k} {v:.3f}" for k, v in sorted(summary["sweeps"][m].items())) + ")"
+                           for m in summary.get("settings", {}) if summary["settings"][m] and m in methods)
+        out.append(f"**Regime `{reg}`** ({len(builds)} builds; settings chosen on `val` of build 0, seed 0: {chosen}). "
+                   f"Ranked by mean `val` accuracy: {', '.join(summary['ranking_by_val'])}.\n")
         rows = []
         for name, m in methods.items():
             e, v = m["eval"], m["val"]
@@ -745,6 +744,40 @@ def study_section() -> str | None:
                       ", ".join(f"{k} {v:.2f}" for k, v in x["weights_after"].get("by_token_class", {}).items()),
                       ", ".join(f"{k} {v:.2f}" for k, v in x["weights_after"]["by_style"].items())] for x in after]
             out.append(_table(["run", "accuracy", "careful share", "weight by token class", "weight by style"], arows))
+        diag = {k: v for k, v in d.get("diagnostics", {}).items() if k.startswith(f"{reg}-b")}
+        if diag:
+            classes = ("first", "restated", "operand", "operator", "result", "answer", "other")
+            out.append("\nWhich tokens token-level DCD down-weights: its mean weight by token class within careful and "
+                       "within compressed traces (1 = SFT's weight), with the pretrained student (step 0) and with "
+                       "each DCD-CE run's final student (its eval accuracy and careful share beside it); `restated`: "
+                       "a sentence of the problem copied before its computation, `operand` / `operator` / `result`: "
+                       "a computation line's parts, `answer`: the final sentence, `other`: punctuation, blanks, the "
+                       "opening line:\n")
+            drows = []
+            for key, per in diag.items():
+                for when, x in per.items():
+                    bc = x.get("by_style_and_token_class", {})
+                    cells = [" / ".join(_fmt(bc.get(style, {}).get(c), 2) for style in ("careful", "compressed"))
+                             for c in classes]
+                    drows.append([key.split("-")[-1], when, _fmt(x.get("eval_accuracy")),
+                                  _fmt(x.get("careful_share"), 2), *cells])
+            out.append(_table(["build", "student", "eval accuracy", "careful share",
+                               *[f"{c} (careful / compressed)" for c in classes]], drows))
+        seq = [x for x in d["runs"] if x["regime"] == reg and x["method"] == "DCD-seq" and "weights_after" in x]
+        for x in seq:
+            b0 = builds.get(str(x["build"]), {}).get("step0", {}).get("weights", {}).get("dcd_sequence", {})
+            if not b0:
+                continue
+            out.append(
+                f"\nA trace-level weight from the *current* student drifts (`weighting: dcd_sequence`, {x['setting']}, "
+                f"build {x['build']}, seed {x['seed']}): at step 0 it gives careful traces "
+                f"{b0['by_style'].get('careful', 0):.2f} and compressed ones {b0['by_style'].get('compressed', 0):.3f} of "
+                f"SFT's weight, but the student still learns the compressed traces (its NLL on them "
+                f"{b0['student_nll_by_style'].get('compressed', 0):.2f} -> "
+                f"{x['weights_after']['student_nll_by_style'].get('compressed', 0):.2f} nats/token), which raises their "
+                f"weight ({x['weights_after']['by_style'].get('compressed', 0):.2f} at the end): eval accuracy "
+                f"{x['eval']['accuracy']:.3f}, {x['eval']['careful_share']:.0%} careful. The selection is made once, "
+                "before training, and cannot drift.\n")
     out.append("\n![study](bench/results/study.png)\n")
     return "\n".join(out)
 
