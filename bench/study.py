@@ -361,7 +361,42 @@ def summarize(runs: list[dict], builds: dict, regime: str) -> dict:
         out["methods"][method] = m
     ranked = sorted(out["methods"], key=lambda k: out["methods"][k]["val"]["accuracy"], reverse=True)
     out["ranking_by_val"] = ranked
+    out["decision"] = decide(rows, out["methods"])
     return out
+
+
+# What a user can run (the oracle reads style labels a user does not have).
+CANDIDATES = ("SFT", "Select", "DCD-CE", "DCD-prefix")
+DECISION_RULE = ("the candidate (not the oracle) with the largest pooled paired val difference to SFT (each run paired "
+                 "with SFT's run of the same build and seed, builds weighted equally); when its paired val difference "
+                 "to the runner-up (on the runs both have) has a 95% CI that includes 0, the one of the two whose "
+                 "worst run on val is better")
+
+
+def decide(rows: list[dict], methods: dict) -> dict:
+    """The product's default by :data:`DECISION_RULE`, on the val split only."""
+    def paired_val(a: str, b: str) -> dict:
+        diffs: dict[int, list[float]] = {}
+        for r in rows:
+            if r["method"] == a:
+                other = next((x for x in rows if x["method"] == b and x["build"] == r["build"] and x["seed"] == r["seed"]),
+                             None)
+                if other is not None:
+                    diffs.setdefault(r["build"], []).append(r["val"]["accuracy"] - other["val"]["accuracy"])
+        return hierarchical_bootstrap(diffs)
+
+    over_sft = {m: paired_val(m, "SFT") for m in CANDIDATES if m in methods and m != "SFT"}
+    means = {m: p["mean"] for m, p in over_sft.items() if p}
+    means["SFT"] = 0.0
+    if len(means) < 2:
+        return {}
+    first, second = sorted(means, key=means.get, reverse=True)[:2]
+    paired = paired_val(first, second)
+    worst = {m: min(r["val"]["accuracy"] for r in rows if r["method"] == m) for m in (first, second)}
+    tie = bool(paired) and paired["ci"][0] <= 0.0 <= paired["ci"][1]
+    pick = (first if worst[first] >= worst[second] else second) if tie else first
+    return {"rule": DECISION_RULE, "val_minus_sft": means, "first": first, "runner_up": second,
+            "first_minus_runner_up_val": paired, "worst_val": worst, "tie": tie, "pick": pick}
 
 
 def diagnose(work: Path) -> dict:

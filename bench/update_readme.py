@@ -82,7 +82,7 @@ def demo_section() -> str | None:
         "line; " + ("`traces`: distillation traces trained on.\n\n" if last == "traces" else
                     "`weight_ess` = ESS of DCD's token weights / tokens (1 = uniform, i.e. SFT).\n\n")
         + _table(["method", *cols], rows)
-        + (f"\n\n{_demo_verdict(d)}" if d.get("selected_minus_sft") is not None else "")
+        + (f"\n\n{_demo_verdict(d)}" if d.get("default_minus_sft") is not None else "")
         + "\n\nAccuracy by number of operations:\n\n" + _table(["method", *[f"{k} ops" for k in steps]], by_steps)
         + "\n\n![demo](bench/results/demo_small.png)\n"
     )
@@ -102,11 +102,11 @@ def demo_section() -> str | None:
 def _demo_verdict(d: dict) -> str:
     """How far the demo's one seed can be trusted: the study's pooled result beside it (the demo's JSON)."""
     v = d.get("verdict")
-    text = f"**One seed: selected − sft = {d['selected_minus_sft']:+.3f}.**"
+    text = f"**One seed: {d['default_arm']} − sft = {d['default_minus_sft']:+.3f}.**"
     if not v:
         return text
     p = v["pooled"]
-    text += (f" The study over rebuilt stages puts the default recipe at {p['mean']:+.3f} over SFT, 95% CI "
+    text += (f" The study over rebuilt stages puts the default recipe ({v['method']}) at {p['mean']:+.3f} over SFT, 95% CI "
              f"[{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}] ({p['runs']} paired runs over {p['builds']} builds; their "
              f"differences range {v['range'][0]:+.3f} to {v['range'][1]:+.3f})")
     if v.get("undistilled"):
@@ -644,7 +644,9 @@ def plan_section() -> str | None:
         "kernel compiled in the same run (a peak from the TPU compiler's refusal when it does not fit). "
         "Roofline: the step-time lower bound "
         "from model FLOPs at peak bf16 FLOP/s and HBM traffic at peak bandwidth, and the tokens/s per chip "
-        "it allows.\n\n"
+        "it allows. These plans were compiled while the ready configs still trained token-level DCD "
+        "(`weighting: dcd`): that step holds the default recipe's SFT step plus the batch's cached teacher "
+        "log-probs and a weight per token; `dcd-jax plan` on the current configs compiles the SFT step.\n\n"
         + _table(["config", "slice", "step", "peak GiB", "HBM GiB", "headroom", "einsum peak GiB", "peak ratio",
                   "roofline s/step", "roofline tok/s/chip"], rows) + "\n"
     )
@@ -697,6 +699,15 @@ def study_section() -> str | None:
             if accs:
                 rows.append([who, len(accs), sum(accs) / len(accs), None, sum(vals) / len(vals), sum(cs) / len(cs),
                              None, "", ""])
+        dec = summary.get("decision")
+        if dec:
+            out.append(
+                f"**Default chosen on `val`: {dec['pick']}.** Rule: {dec['rule']}. Paired val difference to SFT: "
+                + ", ".join(f"{k} {v:+.3f}" for k, v in sorted(dec["val_minus_sft"].items(), key=lambda kv: -kv[1]))
+                + f"; {dec['first']} − {dec['runner_up']} on val (paired, pooled): "
+                + _hier(dec["first_minus_runner_up_val"])
+                + (f"; a tie, so the better worst run decides ({', '.join(f'{k} {v:.2f}' for k, v in dec['worst_val'].items())})"
+                   if dec["tie"] else "") + ".\n")
         out.append(_table(["method", "runs", "eval accuracy", "sd", "val accuracy", "careful share",
                            "multi-op line share", "− SFT (paired, pooled)", "− undistilled (paired, pooled)"], rows))
         out.append("\nEval accuracy per build (mean over seeds; the seeds' values in brackets) and each build's "

@@ -26,7 +26,7 @@ confident errors that compound along its own prefixes. The demo builds that regi
   (f) scores    score the distillation data once with the teacher (cached per-token and top-k log-probs)
   (g) student   convert the pretrained student's HF checkpoint to a dcd-jax model dir, as for a real one
   (h) select    the product's default recipe, step 1 (``dcd-jax data select``): score the traces once
-                with the pretrained student and keep the :data:`DEFAULT_KEEP_FRACTION` whose mean
+                with the pretrained student and keep the ``DEFAULT_RECIPE.keep_fraction`` whose mean
                 student / teacher log-ratio is highest (the traces it could have written)
   (i) sft, selected  distill it with SFT on all traces and with SFT on the selected ones (the
                 default recipe, step 2): same steps, same data order seed
@@ -55,10 +55,21 @@ from dcd_jax.data.synthetic import SyntheticTaskConfig
 
 log = logging.getLogger("dcd_jax.demo")
 
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A distillation recipe the demo trains beside SFT."""
+
+    arm: str  # the demo's arm (stage, run dir and table row)
+    study_method: str  # its name in bench/study.py
+    objective: dict[str, Any]  # the run's `objective` section
+    keep_fraction: float | None = None  # `dcd-jax data select --keep-fraction` first (None: every trace)
+    description: str = ""
+
+
 # The product's default recipe (docs/objectives.md, "Which objective to pick"), chosen on the `val`
-# split by bench/study.py over stage builds x seeds: SFT on the traces the pretrained student fits best
-# (`dcd-jax data select --keep-fraction`), this share of them. The demo's `selected` arm runs it.
-DEFAULT_KEEP_FRACTION = 0.5
+# split by bench/study.py over stage builds x seeds: SFT on the traces the pretrained student fits best.
+DEFAULT_RECIPE = Recipe("selected", "Select", {"weighting": "none"}, keep_fraction=0.5,
+                        description="SFT on the traces the pretrained student fits best (dcd-jax data select)")
 # The study whose pooled result the report quotes (present in a source checkout, the README's install).
 STUDY_JSON = Path(__file__).resolve().parents[1] / "bench" / "results" / "study.json"
 
@@ -321,15 +332,17 @@ def run_demo(out: str | Path = "demo_out", scale: "str | DemoScale" = "small", s
             teacher=student["student_flax"], topk=0, batch_size=16, out=str(traces / "train.student.parquet")),
             progress=False)
         kept = select_traces(data["path"], scores, data["teacher_scores"], traces / "train_selected.jsonl",
-                             keep_fraction=DEFAULT_KEEP_FRACTION)
+                             keep_fraction=DEFAULT_RECIPE.keep_fraction)
         responses = [json.loads(line)["response"] for line in open(traces / "train_selected.jsonl")]
         return {**kept, "style_counts": style_counts(responses)}
 
-    selection = run_stage(out, "select", stage_select)
-    arms = {"sft": data, "selected": {**data, "path": str(traces / "train_selected.jsonl")}}
+    recipe = DEFAULT_RECIPE
+    selection = run_stage(out, "select", stage_select) if recipe.keep_fraction else None
+    arms = {"sft": (data, {"weighting": "none"}),
+            recipe.arm: ({**data, "path": str(traces / "train_selected.jsonl")} if selection else data, recipe.objective)}
     trained = {
         name: run_stage(out, name, lambda name=name, arm=arm: _train(
-            student["student_flax"], arm, {"weighting": "none"}, s.student_steps, s.student_lr, runs / name, s, seed))
+            student["student_flax"], arm[0], arm[1], s.student_steps, s.student_lr, runs / name, s, seed))
         for name, arm in arms.items()
     }
 
@@ -369,39 +382,40 @@ def _share_text(counts: dict[str, int]) -> str:
 
 
 def study_verdict(this_diff: float, seed: int, scale_name: str, study_json: Path = STUDY_JSON,
-                  stage_seed: int | None = None) -> dict[str, Any] | None:
+                  stage_seed: int | None = None, method: str | None = None) -> dict[str, Any] | None:
     """How far this one run can be trusted: the study's pooled paired difference of the default recipe
     (Select) to SFT over stage builds x seeds, the range of its runs' differences, and where this run's
     difference falls in it. None when the study's JSON is not there (an installed package).
     ``seed``: the run's data-order seed; ``stage_seed``: the seed its stages were built with
     (default: the same, as in the demo)."""
     stage_seed = seed if stage_seed is None else stage_seed
+    method = method or DEFAULT_RECIPE.study_method
     if not study_json.is_file():
         return None
     study = json.loads(study_json.read_text())
     summary = study.get("regimes", {}).get("pertrace", {}).get("summary", {})
-    select = summary.get("methods", {}).get("Select", {}).get("eval", {})
-    pooled = select.get("minus_SFT", {}).get("pooled")
+    mine = summary.get("methods", {}).get(method, {}).get("eval", {})
+    pooled = mine.get("minus_SFT", {}).get("pooled")
     if not pooled:
         return None
     runs = {(r["build"], r["seed"], r["method"]): r["eval"]["accuracy"] for r in study["runs"]
-            if r["regime"] == "pertrace" and r["method"] in ("SFT", "Select")
-            and r["setting"] in ("", summary["settings"].get("Select"))}
-    diffs = [runs[(b, s, "Select")] - runs[(b, s, "SFT")] for (b, s, m) in runs if m == "SFT" and (b, s, "Select") in runs]
+            if r["regime"] == "pertrace" and r["method"] in ("SFT", method)
+            and r["setting"] in ("", summary.get("settings", {}).get(method))}
+    diffs = [runs[(b, s, method)] - runs[(b, s, "SFT")] for (b, s, m) in runs if m == "SFT" and (b, s, method) in runs]
     same = None  # the study's own run on these stages: its build 0 is the small demo's stages (seed 0)
-    if scale_name == "small" and stage_seed == 0 and (0, seed, "Select") in runs and (0, seed, "SFT") in runs:
-        same = runs[(0, seed, "Select")] - runs[(0, seed, "SFT")]
-    return {"pooled": pooled, "undistilled": select.get("minus_undistilled", {}).get("pooled"),
+    if scale_name == "small" and stage_seed == 0 and (0, seed, method) in runs and (0, seed, "SFT") in runs:
+        same = runs[(0, seed, method)] - runs[(0, seed, "SFT")]
+    return {"method": method, "pooled": pooled, "undistilled": mine.get("minus_undistilled", {}).get("pooled"),
             "runs": len(diffs), "range": [min(diffs), max(diffs)] if diffs else None, "this_run": this_diff,
             "study_same_stages_and_seed": same, "code": study.get("code")}
 
 
-def _verdict_text(v: dict[str, Any] | None, this_diff: float, seed: int) -> str:
+def _verdict_text(v: dict[str, Any] | None, this_diff: float, seed: int, arm: str) -> str:
     if v is None:
-        return (f"One seed: selected - sft = {this_diff:+.3f} on this run. One run is one draw of the data "
+        return (f"One seed: {arm} - sft = {this_diff:+.3f} on this run. One run is one draw of the data "
                 "order; bench/study.py gives the paired difference over stage builds x seeds.\n")
     p, u = v["pooled"], v["undistilled"]
-    text = (f"One seed: selected - sft = {this_diff:+.3f} on this run. How far one run can be trusted: the study over "
+    text = (f"One seed: {arm} - sft = {this_diff:+.3f} on this run. How far one run can be trusted: the study over "
             f"{p['builds']} rebuilt stage builds x seeds (bench/results/study.json, {p['runs']} paired runs) puts the "
             f"default recipe at {p['mean']:+.3f} over SFT, 95% CI [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}] "
             f"(hierarchical bootstrap), its runs' differences ranging {v['range'][0]:+.3f} to {v['range'][1]:+.3f}")
@@ -429,7 +443,8 @@ def report(out: Path, results: dict, trained: dict, teacher: dict, gen: dict, sa
             "accuracy_by_steps": m["accuracy_by_steps"],
             "length_mean": m.get("length_mean"), "truncation_rate": m.get("truncation_rate"),
             "repetition_rate": m.get("repetition_rate"), "format_failure_rate": m.get("format_failure_rate"),
-            "traces": (selection or {}).get("kept") if name == "selected" else gen["traces"] if name == "sft" else None,
+            "traces": (selection or {}).get("kept") if name == DEFAULT_RECIPE.arm and selection else
+            gen["traces"] if name in ("sft", DEFAULT_RECIPE.arm) else None,
             "final_loss": train_info.get("final_loss"),
         })
     table = markdown_table([{k: v for k, v in r.items() if k not in ("style_shares", "accuracy_by_steps")}
@@ -439,8 +454,9 @@ def report(out: Path, results: dict, trained: dict, teacher: dict, gen: dict, sa
                                for r in rows], ["method", *[f"{k} ops" for k in steps]])
     standin = gen["source"] == "standin"
     acc = {r["method"]: r["accuracy"] for r in rows}
-    this_diff = acc.get("selected", 0.0) - acc.get("sft", 0.0)
-    verdict = study_verdict(this_diff, seed, scale_name) if "selected" in acc else None
+    arm = DEFAULT_RECIPE.arm
+    this_diff = acc.get(arm, 0.0) - acc.get("sft", 0.0)
+    verdict = study_verdict(this_diff, seed, scale_name) if arm in acc else None
     text = (
         f"# dcd-jax demo\n\nTeacher samples kept by rejection sampling: {sampled['traces_in_file']} of "
         f"{sampled['generated']} ({sampled['prompts']} prompts); their styles: "
@@ -453,9 +469,9 @@ def report(out: Path, results: dict, trained: dict, teacher: dict, gen: dict, sa
            f"{selection['kept']} of {selection['traces']} traces, the ones the pretrained student fits best; styles: "
            f"{_share_text(selection['style_counts'])}.\n" if selection else "")
         + f"Student: {student['params']:,} parameters, pretrained on other problems (careful style) before "
-        f"distillation; `student` is it undistilled; `sft`: SFT on all traces; `selected`: SFT on the selected "
-        f"ones, same steps.\n\n{table}\n\n"
-        + (_verdict_text(verdict, this_diff, seed) + "\n" if "selected" in acc else "")
+        f"distillation; `student` is it undistilled; `sft`: SFT on all traces; `{arm}`: the default recipe, "
+        f"{DEFAULT_RECIPE.description}, same steps.\n\n{table}\n\n"
+        + (_verdict_text(verdict, this_diff, seed, arm) + "\n" if arm in acc else "")
         + f"Accuracy by number of operations:\n\n{by_steps}\n\n"
         "accuracy: greedy pass@1 on held-out problems (95% bootstrap CI); careful_share: share of greedy outputs "
         "with one operation per line; length in tokens; traces: distillation traces trained on; final_loss: mean "
@@ -474,10 +490,10 @@ def report(out: Path, results: dict, trained: dict, teacher: dict, gen: dict, sa
         "distill_source": gen["source"], "distill_traces": gen["traces"], "distill_style_counts": gen["style_counts"],
         "student_params": student["params"], "rows": rows,
         "selection": {k: v for k, v in (selection or {}).items() if k != "seconds"},
-        "verdict": verdict, "selected_minus_sft": this_diff if "selected" in acc else None,
+        "verdict": verdict, "default_arm": arm, "default_minus_sft": this_diff if arm in acc else None,
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
-    _plot(out, rows, {k: v for k, v in trained.items() if k in ("sft", "selected")})
+    _plot(out, rows, {k: v for k, v in trained.items() if k in ("sft", arm)})
     print(text)
     return summary
 

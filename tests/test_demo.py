@@ -9,7 +9,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-STAGES = ("assets", "pretrain", "teacher", "traces", "distill", "scores", "student", "select", "sft", "selected", "eval")
+from dcd_jax.demo import DEFAULT_RECIPE  # noqa: E402
+
+ARM = DEFAULT_RECIPE.arm  # the default recipe's arm, trained beside SFT
+STAGES = ("assets", "pretrain", "teacher", "traces", "distill", "scores", "student",
+          *(("select",) if DEFAULT_RECIPE.keep_fraction else ()), "sft", ARM, "eval")
 
 
 # `dcd-jax demo ...` in a fresh process, which then lists the modules it imported.
@@ -124,31 +128,32 @@ def test_demo_micro_runs_every_stage_and_caches(tmp_path):
     assert len(traces) == 48 and all({"prompt", "response", "answer", "style"} <= set(t) for t in traces)
     assert {t["style"] for t in traces} >= {"careful", "compressed"} and all(t["trace_correct"] for t in traces)
     assert (out / "traces" / "train.teacher.parquet").is_file()
-    # (h) the default recipe's selection: half of the traces, in their order, with every trace's log-ratio
-    from dcd_jax.demo import DEFAULT_KEEP_FRACTION
-
-    selection = json.loads((out / "select.done.json").read_text())
-    kept = [json.loads(line) for line in (out / "traces" / "train_selected.jsonl").open()]
-    assert selection["kept"] == len(kept) == round(DEFAULT_KEEP_FRACTION * len(traces)) and selection["traces"] == 48
-    ids = [t["id"] for t in traces]
-    assert [k["id"] for k in kept] == [i for i in ids if i in {k["id"] for k in kept}]
-    ratios = json.loads((out / "traces" / "train_selected.jsonl.selection.json").read_text())["log_ratios"]
-    assert min(ratios[k["id"]] for k in kept) >= max(v for i, v in ratios.items() if i not in {k["id"] for k in kept})
-    # (i) SFT on all traces and on the selected ones, same steps, exported to HF
+    # (h) the default recipe's selection (when it has one): the share of the traces the student fits best,
+    # in their order, with every trace's log-ratio
+    if DEFAULT_RECIPE.keep_fraction:
+        selection = json.loads((out / "select.done.json").read_text())
+        kept = [json.loads(line) for line in (out / "traces" / "train_selected.jsonl").open()]
+        assert selection["kept"] == len(kept) == round(DEFAULT_RECIPE.keep_fraction * len(traces))
+        assert selection["traces"] == 48
+        ids = [t["id"] for t in traces]
+        assert [k["id"] for k in kept] == [i for i in ids if i in {k["id"] for k in kept}]
+        ratios = json.loads((out / "traces" / "train_selected.jsonl.selection.json").read_text())["log_ratios"]
+        assert min(ratios[k["id"]] for k in kept) >= max(v for i, v in ratios.items() if i not in {k["id"] for k in kept})
+    # (i) SFT on all traces and the default recipe, same steps, exported to HF
     sft = json.loads((out / "sft.done.json").read_text())
-    sel = json.loads((out / "selected.done.json").read_text())
-    assert sft["steps"] == sel["steps"] > 0
-    for name in ("sft", "selected"):
+    default = json.loads((out / f"{ARM}.done.json").read_text())
+    assert sft["steps"] == default["steps"] > 0
+    for name in ("sft", ARM):
         assert (out / "runs" / name / "hf" / "config.json").is_file()
     # (i) evaluation of teacher, undistilled student and both distilled ones; (j) table, plot, report
     summary = json.loads((out / "results" / "summary.json").read_text())
-    assert set(summary["results"]) == {"teacher", "student", "sft", "selected"}
+    assert set(summary["results"]) == {"teacher", "student", "sft", ARM}
     report = json.loads((out / "summary.json").read_text())
     for row in report["rows"]:
         assert set(row["accuracy_by_steps"]) <= {"2", "3", "4"} and abs(sum(row["style_shares"].values()) - 1) < 1e-9
     assert (out / "comparison.png").stat().st_size > 5000 and (out / "report.md").is_file()
-    assert "| method |" in printed and "| selected |" in printed and "Accuracy by number of operations" in printed
-    assert "One seed: selected - sft" in printed  # the verdict says how far one run can be trusted
+    assert "| method |" in printed and f"| {ARM} |" in printed and "Accuracy by number of operations" in printed
+    assert f"One seed: {ARM} - sft" in printed  # the verdict says how far one run can be trusted
 
     # Every library the demo imported is installed by `pip install -e .` alone (README command 1):
     # a fresh venv once lacked jinja2, which transformers needs for chat templates but does not require.

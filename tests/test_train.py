@@ -252,15 +252,16 @@ def test_ready_configs_load_with_every_baseline(model_config, objective):
 
 @pytest.mark.parametrize("model_config", ["qwen2.5-0.5b-dcd.yaml", "qwen2.5-1.5b-dcd.yaml", "llama3.2-1b-dcd.yaml", "demo.yaml"])
 def test_ready_configs_use_the_default_recipe(model_config):
-    """The ready configs and the demo's config train the study's pick (docs/objectives.md): SFT, on the
-    traces `dcd-jax data select` keeps; the demo trains its `selected` arm with that same objective."""
-    from dcd_jax.demo import DEFAULT_KEEP_FRACTION
+    """The ready configs and the demo's config train the study's pick (docs/objectives.md), the recipe the
+    demo trains beside SFT: its objective, and `dcd-jax data select` first when it selects traces."""
+    from dcd_jax.demo import DEFAULT_RECIPE
 
     cfg = load_config(RunConfig, [ROOT / "configs" / model_config])
-    assert cfg.objective.loss == "ce" and cfg.objective.weighting == "none"
-    text = (ROOT / "configs" / model_config).read_text()
-    assert "data select" in text or "base: qwen2.5-1.5b-dcd.yaml" in text
-    assert f"--keep-fraction {DEFAULT_KEEP_FRACTION}" in (ROOT / "configs" / "qwen2.5-1.5b-dcd.yaml").read_text()
+    assert cfg.objective.loss == "ce" and cfg.objective.weighting == DEFAULT_RECIPE.objective["weighting"]
+    main = (ROOT / "configs" / "qwen2.5-1.5b-dcd.yaml").read_text()
+    if DEFAULT_RECIPE.keep_fraction:
+        assert f"--keep-fraction {DEFAULT_RECIPE.keep_fraction}" in main
+        assert "train_selected.jsonl" in (ROOT / "configs" / "demo.yaml").read_text()
 
 
 def test_local_multiprocess_launcher(tmp_path):
