@@ -222,3 +222,19 @@ def test_unsupported_options_are_refused(change, match):
     hf = {**FAMILIES["gemma3_text"], **change}
     with pytest.raises(UnsupportedModelError, match=match):
         ModelConfig.from_hf_config(hf)
+
+
+def test_model_json_round_trips_the_gemma_switches():
+    """A dcd-jax model dir's model.json (to_dict -> JSON -> from_dict) keeps every Gemma switch:
+    the per-layer local flags, the local RoPE, the window; Gemma 3 1B's public facts."""
+    import json
+    from pathlib import Path
+
+    from dcd_jax.config import from_dict, to_dict
+
+    arch = Path(__file__).resolve().parents[1] / "configs" / "architectures" / "google--gemma-3-1b-it.json"
+    cfg = ModelConfig.from_hf_config(json.loads(arch.read_text()))
+    assert from_dict(ModelConfig, json.loads(json.dumps(to_dict(cfg)))) == cfg
+    assert cfg.sliding_window == 512 and sum(cfg.local_layers) == 22 and not cfg.local_layers[5]
+    assert (cfg.rope.theta, cfg.rope_local.theta) == (1e6, 1e4) and cfg.attention_scale == 256 ** -0.5
+    assert round(cfg.num_params / 1e6) == 1000  # "1B": 999.9M with the tied 262144 x 1152 embedding
