@@ -27,6 +27,16 @@ FAMILIES = {
         model_type="qwen3", vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=1, head_dim=20, rope_theta=1000000.0,
     ),
+    # Gemma 3 text: GeGLU, (1 + w) norms, 4 norms per layer, q/k norms, scaled embedding, attention
+    # scale 12^-0.5 (not head_dim's), tied embeddings; sliding window 4 (test rows run far past
+    # it) on layers 0 and 2, a global layer 1 with linear rope scaling; GQA.
+    "gemma3_text": dict(
+        model_type="gemma3_text", vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=12, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"], max_position_embeddings=128,
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+    ),
 }
 
 

@@ -25,7 +25,7 @@ def _tensors(directory):
     return out
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma3_text"])
 def test_round_trip_is_bitwise_and_loads_in_transformers(family, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -320,6 +320,23 @@ def test_sharded_sampling_equals_single_device(qwen2_dir, qwen2_sampler):
     assert "eos" in reasons and "length" in reasons  # rows stopped early while others ran on
 
 
+def test_eos_ids_default_to_the_tokenizer_and_generation_config(tmp_path):
+    """Without ``eos_token_ids`` a row ends at the tokenizer's EOS or at any ``eos_token_id`` of the
+    generation_config.json beside the tokenizer (Gemma 3 lists end of text and end of turn)."""
+    from transformers import PreTrainedTokenizerFast
+
+    save_word_tokenizer(tmp_path, 20)  # "<eos>" = 1
+    load = lambda: Sampler(None, None, PreTrainedTokenizerFast.from_pretrained(str(tmp_path)))
+    assert load()._eos_ids(SamplingConfig()) == (1,)
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [1, 7]}')
+    assert load()._eos_ids(SamplingConfig()) == (1, 7)
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": 9}')
+    assert load()._eos_ids(SamplingConfig()) == (1, 9)
+    assert load()._eos_ids(SamplingConfig(eos_token_ids=(3,))) == (3,)
+    assert load()._eos_ids(SamplingConfig(eos_token_ids=())) == ()
+    assert Sampler(None, None)._eos_ids(SamplingConfig()) == ()
+
+
 def test_bucketing_bounds_compilations(qwen2_sampler):
     assert [prompt_bucket_length(n, 8) for n in (1, 5, 8, 9, 12)] == [8, 8, 8, 16, 16]
     assert [prompt_bucket_length(n, "pow2") for n in (1, 16, 17, 100)] == [16, 16, 32, 128]

@@ -162,7 +162,8 @@ def load_hf(
     attention: str = "auto",
     trust_remote_code: bool = False,
 ) -> Transformer:
-    """Load a Llama 3 / Qwen2.5 / Qwen3 HF checkpoint (or a dcd-jax model dir) as a callable Flax model.
+    """Load a HF checkpoint of a registered family (Llama 3, Qwen2.5, Qwen3, Gemma 3 text; or a dcd-jax
+    model dir) as a callable Flax model.
 
     ``model(input_ids, positions=None, segment_ids=None)`` returns fp32 logits [B, T, V]. With
     ``mesh``, every parameter is created directly in its sharding from the table in

@@ -52,7 +52,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
+from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import jax
@@ -520,6 +522,22 @@ def row_keys(seed: int, prompt_index: Sequence[int], sample_index: Sequence[int]
     return np.asarray(_row_keys_jit(np.uint32(seed), i, j))
 
 
+def generation_config_eos_ids(tokenizer: Any) -> tuple[int, ...]:
+    """The ``eos_token_id`` (an int or a list) of ``generation_config.json`` in the directory the
+    tokenizer was loaded from (``tokenizer.name_or_path``), or () without one."""
+    name = getattr(tokenizer, "name_or_path", None) if tokenizer is not None else None
+    path = Path(str(name)) / "generation_config.json" if name else None
+    if path is None or not path.is_file():
+        return ()
+    try:
+        eos = json.loads(path.read_text()).get("eos_token_id")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return ()
+    if eos is None:
+        return ()
+    return tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
+
+
 class Sampler:
     """Host-side generation over prompts (strings or id lists) with a fixed model.
 
@@ -562,12 +580,17 @@ class Sampler:
         return batch_shards(self.mesh)
 
     def _eos_ids(self, cfg: SamplingConfig) -> tuple[int, ...]:
+        """``cfg.eos_token_ids``, else the tokenizer's EOS id followed by every ``eos_token_id`` of
+        the ``generation_config.json`` next to the tokenizer's files (chat models list several:
+        Gemma 3's end of turn and end of text, Llama 3's ``<|eot_id|>``)."""
         if cfg.eos_token_ids is not None:
             return cfg.eos_token_ids
         eos = getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer is not None else None
-        if eos is None:
-            return ()
-        return tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
+        ids = [] if eos is None else [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+        for e in generation_config_eos_ids(self.tokenizer):
+            if e not in ids:
+                ids.append(e)
+        return tuple(ids)
 
     def _encode(self, prompts: Sequence[str] | Sequence[Sequence[int]]) -> list[list[int]]:
         out = []

@@ -1,9 +1,12 @@
 """Model architecture configuration, read from a Hugging Face ``config.json``.
 
-One decoder covers the Llama 3, Qwen2/Qwen2.5 and Qwen3 families; they differ only in the
-options below (q/k/v biases, per-head q/k RMSNorm, tied embeddings, RoPE scaling, head_dim).
-Anything the decoder does not implement (sliding windows, MLP biases, other activations) is
-refused here with a clear error rather than silently computed wrong.
+One decoder covers every registered family (:mod:`dcd_jax.models.families`: Llama 3, Qwen2/2.5,
+Qwen3, Gemma 3 text); they differ only in the switches below (q/k/v biases, q/k RMSNorm, tied
+embeddings, RoPE scaling, head_dim, the MLP activation, the norm's ``1 + w`` scale, norms after
+attention and the MLP, the embedding scale, the attention scale, sliding-window layers). Each
+family's module translates its HF config into these switches (:func:`ModelConfig.from_hf_config`
+reads the registry) and refuses what the decoder does not implement with a clear error rather
+than computing it wrong.
 """
 
 from __future__ import annotations
@@ -13,9 +16,11 @@ import json
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-from dcd_jax.errors import CheckpointError, ModelError
+import dcd_jax.models.families  # noqa: F401  (registers every family)
+from dcd_jax.errors import CheckpointError
+from dcd_jax.models.registry import FAMILIES, RopeConfig, UnsupportedModelError, family_of
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_KERNELS = ("einsum", "xla", "cudnn", "splash")
 # What users may write: a kernel, or "auto" = splash on TPU, einsum elsewhere (see resolve_attention).
@@ -30,25 +35,9 @@ def resolve_attention(choice: str, platform: str) -> str:
     return choice
 
 
-class UnsupportedModelError(ModelError):
-    """The checkpoint uses an architecture or option this decoder does not implement."""
-
-
-@dataclasses.dataclass(frozen=True)
-class RopeConfig:
-    """Rotary embedding: ``theta`` base plus optional Llama-3 frequency scaling."""
-
-    theta: float = 10000.0
-    kind: Literal["default", "llama3"] = "default"
-    factor: float = 1.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
-
-
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of a decoder-only transformer (Llama 3 / Qwen2 / Qwen3)."""
+    """Architecture of a decoder-only transformer (any registered family)."""
 
     model_type: str
     vocab_size: int
@@ -67,6 +56,18 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     # The tokenizer's vocabulary: Qwen checkpoints pad the embedding rows past it. None = vocab_size.
     true_vocab_size: int | None = None
+    # Switches the Gemma 3 family sets (the defaults are the Llama layout).
+    mlp_activation: Literal["silu", "gelu_tanh"] = "silu"  # the gate's activation (GeGLU: gelu_tanh)
+    norm_plus_one: bool = False  # RMSNorm scales by (1 + w), its weight stored around 0
+    sandwich_norms: bool = False  # RMSNorm of the attention and MLP outputs before each residual add
+    embed_scale: bool = False  # embeddings times sqrt(hidden_size), the scale cast to param_dtype
+    query_pre_attn_scalar: float | None = None  # attention scale = this ** -0.5 (None: head_dim)
+    # Sliding-window (local) layers: local_layers[i] says whether layer i is local (empty: none);
+    # a local layer's query at slot t sees keys at slots s with t - s < sliding_window. rope_local:
+    # the local layers' RoPE (None: the global one).
+    sliding_window: int | None = None
+    local_layers: tuple[bool, ...] = ()
+    rope_local: RopeConfig | None = None
     # Runtime options (not part of the checkpoint): compute/param dtypes, rematerialization, and
     # the attention kernel of full-sequence passes (training, scoring): "einsum" (our own, any
     # backend), "xla" / "cudnn" (jax.nn.dot_product_attention; "cudnn" = cuDNN flash attention on
@@ -87,6 +88,26 @@ class ModelConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {DTYPES}")
+        if self.local_layers:
+            if len(self.local_layers) != self.num_layers:
+                raise UnsupportedModelError(f"local_layers has {len(self.local_layers)} entries for {self.num_layers} layers")
+            if any(self.local_layers) and not (self.sliding_window and self.sliding_window > 0):
+                raise UnsupportedModelError(f"local layers need a positive sliding_window, got {self.sliding_window!r}")
+
+    @property
+    def attention_scale(self) -> float:
+        """The factor of q . k in the softmax: query_pre_attn_scalar ** -0.5, else head_dim ** -0.5."""
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    @property
+    def has_local_layers(self) -> bool:
+        return any(self.local_layers)
+
+    def layer_is_local(self, i: int) -> bool:
+        return bool(self.local_layers) and bool(self.local_layers[i])
+
+    def layer_rope(self, i: int) -> RopeConfig:
+        return self.rope_local if self.layer_is_local(i) and self.rope_local is not None else self.rope
 
     @property
     def tokenizer_vocab_size(self) -> int:
@@ -99,7 +120,7 @@ class ModelConfig:
         attn = d * hd * (h + 2 * kv) + h * hd * d + (hd * (h + 2 * kv) if self.qkv_bias else 0)
         attn += d if self.o_bias else 0
         attn += 2 * hd if self.qk_norm else 0
-        layer = attn + 3 * d * f + 2 * d
+        layer = attn + 3 * d * f + (4 if self.sandwich_norms else 2) * d
         embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * layer + embed + d
 
@@ -112,49 +133,8 @@ class ModelConfig:
     @classmethod
     def from_hf_config(cls, hf: Mapping[str, Any], *, source: str = "config.json", **runtime: Any) -> "ModelConfig":
         """Translate a HF ``config.json`` mapping; ``runtime`` sets dtype/param_dtype/remat/attention."""
-        model_type = hf.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise UnsupportedModelError(
-                f"{source}: model_type={model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}"
-            )
-
-        def need(key: str) -> Any:
-            if key not in hf:
-                raise UnsupportedModelError(f"{source}: missing required field {key!r} for model_type={model_type}")
-            return hf[key]
-
-        act = hf.get("hidden_act", "silu")
-        if act != "silu":
-            raise UnsupportedModelError(f"{source}: hidden_act={act!r} is not supported (only 'silu')")
-        if hf.get("mlp_bias"):
-            raise UnsupportedModelError(f"{source}: mlp_bias=true is not supported")
-        if hf.get("use_sliding_window"):
-            raise UnsupportedModelError(f"{source}: use_sliding_window=true is not supported")
-        layer_types = hf.get("layer_types")
-        if layer_types and any(t != "full_attention" for t in layer_types):
-            raise UnsupportedModelError(f"{source}: layer_types other than full_attention are not supported")
-
-        heads = need("num_attention_heads")
-        hidden = need("hidden_size")
-        head_dim = hf.get("head_dim") or hidden // heads
-        return cls(
-            model_type=model_type,
-            vocab_size=need("vocab_size"),
-            hidden_size=hidden,
-            intermediate_size=need("intermediate_size"),
-            num_layers=need("num_hidden_layers"),
-            num_heads=heads,
-            num_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=head_dim,
-            rope=_rope_from_hf(hf, source),
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
-            o_bias=model_type != "qwen2" and bool(hf.get("attention_bias", False)),
-            qk_norm=model_type == "qwen3",
-            max_position_embeddings=hf.get("max_position_embeddings", 4096),
-            **runtime,
-        )
+        family = family_of(hf.get("model_type"), source)
+        return cls(model_type=family.model_type, **family.translate(hf, source), **runtime)
 
     @classmethod
     def from_pretrained_dir(cls, path: str | Path, **runtime: Any) -> "ModelConfig":
@@ -162,25 +142,3 @@ class ModelConfig:
         if not cfg_path.is_file():
             raise CheckpointError(f"{path}: no config.json (not a model directory)")
         return cls.from_hf_config(json.loads(cfg_path.read_text()), source=str(cfg_path), **runtime)
-
-
-def _rope_from_hf(hf: Mapping[str, Any], source: str) -> RopeConfig:
-    # transformers 5 writes `rope_parameters`; checkpoints saved by transformers 4 use
-    # `rope_theta` + `rope_scaling`. Accept both.
-    params = dict(hf.get("rope_parameters") or {})
-    scaling = dict(hf.get("rope_scaling") or {})
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-    merged = {**scaling, **params}
-    kind = merged.get("rope_type", merged.get("type", "default")) or "default"
-    if kind == "default":
-        return RopeConfig(theta=float(theta))
-    if kind != "llama3":
-        raise UnsupportedModelError(f"{source}: rope scaling type {kind!r} is not supported (default, llama3)")
-    return RopeConfig(
-        theta=float(theta),
-        kind="llama3",
-        factor=float(merged["factor"]),
-        low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(merged.get("original_max_position_embeddings", 8192)),
-    )

@@ -1,6 +1,7 @@
 """Pallas splash attention (TPU flash attention with block sparsity) for full-sequence passes.
 
-out = softmax(q k^T / sqrt(hd) + mask) v, mask = causal AND same segment id, computed block by
+out = softmax(q k^T * scale + mask) v, mask = causal AND same segment id (AND, for a
+sliding-window layer, key slot > query slot - window: splash's ``LocalMask``), computed block by
 block without ever materializing the [B, H, T, T] scores (the einsum kernel saves them for the
 backward pass in every layer, which is what makes long reasoning traces not fit on a TPU).
 Fully masked blocks (above the diagonal) are skipped. Grouped-query attention is native: the
@@ -38,7 +39,7 @@ def _block_and_padded_length(length: int) -> tuple[int, int]:
     return block, padded
 
 
-def _kernel(num_heads: int, length: int, block: int, interpret: bool):
+def _kernel(num_heads: int, length: int, block: int, interpret: bool, window: int | None = None):
     """The splash kernel for [num_heads, length, hd] queries.
 
     Built per call, not cached: the kernel holds its mask's block tables as arrays, which made
@@ -47,7 +48,11 @@ def _kernel(num_heads: int, length: int, block: int, interpret: bool):
     TPU compile from a CPU host does not have). The numpy mask preprocessing, the costly part, is
     cached by splash itself (``_process_mask``), keyed by these equal masks and block sizes.
     """
-    mask = splash.MultiHeadMask([splash.CausalMask((length, length)) for _ in range(num_heads)])
+    if window is None:
+        masks = [splash.CausalMask((length, length)) for _ in range(num_heads)]
+    else:  # keys s with t - (window - 1) <= s <= t: causal and within the window
+        masks = [splash.LocalMask((length, length), window_size=(window - 1, 0), offset=0) for _ in range(num_heads)]
+    mask = splash.MultiHeadMask(masks)
     sizes = splash.BlockSizes(
         block_q=block, block_kv=block, block_kv_compute=block,
         block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
@@ -62,13 +67,14 @@ def _runs_on_tpu(mesh: jax.sharding.AbstractMesh) -> bool:
     return platform == "tpu"
 
 
-def _local_attention(q, k, v, segment_ids, interpret: bool):
+def _local_attention(q, k, v, segment_ids, interpret: bool, scale: float | None = None, window: int | None = None):
     """Per-shard splash: q [B, T, H, hd], k/v [B, T, KV, hd], segment_ids [B, T] -> [B, T, H, hd]."""
     b, t, h, hd = q.shape
     block, padded = _block_and_padded_length(t)
-    kernel = _kernel(h, padded, block, interpret)
+    kernel = _kernel(h, padded, block, interpret, window)
     # The kernel does not scale the logits; heads-major layout [B, H, T, hd].
-    q = jnp.swapaxes(q * jnp.asarray(1.0 / math.sqrt(hd), q.dtype), 1, 2)
+    scale = 1.0 / math.sqrt(hd) if scale is None else scale
+    q = jnp.swapaxes(q * jnp.asarray(scale, q.dtype), 1, 2)
     k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
     if padded != t:
         # Padding gets segment id -1: real tokens (>= 1) and pads (0) never attend to it, and its
@@ -84,12 +90,14 @@ def _local_attention(q, k, v, segment_ids, interpret: bool):
     return jnp.swapaxes(out[:, :, :t], 1, 2)
 
 
-def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) -> jax.Array:
-    """Causal, segment-masked attention of q [B, T, H, hd] over k/v [B, T, KV, hd] (slots 0..T-1)."""
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
+                     scale: float | None = None, window: int | None = None) -> jax.Array:
+    """Causal, segment-masked attention of q [B, T, H, hd] over k/v [B, T, KV, hd] (slots 0..T-1);
+    ``scale`` replaces 1 / sqrt(hd); ``window`` (static): keys less than ``window`` slots back only."""
     mesh = jax.sharding.get_abstract_mesh()
     interpret = not _runs_on_tpu(mesh)
     if mesh.empty:
-        return _local_attention(q, k, v, segment_ids, interpret)
+        return _local_attention(q, k, v, segment_ids, interpret, scale, window)
     q_spec = logical_to_spec(("batch", "length", "act_heads", "head_dim"), mesh=mesh, shape=q.shape)
     kv_spec = logical_to_spec(("batch", "length", "act_kv_heads", "head_dim"), mesh=mesh, shape=k.shape)
     if q_spec[2] != kv_spec[2]:
@@ -99,7 +107,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
         kv_spec = jax.sharding.PartitionSpec(kv_spec[0], None, None, None)
     seg_spec = jax.sharding.PartitionSpec(q_spec[0], None)
     sharded = jax.shard_map(
-        functools.partial(_local_attention, interpret=interpret), mesh=mesh,
+        functools.partial(_local_attention, interpret=interpret, scale=scale, window=window), mesh=mesh,
         in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec, check_vma=False,
     )
     return sharded(q, k, v, segment_ids)

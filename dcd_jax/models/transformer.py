@@ -1,4 +1,4 @@
-"""Decoder-only transformer (Llama 3 / Qwen2 / Qwen3) in Flax NNX.
+"""Decoder-only transformer (every registered family: Llama 3, Qwen2/3, Gemma 3) in Flax NNX.
 
 Design:
   * Every parameter is an ``nnx.Param`` whose ``logical_axes`` metadata names its dimensions;
@@ -10,6 +10,10 @@ Design:
   * Attention masks come from ``segment_ids`` (0 = padding; packed examples never attend across
     segments) and slot indices (causality). The same code serves training (keys = the current
     sequence) and cached decoding (keys = the KV cache), see :meth:`Transformer.forward_with_cache`.
+  * Sliding-window (local) layers (``cfg.local_layers``) add ``slot_q - slot_k < sliding_window``
+    to the mask and use ``cfg.rope_local``. A layer's ``local`` flag is a Python bool where the
+    layer index is static (unrolled layers, cached decoding) and a traced bool under the layer
+    scan (the scan's per-layer input), where the rope table and window are selected by it.
 """
 
 from __future__ import annotations
@@ -39,22 +43,41 @@ def _param(rngs: nnx.Rngs | None, init: str, shape: tuple[int, ...], dtype: str,
 
 
 class RMSNorm(nnx.Module):
-    """y = x / sqrt(mean(x^2) + eps) * scale, computed in fp32."""
+    """y = x / sqrt(mean(x^2) + eps) * scale, computed in fp32; with ``plus_one`` (Gemma) the
+    factor is (1 + scale) and the stored weight starts at 0."""
 
-    def __init__(self, dim: int, eps: float, param_dtype: str):
+    def __init__(self, dim: int, eps: float, param_dtype: str, plus_one: bool = False):
         self.eps = eps
-        self.scale = _param(None, "ones", (dim,), param_dtype, ("norm",))
+        self.plus_one = plus_one
+        self.scale = _param(None, "zeros" if plus_one else "ones", (dim,), param_dtype, ("norm",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = x.dtype
         x = x.astype(jnp.float32)
         x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-        return (self.scale[...].astype(jnp.float32) * x).astype(dtype)
+        scale = self.scale[...].astype(jnp.float32)
+        if self.plus_one:
+            scale = 1.0 + scale
+        return (scale * x).astype(dtype)
+
+
+# The window of a global layer where a layer's window is traced (the layer scan): above any length.
+NO_WINDOW = 2**30
+
+
+def window_of(local, window: int | None):
+    """The sliding window of a layer whose ``local`` flag is a Python bool (static: ``window`` or
+    None) or a traced bool (an int32 scalar: ``window``, or :data:`NO_WINDOW` for a global layer)."""
+    if isinstance(local, (bool, np.bool_)) or local is None:
+        return window if local else None
+    return jnp.where(local, jnp.int32(window), jnp.int32(NO_WINDOW))
 
 
 def rope_inverse_frequencies(head_dim: int, rope: RopeConfig) -> np.ndarray:
     """inv_freq_i = theta^(-2i/d), with Llama-3 smooth scaling of the low frequencies when configured."""
     inv_freq = 1.0 / (rope.theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
+    if rope.kind == "linear":
+        inv_freq = inv_freq / rope.factor
     if rope.kind == "llama3":
         old = rope.original_max_position_embeddings
         low_wavelen = old / rope.low_freq_factor
@@ -80,11 +103,16 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
     return x * cos + jnp.roll(x, x.shape[-1] // 2, axis=-1) * sin
 
 
-def attention_mask(q_segment: jax.Array, q_slot: jax.Array, kv_segment: jax.Array, kv_slot: jax.Array) -> jax.Array:
-    """[B, 1, 1, T, S] boolean: same segment and causal (key slot <= query slot)."""
+def attention_mask(q_segment: jax.Array, q_slot: jax.Array, kv_segment: jax.Array, kv_slot: jax.Array,
+                   window=None) -> jax.Array:
+    """[B, 1, 1, T, S] boolean: same segment and causal (key slot <= query slot); with ``window``
+    (a sliding-window layer's) also q_slot - kv_slot < window."""
     same = q_segment[:, :, None] == kv_segment[:, None, :]
     causal = kv_slot[:, None, :] <= q_slot[:, :, None]
-    return (same & causal)[:, None, None, :, :]
+    keep = same & causal
+    if window is not None:
+        keep = keep & (q_slot[:, :, None] - kv_slot[:, None, :] < window)
+    return keep[:, None, None, :, :]
 
 
 def dense(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
@@ -126,12 +154,16 @@ def split_matvec(x: jax.Array, w: jax.Array) -> jax.Array:
     return parts.sum(0).astype(x.dtype)
 
 
-def cache_bias(q_segment: jax.Array, q_slot: jax.Array, kv_segment: jax.Array) -> jax.Array:
+def cache_bias(q_segment: jax.Array, q_slot: jax.Array, kv_segment: jax.Array, window: int | None = None) -> jax.Array:
     """[B, T, S] fp32 additive mask over cache slots 0..S-1: 0 where the key slot is in the query's
-    segment and not after it (the :func:`attention_mask` rule), ``NEG_INF`` elsewhere. Built once
-    per cached pass and shared by all layers."""
+    segment and not after it (the :func:`attention_mask` rule), and with ``window`` less than
+    ``window`` slots before it, ``NEG_INF`` elsewhere. Built once per cached pass (once per kind of
+    layer) and shared by the layers. A local layer's cache keeps every slot; the bias hides the
+    slots outside its window."""
     kv_slot = jnp.arange(kv_segment.shape[1], dtype=jnp.int32)
     keep = (q_segment[:, :, None] == kv_segment[:, None, :]) & (kv_slot[None, None, :] <= q_slot[:, :, None])
+    if window is not None:
+        keep = keep & (q_slot[:, :, None] - kv_slot[None, None, :] < window)
     return jnp.where(keep, 0.0, NEG_INF).astype(jnp.float32)
 
 
@@ -155,8 +187,10 @@ def per_layer_cache_axes(batch: int, kv_heads: int, name: str) -> tuple[str, ...
 
 
 def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, bias: jax.Array,
-                     kv_heads: int | None = None, *, keys_transposed: bool = False) -> jax.Array:
-    """softmax(q k^T / sqrt(hd) + bias) v over a heads-major cache, fp32 scores.
+                     kv_heads: int | None = None, *, keys_transposed: bool = False,
+                     scale: float | None = None) -> jax.Array:
+    """softmax(q k^T * scale + bias) v over a heads-major cache, fp32 scores (``scale`` default
+    1 / sqrt(hd)).
 
     q [B, T, H, hd]; k_cache / v_cache [B, KV, S, hd], or a CPU per-layer buffer
     (:func:`per_layer_cache_axes`: without its size-1 B / KV dims, then ``kv_heads`` names KV; with
@@ -174,7 +208,8 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, bias:
     g = h // kvh
     # q scaled, not the scores: XLA:CPU fused the scores' scale as a materialized [B, KV, T*G, S]
     # operand of the score dot's fusion, read again by every layer of every decode step.
-    q_h = (q * jnp.asarray(1.0 / math.sqrt(hd), q.dtype)).reshape(b, t, kvh, g, hd)
+    scale = 1.0 / math.sqrt(hd) if scale is None else scale
+    q_h = (q * jnp.asarray(scale, q.dtype)).reshape(b, t, kvh, g, hd)
     q_h = q_h.transpose(0, 2, 1, 3, 4).reshape(*lead, t * g, hd)
     spec = "...nd,...ds->...ns" if keys_transposed else "...nd,...sd->...ns"
     scores = jnp.einsum(spec, q_h, k_cache.astype(q.dtype), preferred_element_type=jnp.float32)
@@ -196,7 +231,7 @@ ROW_GROUP_BYTES = 2 << 20
 
 def blockwise_causal_attention(
     q: jax.Array, keys: jax.Array, values: jax.Array, segment_ids: jax.Array, block: int = ATTENTION_BLOCK,
-    *, row_group: int | None = None,
+    *, row_group: int | None = None, scale: float | None = None, window=None,
 ) -> jax.Array:
     """Causal self-attention over packed rows, one block of ``block`` query rows at a time (at
     most :data:`MAX_ATTENTION_BLOCKS` blocks: longer blocks for long ``T``).
@@ -221,12 +256,17 @@ def blockwise_causal_attention(
     keep the whole batch.
     Same values as the dense masked softmax (:func:`cached_attention` over the row as its own
     cache, :func:`attention_mask`'s rule) up to float summation order.
+
+    ``scale`` replaces 1 / sqrt(hd); ``window`` (an int, or a traced int32 scalar under the layer
+    scan) restricts each query to keys less than ``window`` slots before it (a sliding-window
+    layer; the blocks left of the window are still computed, masked).
     """
     b, t, h, hd = q.shape
     kvh = keys.shape[2]
     g = h // kvh
     dtype = q.dtype
-    scale = 1.0 / math.sqrt(hd)
+    scale = 1.0 / math.sqrt(hd) if scale is None else scale
+    windowed = window is not None
     block = max(block, -(-t // MAX_ATTENTION_BLOCKS))
     bounds = [(start, min(start + block, t)) for start in range(0, t, block)]
     if row_group is None:
@@ -247,25 +287,27 @@ def blockwise_causal_attention(
         rows = x.shape[0]
         return x.reshape(rows, kvh, -1, heads // kvh, hd).transpose(0, 2, 1, 3, 4).reshape(rows, -1, heads, hd)
 
-    def block_probs(q_h, k_h, seg, start, stop):  # fp32 [B, KV, c*G, S]; q_h pre-scaled
+    def block_probs(q_h, k_h, seg, win, start, stop):  # fp32 [B, KV, c*G, S]; q_h pre-scaled
         rows = q_h.shape[0]
         scores = jnp.einsum("bknd,bksd->bkns", q_h[:, :, start * g:stop * g], k_h[:, :, :stop],
                             preferred_element_type=jnp.float32).reshape(rows, kvh, stop - start, g, stop)
         same = seg[:, start:stop, None] == seg[:, None, :stop]
         causal = jnp.arange(stop)[None, :] <= jnp.arange(start, stop)[:, None]
+        if windowed:
+            causal = causal & (jnp.arange(start, stop)[:, None] - jnp.arange(stop)[None, :] < win)
         # An additive [B, 1, c, 1, S] bias, not a select against a scalar: XLA:CPU would
         # materialize the broadcast -inf operand at the full [B, KV, c, G, S] size.
         bias = jnp.where(same & causal, 0.0, NEG_INF)[:, None, :, None, :]
         return jax.nn.softmax(scores + bias, axis=-1).reshape(rows, kvh, (stop - start) * g, stop)
 
-    def forward(q, k, v, seg):  # any leading batch size
+    def forward(q, k, v, seg, win):  # any leading batch size
         q_h = heads_major(q * jnp.asarray(scale, dtype))
         k_h, v_h = heads_major(k), heads_major(v)
-        outs = [jnp.einsum("bkns,bksd->bknd", block_probs(q_h, k_h, seg, start, stop).astype(dtype), v_h[:, :, :stop])
+        outs = [jnp.einsum("bkns,bksd->bknd", block_probs(q_h, k_h, seg, win, start, stop).astype(dtype), v_h[:, :, :stop])
                 for start, stop in bounds]
         return seq_major(jnp.concatenate(outs, axis=2), h)
 
-    def backward(q, k, v, seg, out, d_out):
+    def backward(q, k, v, seg, win, out, d_out):
         q_h = heads_major(q * jnp.asarray(scale, dtype))
         k_h, v_h, do_h = heads_major(k), heads_major(v), heads_major(d_out)
         delta = jnp.einsum("bknd,bknd->bkn", do_h, heads_major(out), preferred_element_type=jnp.float32)
@@ -277,7 +319,7 @@ def blockwise_causal_attention(
         dk_t = jnp.zeros(k_h.shape[:2] + (hd, t), jnp.float32)
         dv_t = jnp.zeros(v_h.shape[:2] + (hd, t), jnp.float32)
         for start, stop in bounds:
-            p = block_probs(q_h, k_h, seg, start, stop)
+            p = block_probs(q_h, k_h, seg, win, start, stop)
             rows = slice(start * g, stop * g)
             do = do_h[:, :, rows]
             # Matmul operands in the compute dtype (bf16 matmuls on accelerators), fp32 accumulation.
@@ -292,30 +334,37 @@ def blockwise_causal_attention(
         dk, dv = jnp.swapaxes(dk_t, 2, 3), jnp.swapaxes(dv_t, 2, 3)
         return dq.astype(q.dtype), seq_major(dk, kvh).astype(k.dtype), seq_major(dv, kvh).astype(v.dtype)
 
-    def batched(fn):  # fn over the whole batch, or over groups of row_group rows
+    def batched(fn):  # fn over the whole batch, or over groups of row_group rows (win: shared)
         if row_group == b:
             return fn
 
         def grouped(*xs):
-            out = jax.lax.map(lambda group: fn(*group), [x.reshape(b // row_group, row_group, *x.shape[1:]) for x in xs])
+            *xs, win = xs
+            out = jax.lax.map(lambda group: fn(*group[:4], win, *group[4:]),
+                              [x.reshape(b // row_group, row_group, *x.shape[1:]) for x in xs])
             return jax.tree.map(lambda y: y.reshape(b, *y.shape[2:]), out)
 
-        return grouped
+        def reorder(*xs):  # forward(q, k, v, seg, win) / backward(q, k, v, seg, win, out, d_out)
+            return grouped(*xs[:4], *xs[5:], xs[4])
 
-    # segment ids are an argument, not a closure: custom_vjp functions may not close over tracers.
+        return reorder
+
+    # segment ids and the window are arguments, not closures: custom_vjp functions may not close
+    # over tracers (the window is traced under the layer scan).
     @jax.custom_vjp
-    def attend(q, k, v, seg):
-        return batched(forward)(q, k, v, seg)
+    def attend(q, k, v, seg, win):
+        return batched(forward)(q, k, v, seg, win)
 
-    def attend_fwd(q, k, v, seg):
-        out = batched(forward)(q, k, v, seg)
-        return out, (q, k, v, seg, out)
+    def attend_fwd(q, k, v, seg, win):
+        out = batched(forward)(q, k, v, seg, win)
+        return out, (q, k, v, seg, win, out)
 
     def attend_bwd(res, d_out):
-        return (*batched(backward)(*res, d_out), None)
+        return (*batched(backward)(*res, d_out), None, None)
 
     attend.defvjp(attend_fwd, attend_bwd)
-    return attend(q, keys, values, jnp.asarray(segment_ids, jnp.int32))
+    win = jnp.asarray(window if windowed else NO_WINDOW, jnp.int32)
+    return attend(q, keys, values, jnp.asarray(segment_ids, jnp.int32), win)
 
 
 class Attention(nnx.Module):
@@ -333,8 +382,8 @@ class Attention(nnx.Module):
         if cfg.o_bias:
             self.o_proj["bias"] = _param(rngs, "zeros", (d,), pd, ("norm",))
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, pd)
-            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, pd)
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, pd, cfg.norm_plus_one)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, pd, cfg.norm_plus_one)
 
     def _project(self, proj: nnx.Dict, x: jax.Array) -> jax.Array:
         dtype = x.dtype
@@ -343,12 +392,25 @@ class Attention(nnx.Module):
             y = y + proj["bias"][...].astype(dtype)
         return y
 
-    def _qkv(self, x, positions, qkv_kernel=None):
+    def _inverse_frequencies(self, local):
+        """The layer's RoPE table: the global one, the local one (``local`` True), or selected by a
+        traced ``local`` flag (under the layer scan)."""
+        cfg = self.cfg
+        global_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope)
+        if cfg.rope_local is None or local is None or local is False:
+            return global_freq
+        local_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope_local)
+        if local is True:
+            return local_freq
+        return jnp.where(local, jnp.asarray(local_freq), jnp.asarray(global_freq))
+
+    def _qkv(self, x, positions, qkv_kernel=None, local=None):
         """Projected, normed and rotated q [B, T, H, hd], k and v [B, T, KV, hd]. ``qkv_kernel``
         [D, (H + 2 KV) hd] (:meth:`Transformer.fused_decode_weights`): the three projections as
-        one dot (the same products; one pass over x and a wider, more efficient matmul)."""
+        one dot (the same products; one pass over x and a wider, more efficient matmul).
+        ``local``: whether this is a sliding-window layer (its RoPE; see the module docstring)."""
         cfg = self.cfg
-        inv_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope)
+        inv_freq = self._inverse_frequencies(local)
         if qkv_kernel is None:
             q = self._project(self.q_proj, x)
             k = self._project(self.k_proj, x)
@@ -377,7 +439,7 @@ class Attention(nnx.Module):
         return y
 
     def with_heads_major_cache(self, x, positions, k_cache, v_cache, bias, cache_index, qkv_kernel=None, *,
-                               per_layer: bool = False, own_rows=None):
+                               per_layer: bool = False, own_rows=None, local: bool = False):
         """Self-attention of ``x`` [B, T, D] over this layer's heads-major cache k/v
         [B, KV, S, hd] (``per_layer``: a CPU per-layer buffer, :func:`per_layer_cache_axes`): the
         new keys / values are written at slots [cache_index, cache_index + T) (an in-place update
@@ -387,8 +449,9 @@ class Attention(nnx.Module):
         slot a query may see is then one of its own rows', so the attention is the training pass's
         causal kernel over the new k / v (:meth:`_causal_attention`; ``bias`` unused), which skips
         the upper triangle and never forms [B, KV, T*G, S] scores.
+        ``local`` (static): a sliding-window layer (its RoPE; ``bias`` is then the windowed one).
         Returns the output and the updated (k_cache, v_cache)."""
-        q, k, v = self._qkv(x, positions, qkv_kernel)
+        q, k, v = self._qkv(x, positions, qkv_kernel, local)
         kvh = self.cfg.num_kv_heads
         k_axes, v_axes = ([per_layer_cache_axes(x.shape[0], kvh, name) for name in ("k", "v")] if per_layer
                           else [HEADS_MAJOR_CACHE_AXES] * 2)
@@ -403,40 +466,50 @@ class Attention(nnx.Module):
 
         k_cache, v_cache = update(k_cache, k, k_axes), update(v_cache, v, v_axes)
         if own_rows is not None:
-            out = self._causal_attention(q, k, v, *own_rows)
+            out = self._causal_attention(q, k, v, *own_rows, local=local)
         else:
             out = cached_attention(q, k_cache, v_cache, bias, kv_heads=kvh,
-                                   keys_transposed=k_axes[-1] == "cache_length")
+                                   keys_transposed=k_axes[-1] == "cache_length", scale=self.cfg.attention_scale)
         return self._output(out, x.dtype), (k_cache, v_cache)
 
-    def _causal_attention(self, q, k, v, q_segment, q_slot):
+    def _causal_attention(self, q, k, v, q_segment, q_slot, local=None):
         """Causal attention of q [B, T, H, hd] over k / v [B, T, KV, hd] of the same packed rows
-        (slots 0..T-1) with the configured kernel."""
-        attention = self.cfg.attention
+        (slots 0..T-1) with the configured kernel; ``local``: a sliding-window layer (a Python
+        bool, or a traced one under the layer scan)."""
+        cfg = self.cfg
+        attention, scale = cfg.attention, cfg.attention_scale
+        window = window_of(local, cfg.sliding_window)
         if attention == "splash":
-            return splash_attention(q, k, v, q_segment)  # causal + segments, no [T, T] mask
+            if window is None or isinstance(window, int):  # causal + segments (+ window), no [T, T] mask
+                return splash_attention(q, k, v, q_segment, scale=scale, window=window)
+            # A traced flag (the layer scan): both kernels compiled, the layer's one run.
+            return jax.lax.cond(local, lambda: splash_attention(q, k, v, q_segment, scale=scale, window=cfg.sliding_window),
+                                lambda: splash_attention(q, k, v, q_segment, scale=scale))
         if attention == "einsum":
-            return blockwise_causal_attention(q, k, v, q_segment)
+            return blockwise_causal_attention(q, k, v, q_segment, scale=scale, window=window)
         # Slots are 0..T-1 here, so is_causal is exact and lets cuDNN skip the upper triangle;
-        # the mask adds the packed-segment (and padding) restriction.
-        mask = attention_mask(q_segment, q_slot, q_segment, q_slot)
-        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, 0], is_causal=True, implementation=attention)
+        # the mask adds the packed-segment (and padding) restriction, and a local layer's window.
+        mask = attention_mask(q_segment, q_slot, q_segment, q_slot, window)
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, 0], is_causal=True, scale=scale,
+                                            implementation=attention)
 
-    def __call__(self, x, positions, q_segment, q_slot):
+    def __call__(self, x, positions, q_segment, q_slot, local=None):
         """Causal self-attention of ``x`` [B, T, D] over its own packed rows (slots 0..T-1; the
         training and scoring pass; cached passes use :meth:`with_heads_major_cache`)."""
-        q, k, v = self._qkv(x, positions)
-        return self._output(self._causal_attention(q, k, v, q_segment, q_slot), x.dtype), None
+        q, k, v = self._qkv(x, positions, local=local)
+        return self._output(self._causal_attention(q, k, v, q_segment, q_slot, local), x.dtype), None
 
 
 class MLP(nnx.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """Gated MLP: down(act(gate(x)) * up(x)), act = silu (SwiGLU) or tanh-approximated gelu
+    (GeGLU, HF's ``gelu_pytorch_tanh``) as ``cfg.mlp_activation`` says."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, f, pd = cfg.hidden_size, cfg.intermediate_size, cfg.param_dtype
         self.gate_proj = nnx.Dict(kernel=_param(rngs, "normal", (d, f), pd, ("embed", "mlp")))
         self.up_proj = nnx.Dict(kernel=_param(rngs, "normal", (d, f), pd, ("embed", "mlp")))
         self.down_proj = nnx.Dict(kernel=_param(rngs, "normal", (f, d), pd, ("mlp", "embed")))
+        self.activation = cfg.mlp_activation
 
     def __call__(self, x: jax.Array, gate_up_kernel: jax.Array | None = None) -> jax.Array:
         """``gate_up_kernel`` [D, 2F] (:meth:`Transformer.fused_decode_weights`): gate and up as one dot."""
@@ -447,36 +520,52 @@ class MLP(nnx.Module):
         else:
             gate_up = dense(x, gate_up_kernel.astype(dtype))
             gate, up = jnp.split(gate_up, 2, axis=-1)
-        hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+        act = jax.nn.silu(gate) if self.activation == "silu" else jax.nn.gelu(gate, approximate=True)
+        hidden = constrain(act * up, ("batch", "length", "act_mlp"))
         return dense(hidden, self.down_proj["kernel"][...].astype(dtype))
 
 
 class DecoderLayer(nnx.Module):
+    """Pre-norm layer; ``cfg.sandwich_norms`` (Gemma) adds a norm of the attention output and one
+    of the MLP output before their residual adds (``attn_out_norm``, ``mlp_out_norm``).
+    ``post_attn_norm`` is the MLP's input norm in every family."""
+
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype)
+        norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype, cfg.norm_plus_one)
+        self.input_norm = norm()
         self.attn = Attention(cfg, rngs)
-        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype)
+        self.post_attn_norm = norm()
         self.mlp = MLP(cfg, rngs)
+        if cfg.sandwich_norms:
+            self.attn_out_norm = norm()
+            self.mlp_out_norm = norm()
 
     def _block(self, x, attend, gate_up_kernel=None):
-        """The layer body, whatever the cache layout: x + attend(norm(x)), then x + mlp(norm(x)).
-        ``attend`` maps the normed input to (attention output, updated cache)."""
+        """The layer body, whatever the cache layout: x + attend(norm(x)), then x + mlp(norm(x))
+        (each output normed first with sandwich norms). ``attend`` maps the normed input to
+        (attention output, updated cache)."""
         attn_out, new_cache = attend(self.input_norm(x))
+        if hasattr(self, "attn_out_norm"):
+            attn_out = self.attn_out_norm(attn_out)
         x = x + attn_out
-        x = x + self.mlp(self.post_attn_norm(x), gate_up_kernel)
+        mlp_out = self.mlp(self.post_attn_norm(x), gate_up_kernel)
+        if hasattr(self, "mlp_out_norm"):
+            mlp_out = self.mlp_out_norm(mlp_out)
+        x = x + mlp_out
         return constrain(x, ("batch", "length", "act_embed")), new_cache
 
-    def __call__(self, x, positions, q_segment, q_slot):
-        return self._block(x, lambda h: self.attn(h, positions, q_segment, q_slot))
+    def __call__(self, x, positions, q_segment, q_slot, local=None):
+        return self._block(x, lambda h: self.attn(h, positions, q_segment, q_slot, local))
 
     def with_heads_major_cache(self, x, positions, k_cache, v_cache, bias, cache_index, fused=None, *,
-                               per_layer: bool = False, own_rows=None):
+                               per_layer: bool = False, own_rows=None, local: bool = False):
         """The layer over its own heads-major cache (see :meth:`Attention.with_heads_major_cache`);
         ``fused``: this layer's {"qkv", "gate_up"} kernels (:meth:`Transformer.fused_decode_weights`)."""
         fused = fused or {}
         return self._block(x, lambda h: self.attn.with_heads_major_cache(h, positions, k_cache, v_cache, bias,
                                                                         cache_index, fused.get("qkv"),
-                                                                        per_layer=per_layer, own_rows=own_rows),
+                                                                        per_layer=per_layer, own_rows=own_rows,
+                                                                        local=local),
                            fused.get("gate_up"))
 
 
@@ -502,7 +591,7 @@ class Transformer(nnx.Module):
         keys = jax.random.split(rngs.params(), cfg.num_layers)
         stacked = jax.vmap(lambda k: nnx.split(DecoderLayer(cfg, nnx.Rngs(k)))[1])(keys)
         self.layers = nnx.merge(layer_def, stacked)
-        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, cfg.norm_plus_one)
         if not cfg.tie_word_embeddings:
             self.lm_head = nnx.Dict(kernel=_param(rngs, "normal", (cfg.hidden_size, cfg.vocab_size), pd, ("embed", "vocab")))
 
@@ -527,21 +616,35 @@ class Transformer(nnx.Module):
 
     def _run_layers(self, x, positions, segment_ids, slots):
         layer_def, layer_state = nnx.split(self.layers)
+        cfg = self.cfg
+        # Sliding-window layers mixed with global ones: under the scan each layer's flag is a
+        # scanned input; unrolled, each layer's flag is static (as is a uniform one).
+        mixed = cfg.has_local_layers and not all(cfg.local_layers)
 
-        def body(h, state):
-            h, _ = nnx.merge(layer_def, state)(h, positions, segment_ids, slots)
-            return h, None
+        def make_body(local):  # local: a static flag (None = no window), or "scanned"
+            def body(h, xs):
+                state, flag = xs if local == "scanned" else (xs, local)
+                h, _ = nnx.merge(layer_def, state)(h, positions, segment_ids, slots, flag)
+                return h, None
 
-        if self.cfg.remat != "none":
-            body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
-        if traced_for_cpu() and self.cfg.num_layers <= MAX_UNROLLED_LAYERS:
+            if cfg.remat != "none":
+                body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+            return body
+
+        static = {flag: make_body(flag) for flag in (None, True, False)}
+        uniform = static[True if cfg.has_local_layers and not mixed else None]
+        if traced_for_cpu() and cfg.num_layers <= MAX_UNROLLED_LAYERS:
             # Unrolled on CPU: a scan would copy each layer's weights out of the stack and its
             # residuals into [L, ...] buffers every step; ``lax.split``'s gradient is one concatenate.
-            layers = jax.tree.map(lambda a: jax.lax.split(a, [1] * self.cfg.num_layers), layer_state)
-            for i in range(self.cfg.num_layers):
-                x, _ = body(x, jax.tree.map(lambda parts, i=i: parts[i][0], layers, is_leaf=lambda v: isinstance(v, list)))
+            layers = jax.tree.map(lambda a: jax.lax.split(a, [1] * cfg.num_layers), layer_state)
+            for i in range(cfg.num_layers):
+                state = jax.tree.map(lambda parts, i=i: parts[i][0], layers, is_leaf=lambda v: isinstance(v, list))
+                x, _ = (static[cfg.layer_is_local(i)] if mixed else uniform)(x, state)
             return self.final_norm(x)
-        x, _ = jax.lax.scan(body, x, layer_state)
+        if mixed:
+            x, _ = jax.lax.scan(make_body("scanned"), x, (layer_state, jnp.asarray(cfg.local_layers, bool)))
+        else:
+            x, _ = jax.lax.scan(uniform, x, layer_state)
         return self.final_norm(x)
 
     def unstacked_layers(self) -> list:
@@ -578,16 +681,20 @@ class Transformer(nnx.Module):
         kv_segment = constrain(kv_segment, ("batch", "cache_length"))
         from_start = isinstance(cache_index, int) and cache_index == 0
         own_rows = (segment_ids, slots) if from_start else None
+        cfg = self.cfg
         bias = None if from_start else cache_bias(segment_ids, slots, kv_segment)
+        local_bias = (None if from_start or not cfg.has_local_layers
+                      else cache_bias(segment_ids, slots, kv_segment, cfg.sliding_window))
         ks, vs = cache["k"], cache["v"]
         per_layer = isinstance(ks, (list, tuple))
         ks, vs = (list(ks), list(vs)) if per_layer else (ks, vs)
         for i in range(self.cfg.num_layers):
             state = layers[i] if layers is not None else jax.tree.map(lambda a: a[i], layer_state)
             layer = nnx.merge(layer_def, state)
-            x, (k, v) = layer.with_heads_major_cache(x, positions, ks[i], vs[i], bias, cache_index,
-                                                     fused["layers"][i] if fused is not None else None,
-                                                     per_layer=per_layer, own_rows=own_rows)
+            local = cfg.layer_is_local(i)
+            x, (k, v) = layer.with_heads_major_cache(x, positions, ks[i], vs[i], local_bias if local else bias,
+                                                     cache_index, fused["layers"][i] if fused is not None else None,
+                                                     per_layer=per_layer, own_rows=own_rows, local=local)
             if per_layer:
                 ks[i], vs[i] = k, v
             else:
@@ -602,7 +709,10 @@ class Transformer(nnx.Module):
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
         dtype = jnp.dtype(self.cfg.dtype)
-        x = jnp.take(self.embed["embedding"][...], input_ids, axis=0).astype(dtype)
+        x = jnp.take(self.embed["embedding"][...], input_ids, axis=0)
+        if self.cfg.embed_scale:  # Gemma: times sqrt(hidden), the factor rounded to the param dtype as HF does
+            x = x * jnp.asarray(math.sqrt(self.cfg.hidden_size), jnp.float32).astype(x.dtype)
+        x = x.astype(dtype)
         x = constrain(x, ("batch", "length", "act_embed"))
         return x, jnp.asarray(positions, jnp.int32), jnp.asarray(segment_ids, jnp.int32)
 
