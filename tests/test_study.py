@@ -53,3 +53,24 @@ def test_the_oracle_filter_keeps_exactly_the_careful_traces(tmp_path):
     kept = [json.loads(line) for line in open(study.careful_only(tmp_path))]
     expected = [r for r in records if classify_style(r["response"]) == "careful"]
     assert 0 < len(kept) < len(records) and kept == json.loads(json.dumps(expected))
+
+
+def test_restore_seeds_the_run_cache_and_refuses_a_build_that_rebuilt_differently(tmp_path, capsys):
+    run = {"regime": "pertrace", "build": 1, "method": "Select", "setting": "keep0.5", "seed": 2, "val": {"accuracy": 0.7}}
+    record = {"distill_data": {"traces": 1024}, "teacher_samples": {"kept": 70}, "teacher": {"eval": {"accuracy": 0.8}},
+              "undistilled": {"eval": {"accuracy": 0.5}}}
+    committed = {"runs": [run], "regimes": {"pertrace": {"builds": {"1": record}}}}
+    (tmp_path / "study.json").write_text(json.dumps(committed))
+    work = tmp_path / "work"
+    (work / "runs").mkdir(parents=True)
+    mine = work / "runs" / "pertrace-b0-SFT-seed0.json"
+    mine.write_text("{}")
+    study.restore(tmp_path / "study.json", work)
+    assert json.loads((work / "runs" / "pertrace-b1-Select-keep0.5-seed2.json").read_text()) == run
+    assert mine.read_text() == "{}"  # a run finished here is kept
+    study.check_reproduced(committed, {"regime": "pertrace", "build": 1, **record})  # the same stages: fine
+    study.check_reproduced(committed, {"regime": "pertrace", "build": 5, **record})  # a build it never had: fine
+    with pytest.raises(SystemExit) as exit_info:
+        study.check_reproduced(committed, {"regime": "pertrace", "build": 1, **record,
+                                           "undistilled": {"eval": {"accuracy": 0.49}}})
+    assert exit_info.value.code == 2 and "rebuilt differently (undistilled)" in capsys.readouterr().err
