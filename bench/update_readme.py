@@ -276,9 +276,10 @@ def experiment_section() -> str | None:
     diag = next((r for r in d["runs"] if r["method"] == "DCD-CE" and "weights_before" in r), None)
     text = (
         f"### The earlier single-build DCD study, a case study (`{d['command']}`)\n\n"
-        + "One teacher build, older stages (they no longer rebuild from this code), data-order seeds only: its "
-        "DCD-CE and DCD-prefix gains did not survive rebuilt stages (the study above). Kept for its "
-        "diagnostics. "
+        + "One teacher build, older stages (they no longer rebuild from this code), data-order seeds only, and "
+        "no trace selection beside it: on rebuilt stages (the study above) DCD-CE and DCD-prefix stay above SFT, "
+        "but selecting the traces the student fits beats both, and DCD-CE is level with the undistilled student. "
+        "Kept for its diagnostics. "
         + (f"Run on {d['code']}. " if d.get("code") else "")
         + f"**Result: DCD-CE − SFT greedy accuracy = {_ci(gap)} — {_verdict(gap)}.** "
         + _against_baselines(d)
