@@ -130,6 +130,14 @@ def decoder_fields(hf: Mapping[str, Any], source: str, *, act: str = "silu") -> 
     )
 
 
+def llama_layout_fields(hf: Mapping[str, Any], source: str, **switches: Any) -> dict[str, Any]:
+    """ModelConfig fields of a full-attention Llama-layout decoder (Llama 3, Qwen2, Qwen3): the common
+    decoder fields, RoPE and tied embeddings from ``hf``, plus the family's own ``switches``."""
+    refuse_sliding_window(hf, source)
+    return dict(decoder_fields(hf, source), rope=rope_from_hf(hf, source),
+                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)), **switches)
+
+
 def refuse_sliding_window(hf: Mapping[str, Any], source: str) -> None:
     """For families whose decoder here has global attention only (Llama, Qwen)."""
     if hf.get("use_sliding_window"):

@@ -4,20 +4,12 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from dcd_jax.models.registry import Family, decoder_fields, decoder_rules, refuse_sliding_window, register_family, rope_from_hf
+from dcd_jax.models.registry import Family, decoder_rules, llama_layout_fields, register_family
 
 
 def translate(hf: Mapping[str, Any], source: str) -> dict[str, Any]:
-    refuse_sliding_window(hf, source)
     bias = bool(hf.get("attention_bias", False))
-    return dict(
-        decoder_fields(hf, source),
-        rope=rope_from_hf(hf, source),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=bias,
-        o_bias=bias,
-        qk_norm=True,
-    )
+    return llama_layout_fields(hf, source, qkv_bias=bias, o_bias=bias, qk_norm=True)
 
 
 RULES = decoder_rules()
