@@ -7,6 +7,11 @@ name and swapped in with two renames; see :func:`atomic_directory` for the one n
 
 Temporary names start with ``.`` and carry the pid, so leftovers of a killed writer never collide
 with a live one and are swept by the next write of the same target.
+
+On a bucket (``gs://``, see :mod:`dcd_jax.storage`) there is no rename: the file or directory is
+built in a private local temporary and uploaded. An object appears only once its upload is
+complete, so a file is replaced whole. A directory is uploaded file by file: each file is whole, but
+a kill during the upload leaves a mix of old and new files at the target (docs/failure_modes.md).
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import os
 import shutil
 from pathlib import Path
 from typing import Iterator
+
+from dcd_jax import storage
 
 TMP_TAG = ".tmp-"
 
@@ -63,7 +70,15 @@ def _pid_alive(pid: int) -> bool:
 def atomic_file(path: str | Path) -> Iterator[Path]:
     """Write a file under a temporary name (yielded: a writer opens it itself, e.g. a streamed
     Parquet writer) and rename it over ``path`` once the block ends; an exception leaves ``path``
-    as it was and removes the temporary."""
+    as it was and removes the temporary. On a bucket the temporary is local and is uploaded."""
+    if storage.is_remote(path):
+        with storage.local_staging() as staging:
+            tmp = staging / f".{str(path).rsplit('/', 1)[-1]}{TMP_TAG}{os.getpid()}"
+            yield tmp
+            _crash_point("fsync")
+            _crash_point("rename")
+            storage.upload_file(tmp, path)
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _sweep_leftovers(path)
@@ -100,7 +115,21 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     An exception leaves ``path`` as it was. The swap is two renames (old aside, new in), so a kill
     between them leaves the complete new directory under its temporary name and the old one aside
     (both kept; nothing half-written ever sits at ``path``).
+
+    On a bucket the directory is built locally, then uploaded file by file, and objects of the old
+    directory that the new one does not have are deleted last.
     """
+    if storage.is_remote(path):
+        with storage.local_staging() as staging:
+            tmp = staging / f".{str(path).rstrip('/').rsplit('/', 1)[-1]}{TMP_TAG}{os.getpid()}"
+            tmp.mkdir()
+            yield tmp
+            _crash_point("rename")
+            old = set(storage.list_files(path))
+            new = set(storage.upload_tree(tmp, path))
+            for rel in sorted(old - new):
+                storage.delete_if(f"{str(path).rstrip('/')}/{rel}", None)
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _sweep_leftovers(path)
@@ -119,3 +148,4 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     os.replace(tmp, path)
     _fsync_dir(path.parent)
     shutil.rmtree(old, ignore_errors=True)
+

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from dcd_jax import storage
 from dcd_jax.errors import PathError
 
 # Suffixes of local files: a missing "data/train.jsonl" is a typo, never a hub dataset.
@@ -30,8 +31,13 @@ def looks_like_hub_id(name: str | Path) -> bool:
 def require_local_or_hub(name: str | Path, what: str) -> bool:
     """Whether ``name`` is a local path (True) or a hub id (False); raise :class:`PathError` if neither.
 
-    ``what`` names the option in the message (e.g. ``data.path``).
+    ``what`` names the option in the message (e.g. ``data.path``). A ``gs://`` URL counts as local
+    (it is read through :mod:`dcd_jax.storage`) and must exist.
     """
+    if storage.is_remote(name):
+        if storage.exists(name):
+            return True
+        raise PathError(f"{what}: no such file or directory: {name}", hint="check the bucket and the object name")
     if Path(name).expanduser().exists():
         return True
     if looks_like_hub_id(name):

@@ -126,7 +126,7 @@ def _read_only(monkeypatch):
 
 
 def _full_disk(monkeypatch):
-    monkeypatch.setattr(run_dir.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(run_dir, "_free_bytes", lambda out: 1000)
 
 
 def _locked(tmp):

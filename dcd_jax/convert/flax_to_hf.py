@@ -8,7 +8,6 @@ table as the loader is used in reverse, so a round trip reproduces every tensor 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from dcd_jax import storage
 from dcd_jax.atomic_files import atomic_directory
 from dcd_jax.convert.hf_to_flax import HF_SIDE_FILES
 from dcd_jax.convert.mapping import active_rules, get_path
@@ -66,7 +66,7 @@ def save_hf(
 
     Only process 0 writes (every process must call this: gathering sharded params is collective).
     """
-    out = Path(out_dir)
+    out = storage.path(out_dir)
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for name, arr in hf_tensors(params, cfg, dtype):
@@ -87,9 +87,9 @@ def save_hf(
     with atomic_directory(out) as staging:
         for source in (out, side_files_from):
             for fname in HF_SIDE_FILES if source is not None else ():
-                src = Path(source) / fname
+                src = storage.path(source) / fname
                 if src.is_file() and fname != "config.json":
-                    shutil.copy2(src, staging / fname)
+                    (staging / fname).write_bytes(src.read_bytes())
         weight_map = {}
         total = 0
         for k, shard in enumerate(shards, start=1):

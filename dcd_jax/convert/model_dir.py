@@ -21,6 +21,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
+from dcd_jax import storage
 from dcd_jax.atomic_files import atomic_write_bytes, atomic_write_text
 from dcd_jax.config import from_dict, to_dict
 from dcd_jax.convert.hf_to_flax import (
@@ -39,7 +40,7 @@ SIDE_DIR = "hf"
 
 
 def write_model_meta(out_dir: str | Path, cfg: ModelConfig, hf_config: dict[str, Any], side_files_from: str | Path | None) -> None:
-    out = Path(out_dir)
+    out = storage.path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # The attention kernel is the running process's choice, not the model's: a model trained with
     # cuDNN attention must load on a CPU, so it is not recorded.
@@ -49,7 +50,7 @@ def write_model_meta(out_dir: str | Path, cfg: ModelConfig, hf_config: dict[str,
     if side_files_from is not None:
         (out / SIDE_DIR).mkdir(exist_ok=True)
         for fname in HF_SIDE_FILES:
-            src = Path(side_files_from) / fname
+            src = storage.path(side_files_from) / fname
             if src.is_file():
                 atomic_write_bytes(out / SIDE_DIR / fname, src.read_bytes())
 
@@ -90,20 +91,20 @@ def find_params_dir(ckpt: str | Path) -> Path:
 
 def save_params(params_dir: str | Path, params: dict[str, Any]) -> None:
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(Path(params_dir).absolute(), params)
+    checkpointer.save(storage.absolute(params_dir), params)
     checkpointer.wait_until_finished()
 
 
 def restore_params(params_dir: str | Path, cfg: ModelConfig, mesh: Mesh | None = None) -> dict[str, Any]:
     """Restore params straight into the shardings of ``mesh`` (any mesh shape; single device if None)."""
     target = sharded_abstract_params(cfg, mesh)
-    return ocp.StandardCheckpointer().restore(Path(params_dir).absolute(), target)
+    return ocp.StandardCheckpointer().restore(storage.absolute(params_dir), target)
 
 
 def save_model_dir(
     out_dir: str | Path, params: dict[str, Any], cfg: ModelConfig, hf_config: dict[str, Any], side_files_from=None
 ) -> Path:
-    out = Path(out_dir)
+    out = storage.path(out_dir)
     write_model_meta(out, cfg, hf_config, side_files_from)
     save_params(out / "params", params)
     return out
@@ -139,7 +140,7 @@ def load_pretrained(
     (``attention="auto"``: splash on TPU, einsum elsewhere)."""
     attention = resolve_attention(attention, jax.default_backend())
     runtime = dict(dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention)
-    local = Path(path)
+    local = storage.localize(path)  # a bucket's model is read from a local copy (tokenizer, config readers)
     if local.exists() and (local / "config.json").is_file() and not (local / MODEL_META).is_file():
         directory = local
     elif local.exists():
@@ -181,7 +182,7 @@ def load_hf(
 def peek_model_config(path: str | Path) -> ModelConfig | None:
     """The architecture of a local model (HF dir, dcd-jax model dir or checkpoint) without reading
     any weight; None for a hub id (not downloaded yet)."""
-    local = Path(path)
+    local = storage.localize(path)
     if not local.exists():
         return None
     if (local / "config.json").is_file() and not (local / MODEL_META).is_file():
@@ -193,7 +194,7 @@ def load_pretrained_tokenizer(path: str | Path, *, trust_remote_code: bool = Fal
     """The tokenizer of a HF directory / hub id, or of a dcd-jax model dir or checkpoint."""
     from transformers import AutoTokenizer
 
-    local = Path(path)
+    local = storage.localize(path)
     if local.exists() and not (local / "config.json").is_file():
         local = find_model_meta(local) / SIDE_DIR
     elif not local.exists():

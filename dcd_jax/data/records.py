@@ -27,11 +27,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import numpy as np
+from dcd_jax import storage
 from dcd_jax.data.config import DataConfig
 from dcd_jax.data.errors import BadRecordPolicy, DataError, Location
 from dcd_jax.paths import looks_like_hub_id
@@ -88,7 +87,7 @@ def _resolve_format(cfg: DataConfig) -> str:
         return "hf"
     if cfg.format != "auto":
         return cfg.format
-    path = Path(cfg.path)
+    path = storage.path(cfg.path)
     if path.is_file():
         return "jsonl" if path.suffix in (".jsonl", ".json") else "hf"
     if path.is_dir() and any(path.glob("*.jsonl")):
@@ -96,7 +95,7 @@ def _resolve_format(cfg: DataConfig) -> str:
     return "hf"
 
 
-def jsonl_files(path: Path) -> list[Path]:
+def jsonl_files(path) -> list:
     """The JSONL files of ``path`` (itself, or the ``*.jsonl`` of a directory, sorted)."""
     if path.is_dir():
         return sorted(path.glob("*.jsonl"))
@@ -114,8 +113,8 @@ def _read_json_lines(
     (records then have indices, not lines). Lines of other processes are not parsed.
     """
     index = 0
-    for file in jsonl_files(Path(cfg.path)):
-        with open(file, "rb") as f:
+    for file in jsonl_files(storage.path(cfg.path)):
+        with storage.open_read(file) as f:
             head = f.read(4096).removeprefix(_BOM).lstrip()
             f.seek(0)
             if head.startswith(b"["):
@@ -165,17 +164,17 @@ def _read_hf(cfg: DataConfig, process_index: int, process_count: int) -> Iterato
 
     path = cfg.path
     try:
-        if os.path.isfile(path):
-            builder = _HF_BUILDERS.get(Path(path).suffix)
+        if storage.path(path).is_file():  # a gs:// file too: datasets reads fsspec URLs
+            builder = _HF_BUILDERS.get(storage.path(path).suffix)
             if builder is None:
-                raise ValueError(f"unknown file type {Path(path).suffix!r}; expected one of {sorted(_HF_BUILDERS)}")
+                raise ValueError(f"unknown file type {storage.path(path).suffix!r}; expected one of {sorted(_HF_BUILDERS)}")
             ds = datasets.load_dataset(
                 builder, data_files={cfg.split: path}, split=cfg.split, cache_dir=cfg.cache_dir
             )
         else:
             ds = datasets.load_dataset(path, split=cfg.split, cache_dir=cfg.cache_dir)
     except Exception as e:  # datasets raises many types; all mean "cannot read this input"
-        tried = "" if os.path.exists(path) else "not a local path; tried as a hub dataset id: "
+        tried = "" if storage.exists(path) else "not a local path; tried as a hub dataset id: "
         raise DataError(
             f"{tried}could not be loaded with datasets (split {cfg.split!r}): {type(e).__name__}: {e}",
             location=Location(path),
@@ -197,7 +196,7 @@ def read_raw_records(
     if not cfg.path:
         raise DataError("data.path is empty: set it to a JSONL/Parquet file, a directory or a hub id",
                         location=Location("<config>"), reason="unreadable")
-    if not os.path.exists(os.path.expanduser(cfg.path)) and not looks_like_hub_id(cfg.path):
+    if not storage.exists(cfg.path) and not looks_like_hub_id(cfg.path):
         raise DataError("no such file or directory (the Hub is tried only for an id like org/name)",
                         location=Location(cfg.path), field="data.path", reason="unreadable")
     if not 0 <= process_index < process_count:

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from dcd_jax import storage
 from dcd_jax.data.config import DataConfig
 from dcd_jax.data.errors import DataError, Location
 from dcd_jax.data.records import TOKENS_FIELDS, decode_json_line, jsonl_files
@@ -79,7 +80,7 @@ class CountingFile(io.RawIOBase):
     """A read-only binary file that counts the bytes actually read from it (``bytes_read``)."""
 
     def __init__(self, path: str):
-        self._f = open(path, "rb")
+        self._f = storage.open_read(path)  # on a bucket: ranged reads of just the block
         self.bytes_read = 0
 
     def readable(self) -> bool:
@@ -124,7 +125,7 @@ def _list_rows(column: Any) -> list[np.ndarray | None]:
 
 def input_kind(cfg: DataConfig) -> str:
     """``jsonl`` or ``parquet``: the inputs blocks can be planned for (else a :class:`DataError`)."""
-    path = Path(cfg.path)
+    path = storage.path(cfg.path)
     if cfg.format in ("auto", "parquet") and path.is_file() and path.suffix == ".parquet":
         return "parquet"
     if cfg.format in ("auto", "parquet") and path.is_dir() and any(path.glob("*.parquet")):
@@ -136,12 +137,12 @@ def input_kind(cfg: DataConfig) -> str:
                     location=Location(cfg.path), reason="unreadable")
 
 
-def _stamps(files: Sequence[Path]) -> dict[str, tuple[int, int]]:
-    return {str(f): (f.stat().st_size, f.stat().st_mtime_ns) for f in files}
+def _stamps(files: Sequence[Any]) -> dict[str, tuple[int, int]]:
+    return {str(f): storage.stamp(f) for f in files}
 
 
-def _input_files(cfg: DataConfig, kind: str) -> list[Path]:
-    path = Path(cfg.path)
+def _input_files(cfg: DataConfig, kind: str) -> list[Any]:
+    path = storage.path(cfg.path)
     if kind == "parquet":
         return sorted(path.glob("*.parquet")) if path.is_dir() else [path]
     return jsonl_files(path)
@@ -185,7 +186,7 @@ def plan_blocks(cfg: DataConfig, block_records: int, stored: BlockPlan | None = 
                     break
                 add(file, n, file_row=row)
             continue
-        with open(file, "rb") as f:
+        with storage.open_read(file) as f:
             if f.read(4096).lstrip().startswith(b"["):
                 raise DataError("a JSON array file cannot be streamed; write one record per line (JSONL)",
                                 location=Location(str(file)), reason="unreadable")

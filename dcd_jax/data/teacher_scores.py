@@ -29,6 +29,8 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from dcd_jax import storage
+from dcd_jax.atomic_files import atomic_file
 from dcd_jax.data.config import DataConfig
 from dcd_jax.data.errors import DataError, Location
 from dcd_jax.data.records import Record
@@ -256,13 +258,14 @@ def _open_scores_file(path: str | Path, cfg: DataConfig) -> tuple[Any, "ScoresPr
     import pyarrow.parquet as pq
 
     location = Location(str(path))
-    if not Path(path).is_file():
+    if not storage.path(path).is_file():
         raise DataError("teacher scores file not found (data.teacher_scores)", location=location, reason="unreadable")
     needed = ["id", "content_hash", "teacher_logprobs", "tokenizer_fingerprint"]
     if cfg.topk:
         needed += ["teacher_topk_ids", "teacher_topk_logprobs"]
     try:
-        schema = pq.read_schema(path)
+        with storage.open_read(path) as f:
+            schema = pq.read_schema(f)
     except Exception as e:  # pyarrow raises several types for a file that is not Parquet
         raise DataError(f"cannot be read as Parquet: {e}", location=location, reason="unreadable") from e
     provenance = ScoresProvenance.from_metadata(schema.metadata)
@@ -416,7 +419,8 @@ class ParquetScores(ScoreRows):
 
         _, self.provenance, needed = _open_scores_file(path, cfg)
         try:
-            table = pq.read_table(path, columns=needed)
+            with storage.open_read(path) as f:
+                table = pq.read_table(f, columns=needed)
         except Exception as e:  # pyarrow raises several types for a damaged file
             raise DataError(f"cannot be read as Parquet: {e}", location=Location(str(path)), reason="unreadable") from e
         check_provenance(self.provenance, cfg, str(path), str(table.column("id")[0]) if table.num_rows else None)
@@ -445,7 +449,8 @@ class BlockScores:
         self.plan_json: str = layout["plan"]
         self.block_rows: list[int] = layout["block_rows"]
         self.row_offsets = np.concatenate([[0], np.cumsum(self.block_rows)]).astype(np.int64)
-        self._footer = meta = pq.ParquetFile(self.path).metadata
+        with storage.open_read(self.path) as f:
+            self._footer = meta = pq.ParquetFile(f).metadata
         self._groups = np.concatenate([[0], np.cumsum([meta.row_group(g).num_rows for g in range(meta.num_row_groups)])])
         if self._groups[-1] != self.row_offsets[-1]:
             raise DataError(f"holds {self._groups[-1]} rows but its layout says {self.row_offsets[-1]}",
@@ -524,6 +529,6 @@ def write_teacher_scores(path: str | Path, rows: Iterable[Mapping[str, Any]], pr
             [r["teacher_topk_logprobs"] for r in rows], np.float32, pa.float32()
         )
     columns["tokenizer_fingerprint"] = pa.array([provenance.tokenizer_fingerprint] * len(rows), pa.string())
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table(columns).replace_schema_metadata(provenance.to_metadata()), path)
+    with atomic_file(path) as tmp:
+        pq.write_table(pa.table(columns).replace_schema_metadata(provenance.to_metadata()), tmp)
     return len(rows)

@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
 
+from dcd_jax import storage
 from dcd_jax.config import ConfigError
 from dcd_jax.errors import PathError
 
@@ -172,7 +173,7 @@ class RunCheckpointer:
     """Save / restore a run's state with an Orbax ``CheckpointManager``."""
 
     def __init__(self, directory: str | Path, cfg: CheckpointConfig):
-        self.directory = Path(directory).absolute()
+        self.directory = storage.absolute(directory)  # Orbax takes local and gs:// directories alike
         self.cfg = cfg
         policies = [LatestN(n=cfg.keep)]
         if cfg.best_metric:

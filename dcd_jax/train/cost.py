@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from dcd_jax import storage
 from dcd_jax.models import ModelConfig
 from dcd_jax.train.metrics import read_metrics
 
@@ -54,7 +55,7 @@ class RunCost:
 
     def resume_from(self, metrics_path: Path, step: int) -> None:
         """Continue the totals of the last row logged at or before ``step`` (a resumed run)."""
-        if not Path(metrics_path).is_file():
+        if not storage.path(metrics_path).is_file():
             return
         rows = [r for r in read_metrics(metrics_path) if r["step"] <= step and TOTAL_KEYS[0] in r]
         if rows:

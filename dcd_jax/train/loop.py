@@ -26,6 +26,7 @@ import jax
 import yaml
 from jax.sharding import Mesh
 
+from dcd_jax import storage
 from dcd_jax.atomic_files import atomic_write_text
 from dcd_jax.config import to_dict
 from dcd_jax.convert.model_dir import SIDE_DIR, Pretrained, load_pretrained, peek_model_config, write_model_meta
@@ -186,7 +187,7 @@ def build_run(cfg: RunConfig, mesh: Mesh, bad_steps: dict[int, str], plan=None) 
     """Load the student (and a live teacher for GKD), open the data, build the train state on the
     mesh, restore the latest usable checkpoint (skipping ``bad_steps``) and jit the step (or take
     the executable ``plan`` compiled for these chips, if it was built for this same model)."""
-    out_dir = Path(cfg.train.out_dir).absolute()
+    out_dir = storage.absolute(cfg.train.out_dir)
     student: Pretrained = load_pretrained(
         cfg.model.path, mesh=mesh, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
         remat=cfg.model.remat, attention=cfg.model.attention, trust_remote_code=cfg.model.trust_remote_code,
@@ -313,8 +314,9 @@ class CheckpointPolicy:
     """Saves every ``checkpoint.every_steps`` steps, after each evaluation (with its metrics, for
     best-checkpoint selection), on preemption and at the end; a step is saved once."""
 
-    def __init__(self, run: Run, after_checkpoint: Callable[[int], None] | None):
-        self.run, self.after_checkpoint = run, after_checkpoint
+    def __init__(self, run: Run, after_checkpoint: Callable[[int], None] | None,
+                 sync_metrics: Callable[[], None] | None = None):
+        self.run, self.after_checkpoint, self.sync_metrics = run, after_checkpoint, sync_metrics
         self.last_saved = run.start_step if run.restored else -1
 
     def due(self, step_no: int) -> bool:
@@ -326,6 +328,8 @@ class CheckpointPolicy:
         run = self.run
         run.checkpointer.save(step_no, run.state, run.data_iter.get_state(), metrics=metrics, force=force)
         self.last_saved = step_no
+        if self.sync_metrics is not None:
+            self.sync_metrics()  # the rows up to this step outlive a kill, wherever out_dir lives
         if self.after_checkpoint is not None:
             run.checkpointer.wait()
             self.after_checkpoint(step_no)
@@ -343,7 +347,7 @@ def run_loop(run: Run, hooks: TrainHooks) -> TrainResult:
         progress = tqdm(total=cfg.train.steps, initial=run.start_step, desc="train", unit="step", dynamic_ncols=True)
     step_metrics = StepMetrics(run, writer, progress)
     evaluation = PeriodicEval(run, hooks.evaluate, writer)
-    checkpoints = CheckpointPolicy(run, hooks.after_checkpoint)
+    checkpoints = CheckpointPolicy(run, hooks.after_checkpoint, writer.sync)
     status = "completed"
     try:
         with _PreemptionFlag() as preempt, jax.set_mesh(run.mesh):

@@ -5,6 +5,11 @@
 which doubles as the writability probe) and checks the free space against one checkpoint. A
 background thread refreshes the lock's mtime every ``HEARTBEAT_S`` while the run lives.
 
+On a bucket (``gs://``) the same protocol runs on the object's generation (:mod:`dcd_jax.storage`):
+the lock is created with ``ifGenerationMatch=0`` (exactly one starter wins), the heartbeat rewrites
+it only if it still has the generation we wrote (a run whose lock was broken notices), and a stale
+lock is deleted only at the generation that was judged stale (never a lock a rival just took).
+
 A lock already there belongs to:
   * a live process on this host: refused (``PathError`` naming it), whatever the flags;
   * a dead process on this host (or a pid since reused by a process started later): certainly stale;
@@ -21,12 +26,12 @@ import errno
 import json
 import logging
 import os
-import shutil
 import socket
 import threading
 import time
 from pathlib import Path
 
+from dcd_jax import storage
 from dcd_jax.atomic_files import _pid_alive
 from dcd_jax.errors import PathError
 
@@ -45,22 +50,27 @@ class LockHolder:
     pid: int
     started: float  # unix time
     heartbeat: float  # the lock file's mtime
+    version: str | None = None  # what a compare-and-swap on the lock compares (a bucket object's generation)
 
     def describe(self) -> str:
         started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.started))
         return f"pid {self.pid} on host {self.host}, started {started}, last alive {time.time() - self.heartbeat:.0f} s ago"
 
 
-def _read_holder(lock: Path) -> LockHolder | None:
+def _read_holder(lock) -> LockHolder | None:
     """The holder of ``lock`` (None: no lock); pid -1 for a lock whose content is not readable."""
     try:
-        mtime = lock.stat().st_mtime
-        info = json.loads(lock.read_text())
-        return LockHolder(str(info["host"]), int(info["pid"]), float(info["started"]), mtime)
-    except FileNotFoundError:
+        found = storage.read_versioned(lock)
+    except OSError:
+        return LockHolder("?", -1, 0.0, time.time())
+    if found is None:
         return None
-    except (OSError, ValueError, KeyError, TypeError):  # being written right now, or by a run killed meanwhile
-        return LockHolder("?", -1, 0.0, mtime)
+    data, version, mtime = found
+    try:
+        info = json.loads(data)
+        return LockHolder(str(info["host"]), int(info["pid"]), float(info["started"]), mtime, version)
+    except (ValueError, KeyError, TypeError):  # being written right now, or by a run killed meanwhile
+        return LockHolder("?", -1, 0.0, mtime, version)
 
 
 def _process_start_time(pid: int) -> float | None:
@@ -83,35 +93,29 @@ def _holds(holder: "LockHolder") -> bool:
     return started is None or started <= holder.started + 1.0
 
 
-def _write_exclusive(path: Path, data: bytes) -> None:
-    """Create ``path`` only if absent (``FileExistsError`` otherwise), with ``data`` fsynced."""
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        path.unlink(missing_ok=True)
-        raise
-    os.close(fd)
+def _write_exclusive(path, data: bytes) -> str:
+    """Create ``path`` only if absent (``FileExistsError`` otherwise), with ``data``; returns its version."""
+    return storage.create_exclusive(path, data)
 
 
 class RunLock:
     """The lock of one run directory, held until :meth:`release` (also a context manager)."""
 
-    def __init__(self, out_dir: Path):
-        self.path = Path(out_dir) / LOCK_FILE
+    def __init__(self, out_dir):
+        self.path = storage.path(out_dir) / LOCK_FILE
         self.host = socket.gethostname()
         self.pid = os.getpid()
         self.started = time.time()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._version: str | None = None
+        self._content = b""
 
     def acquire(self, *, stale_after_s: float, break_lock: bool) -> None:
-        content = json.dumps({"host": self.host, "pid": self.pid, "started": self.started}).encode()
+        self._content = json.dumps({"host": self.host, "pid": self.pid, "started": self.started}).encode()
         for _ in range(3):  # a lost race with another starter re-reads the new holder
             try:
-                _write_exclusive(self.path, content)
+                self._version = _write_exclusive(self.path, self._content)
                 break
             except FileExistsError:
                 holder = _read_holder(self.path)
@@ -145,12 +149,16 @@ class RunLock:
             )
         why = "its process is gone" if dead_here else "train.break_lock=true"
         log.warning("breaking the stale lock of %s (%s): %s", self.path.parent, why, holder.describe())
-        self.path.unlink(missing_ok=True)
+        # Only the lock judged stale: if a rival replaced it meanwhile, its new generation survives.
+        storage.delete_if(self.path, holder.version if storage.is_remote(self.path) else None)
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
             try:
-                os.utime(self.path)
+                self._version = storage.rewrite_if(self.path, self._content, self._version)
+            except FileExistsError:  # replaced by a breaker (train.break_lock): it is theirs now
+                log.warning("the lock %s was taken over by another run", self.path)
+                return
             except OSError:
                 pass
 
@@ -159,7 +167,7 @@ class RunLock:
         self._stop.set()
         holder = _read_holder(self.path)
         if holder is not None and (holder.host, holder.pid, holder.started) == (self.host, self.pid, self.started):
-            self.path.unlink(missing_ok=True)
+            storage.delete_if(self.path, holder.version if storage.is_remote(self.path) else None)
 
     def __enter__(self) -> "RunLock":
         return self
@@ -176,15 +184,15 @@ def checkpoint_bytes(num_params: int, param_bytes: int) -> int:
     return 3 * num_params * param_bytes
 
 
-def claim_run_dir(out_dir: str | Path, *, needed_bytes: int | None, stale_after_s: float, break_lock: bool) -> RunLock:
+def claim_run_dir(out_dir: str | os.PathLike, *, needed_bytes: int | None, stale_after_s: float, break_lock: bool) -> RunLock:
     """Create ``out_dir``, take its lock and check it has room for ``needed_bytes`` (None: unknown).
 
     Raises :class:`~dcd_jax.errors.PathError` (naming ``train.out_dir``) when the directory cannot be
     created or written, is full, or is locked by another run.
     """
-    out = Path(out_dir)
+    out = storage.path(out_dir)
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)  # on a bucket: nothing to create (prefixes need no mkdir)
     except OSError as e:
         raise PathError(f"train.out_dir: cannot create {out}: {e.strerror}") from None
     lock = RunLock(out)
@@ -196,8 +204,8 @@ def claim_run_dir(out_dir: str | Path, *, needed_bytes: int | None, stale_after_
         why = "no space left on device" if e.errno == errno.ENOSPC else e.strerror
         raise PathError(f"train.out_dir: {out} is not writable: {why}",
                         hint="choose a writable train.out_dir with room for the checkpoints") from None
-    free = shutil.disk_usage(out).free
-    if needed_bytes is not None and free < needed_bytes:
+    free = _free_bytes(out)
+    if needed_bytes is not None and free is not None and free < needed_bytes:
         lock.release()
         raise PathError(
             f"train.out_dir: {out} has {free / 2**20:.1f} MiB free, but one checkpoint needs about "
@@ -205,3 +213,7 @@ def claim_run_dir(out_dir: str | Path, *, needed_bytes: int | None, stale_after_
             hint="free some space or choose another train.out_dir",
         )
     return lock
+
+
+def _free_bytes(out) -> int | None:
+    return storage.free_bytes(out)

@@ -1,0 +1,264 @@
+"""Runs that live in a bucket: every ``gs://`` path against a GCS API server on loopback.
+
+The server is ``gcp-storage-emulator`` (``tests/gcs_emulator.py`` adds the generation preconditions
+real GCS enforces); gcsfs reaches it through ``STORAGE_EMULATOR_HOST``, Orbax / TensorStore through
+``TENSORSTORE_GCS_HTTP_URL``, both anonymously. Nothing here leaves 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from train_fixtures import base_overrides, make_assets
+
+from dcd_jax import atomic_files, storage
+from dcd_jax.config import load_config
+from dcd_jax.train import run_dir
+from dcd_jax.train.checkpoint import CheckpointConfig, RunCheckpointer
+from dcd_jax.train.config import RunConfig
+from dcd_jax.train.loop import train
+from dcd_jax.train.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+BUCKET = "dcd-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+    """The emulator on a free loopback port, and the environment that points every client at it."""
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("gcs") / "emulator.log", "w")
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("gcs_emulator.py")), str(port), BUCKET],
+                            stdout=subprocess.PIPE, stderr=log, text=True)
+    assert proc.stdout.readline().startswith("READY"), "the GCS emulator did not start"
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        "STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
+        "GOOGLE_AUTH_TOKEN_FOR_TESTING": "anonymous",  # TensorStore: a fixed token, no credential lookup
+        "FSSPEC_GS_TOKEN": "anon", "FSSPEC_GCS_TOKEN": "anon",  # gcsfs in the subprocesses: anonymous
+        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",  # no gRPC probe of the bucket type
+        "GCE_METADATA_HOST": "127.0.0.1:9", "GCE_METADATA_IP": "127.0.0.1:9", "GCE_METADATA_ROOT": "127.0.0.1:9",
+        "NO_GCE_CHECK": "True",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import fsspec
+
+    fsspec.config.conf.update({"gs": {"token": "anon"}, "gcs": {"token": "anon"}})
+    fsspec.filesystem("gs").clear_instance_cache()
+    try:
+        yield f"gs://{BUCKET}"
+    finally:
+        proc.kill()
+        proc.wait()
+        log.close()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        for k in ("gs", "gcs"):
+            fsspec.config.conf.pop(k, None)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return make_assets(tmp_path_factory.mktemp("assets"), n_examples=200)
+
+
+def _overrides(assets, out_dir, **extra):
+    # Data parallel only: the smallest programs to compile; what is tested here is the storage.
+    return base_overrides(assets, out_dir, **{"mesh.data": -1, "mesh.fsdp": 1, "mesh.tensor": 1, **extra})
+
+
+# --------------------------------------------------------------------------- the lock
+
+
+def test_gcs_lock_create_is_compare_and_swap(gcs):
+    """Of starters racing for one lock object, exactly one wins (``ifGenerationMatch=0``), and a
+    delete at a stale generation leaves the new holder's lock alone."""
+    name = f"{gcs}/race/{run_dir.LOCK_FILE}"
+    for attempt in range(4):
+        wins, barrier = [], threading.Barrier(3)
+
+        def starter(i):
+            barrier.wait()
+            try:
+                wins.append((i, storage.create_exclusive(name, json.dumps({"i": i}).encode())))
+            except FileExistsError:
+                pass
+
+        threads = [threading.Thread(target=starter, args=(i,)) for i in range(3)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert len(wins) == 1, f"attempt {attempt}: {len(wins)} starters took the lock"
+        (winner, generation), = wins
+        assert json.loads(storage.read_versioned(name)[0]) == {"i": winner}
+        assert storage.delete_if(name, generation)
+    first = storage.create_exclusive(name, b"old")
+    assert storage.delete_if(name, first)
+    second = storage.create_exclusive(name, b"new")
+    assert not storage.delete_if(name, first)  # a breaker that judged the old lock stale
+    assert storage.read_versioned(name)[0] == b"new"
+    with pytest.raises(FileExistsError):
+        storage.rewrite_if(name, b"heartbeat", first)  # the old holder's heartbeat notices
+    assert storage.delete_if(name, second)
+
+
+def test_gcs_second_run_on_a_bucket_out_dir_is_refused(gcs, assets):
+    """A live run holds ``gs://.../run``: ``dcd-jax train`` on it exits 2 with the one-line lock
+    error, before loading anything, and leaves the holder's lock in place."""
+    out = f"{gcs}/two-runs"
+    holder = run_dir.claim_run_dir(out, needed_bytes=None, stale_after_s=3600, break_lock=False)
+    try:
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+        proc = subprocess.run([sys.executable, "-m", "dcd_jax.cli", "train", *_overrides(assets, out)],
+                              env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, proc.stderr
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "is in use by another run" in errors[0] and f"pid {os.getpid()}" in errors[0], proc.stderr
+        assert "Traceback" not in proc.stderr
+        content, version, _ = storage.read_versioned(f"{out}/{run_dir.LOCK_FILE}")
+        assert json.loads(content)["pid"] == os.getpid()
+    finally:
+        holder.release()
+    assert not storage.exists(f"{out}/{run_dir.LOCK_FILE}")  # released: the generation was still ours
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def test_gcs_atomic_writes_leave_the_old_or_the_new(gcs, monkeypatch, tmp_path):
+    """A kill (simulated at each crash point) while replacing a file or an export directory in the
+    bucket leaves the previous content readable, whole; without the kill the new content is there."""
+    name = f"{gcs}/atomic/summary.json"
+    atomic_files.atomic_write_text(name, "old")
+    for point in ("write", "fsync", "rename"):
+        def crash(at, point=point):
+            if at == point:
+                raise KeyboardInterrupt(point)
+
+        monkeypatch.setattr(atomic_files, "_crash_point", crash)
+        with pytest.raises(KeyboardInterrupt):
+            atomic_files.atomic_write_text(name, "new " * 1000)
+        assert storage.path(name).read_text() == "old", point
+    monkeypatch.setattr(atomic_files, "_crash_point", lambda at: None)
+    atomic_files.atomic_write_text(name, "new")
+    assert storage.path(name).read_text() == "new"
+
+    export = f"{gcs}/atomic/export"
+    with atomic_files.atomic_directory(export) as d:
+        (d / "a.json").write_text("1")
+        (d / "b.json").write_text("1")
+    monkeypatch.setattr(atomic_files, "_crash_point", lambda at: (_ for _ in ()).throw(KeyboardInterrupt(at)))
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_files.atomic_directory(export) as d:
+            (d / "a.json").write_text("2")
+    assert sorted(storage.list_names(export)) == ["a.json", "b.json"]
+    assert storage.path(f"{export}/a.json").read_text() == "1"
+    monkeypatch.setattr(atomic_files, "_crash_point", lambda at: None)
+    with atomic_files.atomic_directory(export) as d:
+        (d / "a.json").write_text("2")
+    assert storage.list_names(export) == ["a.json"]  # the old export's other files went with it
+    assert storage.path(f"{export}/a.json").read_text() == "2"
+
+
+# --------------------------------------------------------------------------- data
+
+
+def test_gcs_streamed_data_equals_local_batches(gcs, assets):
+    """``data.path`` in a bucket, streamed block by block, gives the very batches of the local file,
+    for each host's share."""
+    from dcd_jax.data import build_train_iterator
+    from dcd_jax.data.synthetic import build_tokenizer
+
+    remote = f"{gcs}/data/train.jsonl"
+    storage.upload_file(assets["train"], remote)
+    tokenizer = build_tokenizer()
+    cfg = load_config(RunConfig, None, _overrides(assets, "unused", **{"data.streaming": "true", "data.block_records": 32}))
+    for pid in range(2):
+        local = build_train_iterator(cfg.data, tokenizer, process_index=pid, process_count=2)
+        bucket = build_train_iterator(__import__("dataclasses").replace(cfg.data, path=remote), tokenizer,
+                                      process_index=pid, process_count=2)
+        for _ in range(3):
+            a, b = next(local), next(bucket)
+            assert a.keys() == b.keys()
+            for k in a:
+                np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
+
+
+# --------------------------------------------------------------------------- HF export
+
+
+def test_gcs_hf_export_reloads_bitwise(gcs, assets):
+    """``save_hf`` into the bucket, then ``load_pretrained`` of that URL: the same weights."""
+    from dcd_jax.convert import save_hf
+    from dcd_jax.convert.model_dir import load_pretrained
+
+    local = load_pretrained(str(assets["student"]))
+    out = f"{gcs}/export/hf"
+    save_hf(local.params, local.cfg, local.hf_config, out, side_files_from=local.files_dir)
+    assert {"config.json", "model.safetensors.index.json"} <= set(storage.list_names(out))
+    again = load_pretrained(out)
+    assert again.cfg == local.cfg
+    for x, y in zip(jax.tree.leaves(local.params), jax.tree.leaves(again.params)):
+        assert np.array_equal(np.asarray(x), np.asarray(y))
+    assert again.tokenizer()("2+2").input_ids == local.tokenizer()("2+2").input_ids
+
+
+# --------------------------------------------------------------------------- train: kill and resume
+
+
+def test_gcs_train_killed_and_resumed_is_bitwise_identical(gcs, assets, tmp_path):
+    """``train.out_dir=gs://...``: SIGKILLed right after step n's checkpoint, rerun, it ends bitwise
+    equal (every logged loss, params, optimizer state, data position) to an undisturbed local run."""
+    n = 2
+    common = {"train.steps": 2 * n, "checkpoint.every_steps": n, "train.tensorboard": "true"}
+    straight = tmp_path / "straight"
+    train(load_config(RunConfig, None, _overrides(assets, straight, **common)))
+    out = f"{gcs}/killed"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("train_worker.py")), str(n),
+                           *_overrides(assets, out, **common)], env=env, cwd=str(ROOT),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+    ckpt = RunCheckpointer(f"{out}/checkpoints", CheckpointConfig())
+    assert ckpt.steps() == [n]
+    ckpt.close()
+    assert json.loads(storage.path(f"{out}/{run_dir.LOCK_FILE}").read_text())["host"] == socket.gethostname()
+
+    result = train(load_config(RunConfig, None, _overrides(assets, out, **common)))  # takes over the dead run's lock
+    assert result.step == 2 * n
+    rows, straight_rows = read_metrics(f"{out}/metrics.jsonl"), read_metrics(straight / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 2 * n + 1))
+    assert [r["loss"] for r in rows] == [r["loss"] for r in straight_rows]
+    a = RunCheckpointer(straight / "checkpoints", CheckpointConfig())
+    b = RunCheckpointer(f"{out}/checkpoints", CheckpointConfig())
+    raw_a, raw_b = a.manager.restore(2 * n), b.manager.restore(2 * n)
+    for item in ("params", "opt_state"):
+        for x, y in zip(jax.tree.leaves(raw_a[item]), jax.tree.leaves(raw_b[item])):
+            assert np.array_equal(np.asarray(x), np.asarray(y)), item
+    assert raw_a["data"] == raw_b["data"]
+    assert raw_a["meta"]["checksums"] == raw_b["meta"]["checksums"]
+    a.close(), b.close()
+    names = storage.list_names(out)
+    assert {"config.yaml", "model.json", "hf", "checkpoints", "metrics.jsonl", "tensorboard"} <= set(names), names
+    assert run_dir.LOCK_FILE not in names  # released at the end
