@@ -214,6 +214,18 @@ def remove_tree(name: PathLike) -> None:
         shutil.rmtree(os.path.expanduser(str(name)), ignore_errors=True)
 
 
+def move_tree(src: PathLike, dst: PathLike) -> None:
+    """Rename a directory; on a bucket, copy its objects then delete them (not atomic: used only to set
+    an unusable checkpoint aside, where a partial move leaves it unusable either way)."""
+    if is_remote(src):
+        fs = _gcs()
+        fs.mv(str(src), str(dst), recursive=True)
+        fs.invalidate_cache(str(src))
+        fs.invalidate_cache(str(dst))
+    else:
+        os.rename(os.path.expanduser(str(src)), os.path.expanduser(str(dst)))
+
+
 def list_files(name: PathLike) -> list[str]:
     """Every file under a directory or prefix, recursively, as names relative to it (sorted)."""
     if not is_remote(name):

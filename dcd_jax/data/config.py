@@ -23,6 +23,8 @@ class DataConfig:
     Attributes:
       path: A JSONL/JSON file, a Parquet file, a directory of ``*.jsonl`` files, a directory
         `datasets` can load, or a Hugging Face hub id (only from the local cache when offline).
+        Files may be ``gs://`` URLs: read with ranged requests, each host only its share's blocks
+        (``streaming``).
       format: ``auto`` picks from ``path``: ``.jsonl``/``.json`` files and directories holding
         ``*.jsonl`` are read line by line (errors name file and line), ``.parquet`` and other
         directories / hub ids go through `datasets`. ``hf`` forces `datasets` (also for a local

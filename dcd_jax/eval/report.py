@@ -25,6 +25,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from dcd_jax import storage
 from dcd_jax.atomic_files import atomic_write_text
 
 __all__ = ["to_jsonable", "write_results", "summary_rows", "markdown_table", "bar_chart"]
@@ -79,7 +80,7 @@ def write_results(
 
     Returns the written paths: ``{"summary": ..., "generations/<benchmark>": ...}``.
     """
-    out = Path(out_dir)
+    out = storage.path(out_dir)
     gen_dir = out / "generations"
     gen_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
@@ -222,7 +223,7 @@ def bar_chart(
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
+    out = storage.path(out_png)
+    with atomic_file(out) as tmp:  # a local temporary: matplotlib writes local files; a bucket gets the upload
+        fig.savefig(tmp, format=out.suffix.lstrip(".") or "png")
     return out

@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from dcd_jax import storage
 from dcd_jax.data import PromptStyle, render_prompts
 from dcd_jax.eval import benchmarks as bench_lib
 from dcd_jax.eval import metrics as metrics_lib
@@ -166,7 +167,7 @@ def run_eval(
     primary_metric: str = "pass@1", loader=load_for_eval,
 ) -> dict[str, Any]:
     """Evaluate checkpoints ``{name: path}``; write ``out_dir/{generations/<name>/, summary.json, chart.png}``."""
-    out_dir = Path(out_dir)
+    out_dir = storage.path(out_dir)
     items = load_items(cfg)
     results: dict[str, Any] = {}
     teacher = None

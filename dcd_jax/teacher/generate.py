@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
+from dcd_jax import storage
 from dcd_jax.atomic_files import atomic_write_text
 from dcd_jax.config import ConfigError
 from dcd_jax.eval import benchmarks as bench_lib
@@ -95,8 +96,11 @@ def generate_traces(cfg: GenerateConfig, *, teacher=None, tokenizer=None, mesh=N
     from dcd_jax.convert.model_dir import load_pretrained
     from dcd_jax.models import abstract_model
 
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    # The traces and their ``.done`` ids are appended to; a bucket cannot append, so both live in a
+    # working copy (the directory itself when local) uploaded after every chunk, traces first.
+    name = str(cfg.out).rstrip("/").rsplit("/", 1)[-1]
+    mirror = storage.Mirror(str(cfg.out)[: -len(name)] or ".", files=(name, name + ".done"))
+    out = mirror.local / name
     done_file = out.with_name(out.name + ".done")
     items = bench_lib.load_benchmark(cfg.benchmark, cfg.prompts, cfg.split, limit=cfg.limit)
     done = _done_ids(out)
@@ -111,10 +115,12 @@ def generate_traces(cfg: GenerateConfig, *, teacher=None, tokenizer=None, mesh=N
             except (json.JSONDecodeError, KeyError):
                 continue
         atomic_write_text(out, "".join(line + "\n" for line in kept_lines))
+        mirror.sync()
     todo = [it for it in items if it.id not in done]
     stats = {"prompts": len(items), "skipped_done": len(items) - len(todo), "generated": 0, "kept": 0}
     if not todo:
         stats["traces_in_file"] = _count_lines(out)
+        mirror.close()
         return stats
     if teacher is None:
         loaded = load_pretrained(cfg.teacher, mesh=mesh)
@@ -143,11 +149,13 @@ def generate_traces(cfg: GenerateConfig, *, teacher=None, tokenizer=None, mesh=N
         stats["kept"] += len(lines)
         _append_lines(out, lines)
         _append_lines(done_file, [it.id for it in chunk])
+        mirror.sync()
         if bar is not None:
             bar.update(len(chunk))
     if bar is not None:
         bar.close()
     stats["traces_in_file"] = _count_lines(out)
+    mirror.close()
     return stats
 
 

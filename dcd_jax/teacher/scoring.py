@@ -26,7 +26,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -34,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dcd_jax import storage
 from dcd_jax.atomic_files import atomic_file
 from dcd_jax.config import ConfigError
 from dcd_jax.data import (
@@ -86,8 +86,8 @@ class ScoreConfig:
             raise ConfigError("score: topk >= 0, batch_size, length_bucket and chunk_examples >= 1")
 
 
-def default_scores_path(data_path: str) -> Path:
-    p = Path(data_path)
+def default_scores_path(data_path: str):
+    p = storage.path(data_path)
     return p.with_name(p.stem + ".teacher.parquet")
 
 
@@ -152,12 +152,14 @@ def check_part(part: Path, chunk: list, provenance: ScoresProvenance, parts: Pat
 
     how = f"rescore: delete {parts} and rerun"
     first = chunk[0].location if chunk else Location(str(part))
-    stored = ScoresProvenance.from_metadata(pq.read_schema(part).metadata)
+    with storage.open_read(part) as f:
+        stored = ScoresProvenance.from_metadata(pq.read_schema(f).metadata)
     if stored != provenance:
         diff = "; ".join(provenance.differences(stored)) if stored else "no provenance (older dcd-jax)"
         raise DataError(f"part {part.name} was scored differently (now vs then: {diff}); {how}",
                         location=first, field="teacher", reason="stale_teacher_scores")
-    table = pq.read_table(part, columns=["id", "content_hash"])
+    with storage.open_read(part) as f:
+        table = pq.read_table(f, columns=["id", "content_hash"])
     ids, hashes = table.column("id").to_pylist(), table.column("content_hash").to_pylist()
     for row, ex in enumerate(chunk):
         now = content_hash(ex.input_ids, ex.response_mask)
@@ -183,7 +185,8 @@ def merge_parts(parts: Path, plan: BlockPlan, provenance: ScoresProvenance, out:
         part = parts / f"part-b{block.index:07d}.parquet"
         if not part.is_file():
             raise RuntimeError(f"{part} is missing: a process did not finish its blocks")
-        block_rows.append(pq.ParquetFile(part).metadata.num_rows)
+        with storage.open_read(part) as f:
+            block_rows.append(pq.ParquetFile(f).metadata.num_rows)
     layout = {"block_records": plan.block_records, "block_rows": block_rows, "plan": plan.to_json()}
     metadata = {**provenance.to_metadata(), LAYOUT_KEY: json.dumps(layout).encode()}
     wrote = False
@@ -193,7 +196,8 @@ def merge_parts(parts: Path, plan: BlockPlan, provenance: ScoresProvenance, out:
             for block, n in zip(plan.blocks, block_rows):
                 if n == 0:  # every record of the block was skipped: no row group
                     continue
-                table = pq.read_table(parts / f"part-b{block.index:07d}.parquet").replace_schema_metadata(metadata)
+                with storage.open_read(parts / f"part-b{block.index:07d}.parquet") as f:
+                    table = pq.read_table(f).replace_schema_metadata(metadata)
                 if writer is None:
                     writer = stack.enter_context(pq.ParquetWriter(tmp, table.schema))
                 writer.write_table(table)
@@ -209,7 +213,7 @@ def score_teacher(data_cfg: DataConfig, cfg: ScoreConfig, *, mesh=None, progress
     from dcd_jax.convert.model_dir import load_pretrained
     from dcd_jax.models import abstract_model
 
-    out = Path(cfg.out) if cfg.out else default_scores_path(data_cfg.path)
+    out = storage.path(cfg.out) if cfg.out else default_scores_path(data_cfg.path)
     parts = out.with_name(out.name + ".parts")
     teacher = load_pretrained(cfg.teacher, mesh=mesh, dtype=cfg.dtype, param_dtype=cfg.dtype)
     tokenizer = teacher.tokenizer()
@@ -247,6 +251,6 @@ def score_teacher(data_cfg: DataConfig, cfg: ScoreConfig, *, mesh=None, progress
         multihost_utils.sync_global_devices("score-teacher parts written")
     if pid == 0:
         rows = merge_parts(parts, plan, provenance, out)
-        shutil.rmtree(parts)
+        storage.remove_tree(parts)
         log.info("teacher scores for %d traces -> %s", rows, out)
     return out

@@ -199,7 +199,7 @@ class RunCheckpointer:
                 n += 1
                 dst = self.directory / f"unusable_step_{step}.{n}"
             if src.exists():
-                src.rename(dst)
+                storage.move_tree(src, dst)
                 log.warning("moved the unusable checkpoint %s aside to %s", src, dst)
         self.manager.reload()
         self.unusable.discard(step)

@@ -89,7 +89,8 @@ class LoopConfig:
       grad_accum: micro-batches per step (data.batch_size is split into this many).
       seed: RNG seed of the run.
       log_every: write metrics every N steps.
-      out_dir: run directory: checkpoints, metrics.jsonl, TensorBoard, resolved config, exports.
+      out_dir: run directory: checkpoints, metrics.jsonl, TensorBoard, resolved config, exports. A local
+        path or a ``gs://bucket/prefix`` URL (what a multi-host slice shares; docs/failure_modes.md).
       export_hf: write the final student as a HF directory (``<out_dir>/hf``).
       export_dtype: dtype of that export (null: the param dtype).
       tensorboard: also write TensorBoard event files.
