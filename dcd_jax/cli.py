@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from dcd_jax import host_memory  # plain modules: importing them costs nothing
+from dcd_jax import host_memory, storage  # plain modules: importing them costs nothing
 from dcd_jax.errors import ConfigError, UserError
 
 EPILOG = """\
@@ -92,7 +92,7 @@ def cmd_convert_hf_to_flax(args: argparse.Namespace) -> int:
     from dcd_jax.convert import load_hf_params, open_hf_checkpoint, resolve_model_dir, save_model_dir
     from dcd_jax.convert.hf_to_flax import model_config_of
 
-    directory = resolve_model_dir(args.hf)
+    directory = resolve_model_dir(storage.localize(args.hf) if storage.is_remote(args.hf) else args.hf)
     ckpt = open_hf_checkpoint(directory)
     cfg = model_config_of(ckpt, directory, param_dtype=args.dtype)
     params = load_hf_params(ckpt, cfg, _parse_mesh(args.mesh))
@@ -105,7 +105,7 @@ def cmd_convert_flax_to_hf(args: argparse.Namespace) -> int:
     from dcd_jax.convert import load_model_dir, save_hf
     from dcd_jax.convert.model_dir import SIDE_DIR
 
-    cfg, hf_config, params, meta_dir = load_model_dir(args.ckpt)
+    cfg, hf_config, params, meta_dir = load_model_dir(storage.localize(args.ckpt))
     out = save_hf(params, cfg, hf_config, args.out, side_files_from=meta_dir / SIDE_DIR, dtype=args.dtype)
     print(f"exported {args.ckpt} -> {out} (loadable with transformers.AutoModelForCausalLM.from_pretrained)")
     return 0
@@ -324,13 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
     conv_sub = convert.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
     h2f = conv_sub.add_parser("hf-to-flax", help="HF checkpoint dir (or hub id) -> dcd-jax model dir")
     h2f.add_argument("--hf", required=True, help="local HF model directory, or a hub id such as Qwen/Qwen2.5-0.5B")
-    h2f.add_argument("--out", required=True, type=Path, help="output dcd-jax model directory")
+    h2f.add_argument("--out", required=True, help="output dcd-jax model directory (local or gs://)")
     h2f.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype to store")
     h2f.add_argument("--mesh", default=None, help="data,fsdp,tensor mesh to load onto (default: one device)")
     h2f.set_defaults(func=cmd_convert_hf_to_flax)
     f2h = conv_sub.add_parser("flax-to-hf", help="dcd-jax model dir or training checkpoint -> HF directory")
-    f2h.add_argument("--ckpt", required=True, type=Path, help="model dir, run dir, or checkpoints/<step> dir")
-    f2h.add_argument("--out", required=True, type=Path, help="output HF model directory")
+    f2h.add_argument("--ckpt", required=True, help="model dir, run dir, or checkpoints/<step> dir (local or gs://)")
+    f2h.add_argument("--out", required=True, help="output HF model directory (local or gs://)")
     f2h.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="cast weights (default: as stored)")
     f2h.set_defaults(func=cmd_convert_flax_to_hf)
 

@@ -30,9 +30,10 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, TYPE_CHECKING, Any, Iterator
 
-from etils import epath
+if TYPE_CHECKING:
+    from etils import epath
 
 PathLike = str | os.PathLike
 
@@ -42,16 +43,18 @@ def is_remote(name: PathLike) -> bool:
     return "://" in str(name)
 
 
-def path(name: PathLike) -> epath.Path:
+def path(name: PathLike) -> "epath.Path":
     """``name`` as the one path type (``~`` expanded for local paths)."""
+    from etils import epath  # deferred: the CLI imports this module; most commands never build a path
+
     text = str(name)
     return epath.Path(text if is_remote(text) else os.path.expanduser(text))
 
 
-def absolute(name: PathLike) -> epath.Path:
+def absolute(name: PathLike) -> "epath.Path":
     """:func:`path`, made absolute when local (Orbax wants absolute directories)."""
     p = path(name)
-    return p if is_remote(p) else epath.Path(os.path.abspath(str(p)))
+    return p if is_remote(p) else path(os.path.abspath(str(p)))
 
 
 def exists(name: PathLike) -> bool:

@@ -130,7 +130,8 @@ def test_gcs_second_run_on_a_bucket_out_dir_is_refused(gcs, assets):
     holder = run_dir.claim_run_dir(out, needed_bytes=None, stale_after_s=3600, break_lock=False)
     try:
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
-        proc = subprocess.run([sys.executable, "-m", "dcd_jax.cli", "train", *_overrides(assets, out)],
+        # One step: if the lock failed to refuse, the test still ends quickly (and fails).
+        proc = subprocess.run([sys.executable, "-m", "dcd_jax.cli", "train", *_overrides(assets, out, **{"train.steps": 1})],
                               env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2, proc.stderr
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
