@@ -7,6 +7,7 @@ real GCS enforces); gcsfs reaches it through ``STORAGE_EMULATOR_HOST``, Orbax / 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -14,7 +15,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import jax
@@ -187,17 +187,21 @@ def test_gcs_atomic_writes_leave_the_old_or_the_new(gcs, monkeypatch, tmp_path):
 
 def test_gcs_streamed_data_equals_local_batches(gcs, assets):
     """``data.path`` in a bucket, streamed block by block, gives the very batches of the local file,
-    for each host's share."""
+    for each host's share; read whole (not streamed), the very records."""
     from dcd_jax.data import build_train_iterator
+    from dcd_jax.data.records import read_raw_records
     from dcd_jax.data.synthetic import build_tokenizer
 
     remote = f"{gcs}/data/train.jsonl"
     storage.upload_file(assets["train"], remote)
     tokenizer = build_tokenizer()
     cfg = load_config(RunConfig, None, _overrides(assets, "unused", **{"data.streaming": "true", "data.block_records": 32}))
+    whole = lambda path: [(i, loc.line, rec) for i, loc, rec in
+                          read_raw_records(dataclasses.replace(cfg.data, path=path), process_index=1, process_count=2)]
+    assert whole(remote) == whole(str(assets["train"])) and len(whole(remote)) == 100
     for pid in range(2):
         local = build_train_iterator(cfg.data, tokenizer, process_index=pid, process_count=2)
-        bucket = build_train_iterator(__import__("dataclasses").replace(cfg.data, path=remote), tokenizer,
+        bucket = build_train_iterator(dataclasses.replace(cfg.data, path=remote), tokenizer,
                                       process_index=pid, process_count=2)
         for _ in range(3):
             a, b = next(local), next(bucket)

@@ -26,7 +26,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from dcd_jax import storage
-from dcd_jax.atomic_files import atomic_write_text
+from dcd_jax.atomic_files import atomic_file, atomic_write_text
 
 __all__ = ["to_jsonable", "write_results", "summary_rows", "markdown_table", "bar_chart"]
 

@@ -165,6 +165,8 @@ class RunLock:
     def release(self) -> None:
         """Remove the lock if it is still ours (a breaker may have taken it over)."""
         self._stop.set()
+        if self._thread is not None:  # a heartbeat in flight would change the generation under the delete
+            self._thread.join(timeout=60)
         holder = _read_holder(self.path)
         if holder is not None and (holder.host, holder.pid, holder.started) == (self.host, self.pid, self.started):
             storage.delete_if(self.path, holder.version if storage.is_remote(self.path) else None)
