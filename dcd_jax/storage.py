@@ -82,10 +82,17 @@ def free_bytes(name: PathLike) -> int | None:
     return None if is_remote(name) else shutil.disk_usage(str(name)).free
 
 
+_FS: dict[int, Any] = {}
+
+
 def _gcs() -> Any:
+    """This process's own gcsfs client, on fsspec's I/O thread: not the shared cached instance, which
+    Orbax may have created inside an event loop it has since closed."""
     import fsspec  # deferred: only bucket paths need gcsfs
 
-    return fsspec.filesystem("gs")
+    if os.getpid() not in _FS:
+        _FS[os.getpid()] = fsspec.filesystem("gs", skip_instance_cache=True)
+    return _FS[os.getpid()]
 
 
 def _bucket_key(name: PathLike) -> tuple[str, str]:
