@@ -9,7 +9,8 @@ rely on it (a create with ``ifGenerationMatch=0`` fails with 412 when the object
 wrapper adds exactly that rule, as GCS documents it: a write or delete carrying
 ``ifGenerationMatch=G`` (query parameter or ``x-goog-if-generation-match`` header) succeeds only if
 the object's live generation is ``G`` (``0``: the object does not exist); otherwise 412.
-It also serves one request at a time from a deeper listen queue (TensorStore opens many connections).
+Media downloads also carry the ``x-goog-generation`` header GCS sends (TensorStore conditions its
+OCDBT manifest writes on it). It also serves one request at a time from a deeper listen queue (TensorStore opens many connections).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 from urllib.parse import parse_qs, urlparse
 
 from gcp_storage_emulator import server, storage
+from gcp_storage_emulator.handlers import objects
 from gcp_storage_emulator.exceptions import NotFound
 
 _precondition = threading.local()
@@ -81,6 +83,26 @@ def handle(self, method):
 
 
 server.Router.handle = handle
+_download = objects.download
+
+
+def download(request, response, store, *args, **kwargs):
+    """A media download carries the object's generation in ``x-goog-generation``, as GCS does:
+    TensorStore reads it there, and conditions its next write (an OCDBT manifest) on it."""
+    _download(request, response, store, *args, **kwargs)
+    try:
+        obj = store.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+    except NotFound:
+        return
+    response["x-goog-generation"] = str(obj.get("generation") or "0")
+    response["x-goog-metageneration"] = str(obj.get("metageneration") or "1")
+
+
+objects.download = download
+for _route, _methods in server.HANDLERS:
+    for _method, _fn in list(_methods.items()):
+        if _fn is _download:
+            _methods[_method] = download
 http.server.HTTPServer.request_queue_size = 256
 
 
