@@ -44,8 +44,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from experiment import code_version, line_statistics, merge, score_records, summarize_eval  # noqa: E402
 
 # The distillation regimes: overrides of the demo task (the teacher is trained on, and the
-# distillation data drawn from, the regime's task). ``pertrace``: each trace in one style (the demo).
-REGIMES = {"pertrace": {}}
+# distillation data drawn from, the regime's task). ``pertrace``: each trace in one style (the demo);
+# ``withintrace``: every trace mixes careful and compressed lines (no whole-trace filter removes the hard
+# lines); ``errors``: the demo's mix, 30% of traces with one wrong intermediate line that still reach
+# the right answer. A regime changes the task only, so the student's base stage (pretrain) is the same
+# in every regime of a build and is shared (:func:`share_pretrain`).
+REGIMES = {"pertrace": {}, "withintrace": {"style_mix": {"mixed": 1.0}}, "errors": {"intermediate_error_rate": 0.3}}
+# The regime whose build-0 val sweeps choose the swept settings of the others (one tuning, on val).
+TUNED_ON = "pertrace"
 # name -> (objective, data): data "all" = the scored distillation traces, "careful" = the oracle filter.
 # "select": SFT on the traces the pretrained student fits best (dcd_jax.teacher.selection; the keep
 # fraction is the run's setting, chosen on val).
@@ -103,6 +109,35 @@ def build_scale(regime: str):
 
     scale = SCALES["small"]
     return dataclasses.replace(scale, task=dataclasses.replace(scale.task, **REGIMES[regime])) if REGIMES[regime] else scale
+
+
+def share_pretrain(work: Path, regime: str, build: int) -> Path | None:
+    """Reuse build ``build``'s student base stage from :data:`TUNED_ON` in another regime: copy its
+    ``runs/pretrain`` and stage marker before the stages run (the pretraining data, tokenizer and
+    initial student depend on the build's seed only; :func:`check_shared_pretrain` verifies it)."""
+    import shutil
+
+    src, dst = build_dir(work, TUNED_ON, build), build_dir(work, regime, build)
+    if regime == TUNED_ON or not (src / "pretrain.done.json").is_file() or (dst / "pretrain.done.json").is_file():
+        return None
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(src / "runs" / "pretrain", dst / "runs" / "pretrain", dirs_exist_ok=True)
+    shutil.copy2(src / "pretrain.done.json", dst / "pretrain.done.json")
+    return src
+
+
+SHARED_INPUTS = ("assets/pretrain.jsonl", "assets/tokenizer/tokenizer.json", "assets/student_init/model-00001-of-00001.safetensors")
+
+
+def check_shared_pretrain(work: Path, regime: str, build: int) -> None:
+    """Raise unless the inputs of a shared base stage are byte-identical to those it was trained on."""
+    import hashlib
+
+    src, dst = build_dir(work, TUNED_ON, build), build_dir(work, regime, build)
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()
+    differ = [f for f in SHARED_INPUTS if digest(src / f) != digest(dst / f)]
+    if differ:
+        raise RuntimeError(f"{dst}: the shared base stage was trained on other inputs ({', '.join(differ)})")
 
 
 def run_name(regime: str, build: int, method: str, setting: str, seed: int) -> str:
@@ -172,12 +207,18 @@ def build_record(work: Path, regime: str, build: int) -> dict:
     bdir = build_dir(work, regime, build)
     marker = bdir / "study_build.json"
     scale = build_scale(regime)
+    if not marker.is_file() and regime != TUNED_ON:
+        if not (build_dir(work, TUNED_ON, build) / "pretrain.done.json").is_file():
+            build_record(work, TUNED_ON, build)  # its base stage is shared
+        share_pretrain(work, regime, build)
     student = prepare_student(bdir, scale, "competent", seed=build)  # the demo's stages, cached
     if marker.is_file():
         return json.loads(marker.read_text())
+    if regime != TUNED_ON:
+        check_shared_pretrain(work, regime, build)
     teacher = bdir / "runs" / "teacher" / "hf"
     rec = {"regime": regime, "build": build, "student_flax": student["flax"], "student_hf": student["hf"],
-           "teacher_hf": str(teacher)}
+           "teacher_hf": str(teacher), **({"pretrain_shared_with": f"{TUNED_ON}-b{build}"} if regime != TUNED_ON else {})}
     for name, model in (("teacher", str(teacher)), ("undistilled", student["hf"])):
         rec[name] = {split: eval_split(model, bdir, split, bdir / "study_baselines" / f"{name}-{split}", scale)
                      for split in ("eval", "val")}
@@ -303,8 +344,10 @@ def check_weights(work: Path, regime: str, build: int, brec: dict, batches: int 
 
 
 def chosen_setting(runs: list[dict], regime: str, method: str = "DCD-seq") -> str | None:
-    """The ``SWEEPS[method]`` entry with the best val accuracy on build 0, seed 0 (ties: the middle
-    entry, i.e. ``tau1`` / ``keep0.5``); None until the sweep has run."""
+    """The ``SWEEPS[method]`` entry with the best val accuracy on build 0, seed 0 of :data:`TUNED_ON`
+    (every regime uses that choice; ties: the middle entry, i.e. ``tau1`` / ``keep0.5``); None until
+    the sweep has run."""
+    regime = TUNED_ON
     sweep = {r["setting"]: r["val"]["accuracy"] for r in runs
              if r["regime"] == regime and r["build"] == 0 and r["seed"] == 0 and r["method"] == method}
     if set(sweep) != set(SWEEPS[method]):
@@ -546,7 +589,7 @@ def main() -> None:
             check_reproduced(study, brec)
         brec["weight_check"] = check_weights(work, args.regime, build, brec)
         write_results(out, work, args, code)
-        for method in (m for m in methods if m in SWEEPS and build == 0):  # the validation sweeps
+        for method in (m for m in methods if m in SWEEPS and build == 0 and args.regime == TUNED_ON):  # val sweeps
             for setting, override in SWEEPS[method].items():
                 train_run(work, args.regime, 0, method, setting, 0, brec, args.steps, args.lr, override)
                 write_results(out, work, args, code)

@@ -43,6 +43,36 @@ def test_the_trace_level_setting_is_chosen_on_val_with_ties_to_tau1():
     runs[1] = _run("tau1", 0.7)
     assert study.chosen_setting(runs, "pertrace") == "tau1"
     assert study.chosen_setting(runs[:2], "pertrace") is None  # the sweep is not finished
+    # the other regimes use the setting tuned on the per-trace regime's val split
+    assert study.chosen_setting(runs, "withintrace") == "tau1"
+
+
+def test_regimes_change_the_distillation_task_only():
+    base = study.build_scale("pertrace")
+    for regime in study.REGIMES:
+        scale = study.build_scale(regime)
+        assert scale.pretrain_task == base.pretrain_task  # why the base stage can be shared
+        assert (scale.task == base.task) == (regime == "pertrace")
+
+
+def test_a_shared_base_stage_is_copied_once_and_its_inputs_checked(tmp_path):
+    src = study.build_dir(tmp_path, "pertrace", 1)
+    for f in study.SHARED_INPUTS + ("runs/pretrain/hf/config.json",):
+        (src / f).parent.mkdir(parents=True, exist_ok=True)
+        (src / f).write_text(f)
+    (src / "pretrain.done.json").write_text("{}")
+    assert study.share_pretrain(tmp_path, "errors", 1) == src
+    dst = study.build_dir(tmp_path, "errors", 1)
+    assert (dst / "runs/pretrain/hf/config.json").read_text() == "runs/pretrain/hf/config.json"
+    assert study.share_pretrain(tmp_path, "errors", 1) is None  # already there
+    assert study.share_pretrain(tmp_path, "pertrace", 1) is None
+    for f in study.SHARED_INPUTS:  # what the regime's own assets stage writes
+        (dst / f).parent.mkdir(parents=True, exist_ok=True)
+        (dst / f).write_text(f)
+    study.check_shared_pretrain(tmp_path, "errors", 1)
+    (dst / "assets/pretrain.jsonl").write_text("other data")
+    with pytest.raises(RuntimeError, match="pretrain.jsonl"):
+        study.check_shared_pretrain(tmp_path, "errors", 1)
 
 
 def test_the_oracle_filter_keeps_exactly_the_careful_traces(tmp_path):
