@@ -422,7 +422,7 @@ def train_step_section() -> str | None:
             + "ours/torch: tokens/s over wall time; CPU-time: the same over process CPU seconds per step (what a "
             "step costs when other jobs share the cores, where wall time also counts waiting for them); ours sys s: "
             "the kernel's share of our step's CPU time (page faults on the step's freshly mapped buffers; far fewer "
-            "with huge pages, the `dcd-jax` command's default: see Set up).\n\n"
+            "with huge pages, the `dcd-jax` command's default: [architecture.md](architecture.md#host-memory)).\n\n"
             + _table(["model", "params", "BxT", "ours tok/s", "torch tok/s", "ours/torch", "ours/torch CPU-time",
                       "DCD-CE/SFT time", "DCD-KL/SFT time", "ours sys s", "ours peak MiB", "MFU"], rows)
         )
