@@ -70,8 +70,6 @@ def demo_section() -> str | None:
     if d is None:
         return None
     last = "traces" if any("traces" in r for r in d["rows"]) else "weight_ess"
-    cols = ["accuracy", "careful_share", "length_mean", "truncation_rate", "repetition_rate", last]
-    rows = [[r["method"], *[r.get(c) for c in cols]] for r in d["rows"]]
     steps = sorted({k for r in d["rows"] for k in r["accuracy_by_steps"]}, key=int)
     by_steps = [[r["method"], *[r["accuracy_by_steps"].get(k) for k in steps]] for r in d["rows"]]
     stages = ", ".join(f"{k} {v / 60:.1f}" for k, v in d["stage_seconds"].items())
@@ -101,7 +99,7 @@ def demo_section() -> str | None:
         + "Greedy accuracy on held-out problems of 2-8 operations; `careful_share`: outputs with one operation per "
         "line; " + ("`traces`: distillation traces trained on.\n\n" if last == "traces" else
                     "`weight_ess` = ESS of DCD's token weights / tokens (1 = uniform, i.e. SFT).\n\n")
-        + _table(["method", *cols], rows)
+        + _demo_table(d)
         + (f"\n\n{_demo_verdict(d)}" if d.get("default_minus_sft") is not None else "")
         + "\n\nAccuracy by number of operations:\n\n" + _table(["method", *[f"{k} ops" for k in steps]], by_steps)
         + "\n\n![demo](bench/results/demo_small.png)\n"
@@ -117,6 +115,13 @@ def demo_section() -> str | None:
                  "sentence), with a cosine schedule, starting from the student's base-stage checkpoint (a "
                  "curriculum: short careful problems first): the `val` curve above.\n")
     return text
+
+
+def _demo_table(d: dict) -> str:
+    """The demo's models side by side (README and docs/results.md)."""
+    last = "traces" if any("traces" in r for r in d["rows"]) else "weight_ess"
+    cols = ["accuracy", "careful_share", "length_mean", "truncation_rate", "repetition_rate", last]
+    return _table(["method", *cols], [[r["method"], *[r.get(c) for c in cols]] for r in d["rows"]])
 
 
 def _demo_verdict(d: dict) -> str:
@@ -855,18 +860,25 @@ def demo_summary() -> str | None:
     d = _load("demo_small.json")
     if d is None:
         return None
-    last = "traces" if any("traces" in r for r in d["rows"]) else "weight_ess"
-    cols = ["accuracy", "careful_share", "length_mean", "truncation_rate", "repetition_rate", last]
-    rows = [[r["method"], *[r.get(c) for c in cols]] for r in d["rows"]]
     return (
         f"### The demo (`{d['command']}`, {d['machine']})\n\n"
         "Greedy accuracy on held-out problems of 2-8 operations; `student`: the pretrained student before "
         "distillation; `selected`: the default recipe (SFT on the traces the student fits best); `careful_share`: "
         "outputs with one operation per line. Stage times, accuracy by number of operations and the teacher's "
         "training curve: [docs/results.md](docs/results.md).\n\n"
-        + _table(["method", *cols], rows)
-        + (f"\n\n{_demo_verdict(d)}" if d.get("default_minus_sft") is not None else "") + "\n"
+        + _demo_table(d)
+        + (f"\n\n{_demo_one_seed(d)}" if d.get("default_minus_sft") is not None else "") + "\n"
     )
+
+
+def _demo_one_seed(d: dict) -> str:
+    """The demo's one seed, and how many runs the study below pools it with."""
+    text = f"**One seed: {d['default_arm']} − sft = {d['default_minus_sft']:+.3f}.**"
+    p = (d.get("verdict") or {}).get("pooled")
+    if p:
+        text += (f" The study below pools {p['runs']} paired runs over {p['builds']} builds of the stages (their "
+                 f"differences range {d['verdict']['range'][0]:+.3f} to {d['verdict']['range'][1]:+.3f}).")
+    return text
 
 
 def study_headline() -> str | None:
