@@ -185,16 +185,18 @@ def eval_split(model: str, bdir: Path, split: str, out: Path, scale) -> dict:
 DIAGNOSED = ("dcd", "dcd_prefix", "dcd_sequence")
 
 
-def diagnostic_records(bdir: Path, n: int = 256) -> tuple[list[dict], dict]:
-    """The first ``n`` distillation traces of a build and the class of each of their response tokens."""
+def diagnostic_records(bdir: Path, n: int = 256) -> tuple[list[dict], dict, dict]:
+    """The first ``n`` distillation traces of a build, the class of each of their response tokens and
+    the kind of line each sits on."""
     from transformers import AutoTokenizer
 
     from dcd_jax.data import DataConfig
-    from dcd_jax.eval.weight_diagnostics import record_token_classes
+    from dcd_jax.eval.weight_diagnostics import record_line_kinds, record_token_classes
 
     records = [json.loads(line) for line in open(bdir / "traces" / "train.jsonl")][:n]
     tokenizer = AutoTokenizer.from_pretrained(bdir / "assets" / "tokenizer")
-    return records, record_token_classes(records, tokenizer, DataConfig(path=str(bdir / "traces" / "train.jsonl")))
+    data_cfg = DataConfig(path=str(bdir / "traces" / "train.jsonl"))
+    return records, record_token_classes(records, tokenizer, data_cfg), record_line_kinds(records, tokenizer, data_cfg)
 
 
 def build_record(work: Path, regime: str, build: int) -> dict:
@@ -231,13 +233,14 @@ def build_record(work: Path, regime: str, build: int) -> dict:
     rec["teacher_val_curve"] = teacher_done.get("val_curve", [])
     # Step 0: the pretrained student's and the teacher's NLL of the traces by style and by token class,
     # and the weights of each DCD weighting.
-    records, classes = diagnostic_records(bdir)
+    records, classes, kinds = diagnostic_records(bdir)
     scores = score_records(student["flax"], records, bdir / "study_diag")
     teacher_scores = bdir / "traces" / "train.teacher.parquet"
     teacher_nll = weight_diagnostics(from_dict(ObjectiveConfig, {"weighting": "none"}), records, teacher_scores,
                                      teacher_scores)
     rec["step0"] = {"teacher_nll_by_style": teacher_nll["student_nll_by_style"], "weights": {
-        w: weight_diagnostics(from_dict(ObjectiveConfig, {"weighting": w}), records, scores, teacher_scores, classes)
+        w: weight_diagnostics(from_dict(ObjectiveConfig, {"weighting": w}), records, scores, teacher_scores, classes,
+                              kinds)
         for w in DIAGNOSED}}
     marker.write_text(json.dumps(rec, indent=2))
     return rec
@@ -275,10 +278,10 @@ def train_run(work: Path, regime: str, build: int, method: str, setting: str, se
         from dcd_jax.eval.weight_diagnostics import weight_diagnostics
         from dcd_jax.objectives.config import ObjectiveConfig
 
-        records, classes = diagnostic_records(bdir)
+        records, classes, kinds = diagnostic_records(bdir)
         scores = score_records(trained["hf"], records, run_dir / "diag_after")
         result["weights_after"] = weight_diagnostics(from_dict(ObjectiveConfig, objective), records, scores,
-                                                     traces / "train.teacher.parquet", classes)
+                                                     traces / "train.teacher.parquet", classes, kinds)
     result["seconds"] = round(time.time() - t0, 1)
     marker.parent.mkdir(parents=True, exist_ok=True)
     tmp = marker.with_suffix(".tmp")
@@ -443,8 +446,9 @@ def decide(rows: list[dict], methods: dict) -> dict:
 
 
 def diagnose(work: Path) -> dict:
-    """Token-DCD's weights by trace style x token class, recomputed from the cached per-token scores:
-    the pretrained student's (step 0, each build) and each DCD-CE run's final student's. Written to
+    """Token-DCD's weights by trace style x token class and by kind of line, recomputed from the
+    cached per-token scores: the pretrained student's (step 0, each build) and each DCD-CE and
+    DCD-prefix run's final student's (each with its own weighting). Written to
     ``<work>/diagnostics.json``, which :func:`write_results` merges into the study JSON."""
     from dcd_jax.config import from_dict
     from dcd_jax.eval.weight_diagnostics import weight_diagnostics
@@ -456,17 +460,19 @@ def diagnose(work: Path) -> dict:
     for regime, recs in builds.items():
         for build in recs:
             bdir = build_dir(work, regime, build)
-            records, classes = diagnostic_records(bdir)
+            records, classes, kinds = diagnostic_records(bdir)
             teacher = bdir / "traces" / "train.teacher.parquet"
             key = f"{regime}-b{build}"
             out[key] = {"step0": weight_diagnostics(cfg, records, bdir / "study_diag" / "student.parquet", teacher,
-                                                    classes)}
+                                                    classes, kinds)}
             for r in runs:
                 scores = work / "runs" / run_name(regime, build, r["method"], r["setting"], r["seed"]) / "diag_after" / \
                     "student.parquet"
-                if r["regime"] == regime and r["build"] == build and r["method"] == "DCD-CE" and scores.is_file():
-                    out[key][f"DCD-CE seed {r['seed']}"] = {
-                        **weight_diagnostics(cfg, records, scores, teacher, classes),
+                if r["regime"] == regime and r["build"] == build and r["method"] in ("DCD-CE", "DCD-prefix") \
+                        and scores.is_file():
+                    out[key][f"{r['method']} seed {r['seed']}"] = {
+                        **weight_diagnostics(from_dict(ObjectiveConfig, r["objective"]), records, scores, teacher,
+                                             classes, kinds),
                         "eval_accuracy": r["eval"]["accuracy"], "careful_share": r["eval"]["careful_share"]}
     (work / "diagnostics.json").write_text(json.dumps(out, indent=1))
     return out

@@ -51,6 +51,15 @@ def _shares(counts: dict) -> str:
 # The study scripts record no machine; they ran on the 2-core x86_64 host the demo's JSON names (its
 # ``conditions``: the study's runs trained beside the demo on the same 2 cores).
 STUDY_MACHINE = "x86_64, 2 CPU cores"
+# The study's distillation-data regimes (bench/study.py REGIMES); the first one's val sweeps tune the others.
+TUNED_ON = "pertrace"
+REGIME_TEXT = {
+    "pertrace": "each trace in one style (careful, compressed or terse), as in the demo",
+    "withintrace": "every trace mixes careful and compressed lines (each next pair of operations compressed with "
+                   "probability 0.5), so no filter of whole traces removes the hard lines",
+    "errors": "the demo's style mix, with 30% of the traces stating one wrong intermediate value (off by 1-3) "
+              "on a line before the last while the next lines go on from the right value (the answer stays right)",
+}
 
 
 def _public(command: str) -> str:
@@ -743,11 +752,18 @@ def study_section() -> str | None:
         if not methods:
             continue
         builds = r["builds"]
-        chosen = "; ".join(f"{m}: `{summary['settings'][m]}` (val accuracy "
-                           + ", ".join(f"{k} {v:.3f}" for k, v in sorted(summary["sweeps"][m].items())) + ")"
-                           for m in summary.get("settings", {}) if summary["settings"][m] and m in methods)
-        out.append(f"**Regime `{reg}`** ({len(builds)} builds; settings chosen on `val` of build 0, seed 0: {chosen}). "
-                   f"Ranked by mean `val` accuracy: {', '.join(summary['ranking_by_val'])}.\n")
+        if reg == TUNED_ON:
+            chosen = "settings chosen on `val` of build 0, seed 0: " + "; ".join(
+                f"{m}: `{summary['settings'][m]}` (val accuracy "
+                + ", ".join(f"{k} {v:.3f}" for k, v in sorted(summary["sweeps"][m].items())) + ")"
+                for m in summary.get("settings", {}) if summary["settings"][m] and m in methods)
+        else:
+            chosen = f"settings as chosen on `{TUNED_ON}`'s `val`: " + ", ".join(
+                f"{m} `{v}`" for m, v in summary.get("settings", {}).items() if v and m in methods)
+        seeds = sorted({x["seed"] for x in d["runs"] if x["regime"] == reg})
+        out.append(f"**Regime `{reg}`**: {REGIME_TEXT.get(reg, r.get('task_overrides'))} ({len(builds)} builds x "
+                   f"{len(seeds)} seed(s); {chosen}). Ranked by mean `val` accuracy: "
+                   f"{', '.join(summary['ranking_by_val'])}.\n")
         rows = []
         for name, m in methods.items():
             e, v = m["eval"], m["val"]
@@ -763,8 +779,9 @@ def study_section() -> str | None:
                              None, "", ""])
         dec = summary.get("decision")
         if dec:
+            label = "Default chosen on `val`" if reg == TUNED_ON else "Best on `val` in this regime, by the same rule"
             out.append(
-                f"**Default chosen on `val`: {dec['pick']}.** Rule: {dec['rule']}. Paired val difference to SFT: "
+                f"**{label}: {dec['pick']}.** Rule: {dec['rule']}. Paired val difference to SFT: "
                 + ", ".join(f"{k} {v:+.3f}" for k, v in sorted(dec["val_minus_sft"].items(), key=lambda kv: -kv[1]))
                 + f"; {dec['first']} − {dec['runner_up']} on val (paired, pooled): "
                 + _hier(dec["first_minus_runner_up_val"])
@@ -836,6 +853,20 @@ def study_section() -> str | None:
                                   _fmt(x.get("careful_share"), 2), *cells])
             out.append(_table(["build", "student", "eval accuracy", "careful share",
                                *[f"{c} (careful / compressed)" for c in classes]], drows))
+            kinds = ("one-op", "multi-op", "wrong", "text")
+            krows = [[key.split("-")[-1], when, _fmt(x.get("eval_accuracy")), _fmt(x.get("careful_share"), 2),
+                      *[" / ".join(_fmt(x[f].get(k), 2) for f in ("by_line_kind", "student_nll_by_line_kind",
+                                                                     "teacher_nll_by_line_kind"))
+                        for k in kinds]]
+                     for key, per in diag.items() for when, x in per.items() if "by_line_kind" in x]
+            if krows:
+                out.append("\nBy kind of line: each weighting's mean token weight / the student's NLL / the teacher's "
+                           "NLL (nats per token) on tokens of careful computation lines (`one-op`), compressed ones "
+                           "(`multi-op`), the teacher's wrong intermediate line (`wrong`, regime `errors`) and other "
+                           "lines (`text`: restated sentences, the answer); `step0` is token DCD with the pretrained "
+                           "student, the others each run's own weighting with its final student:\n")
+                out.append(_table(["build", "student", "eval accuracy", "careful share",
+                                   *[f"{k} (weight / student NLL / teacher NLL)" for k in kinds]], krows))
         seq = [x for x in d["runs"] if x["regime"] == reg and x["method"] == "DCD-seq" and "weights_after" in x]
         for x in seq:
             b0 = builds.get(str(x["build"]), {}).get("step0", {}).get("weights", {}).get("dcd_sequence", {})
@@ -893,6 +924,12 @@ def study_headline() -> str | None:
         if not methods or not dec:
             continue
         seeds = sorted({x["seed"] for x in d["runs"] if x["regime"] == reg})
+        if reg != TUNED_ON:
+            out.append(f"Regime `{reg}` ({REGIME_TEXT.get(reg, reg)}; {len(r['builds'])} builds × {len(seeds)} "
+                       "seed(s)), eval − SFT, paired and pooled: " + "; ".join(
+                           f"{name} {_hier(m['eval'].get('minus_SFT', {}).get('pooled'))}"
+                           for name, m in methods.items() if name != "SFT") + f"; best on `val`: {dec['pick']}.\n")
+            continue
         line = (f"### The weighting study over rebuilt stages (`python bench/study.py`, {STUDY_MACHINE})\n\n"
                 f"{len(r['builds'])} builds (every upstream stage rebuilt with its own seed) × {len(seeds)} data-order "
                 f"seeds, regime `{reg}`; the default is chosen on `val`, accuracy is on `eval`; paired differences pooled "

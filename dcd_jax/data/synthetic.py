@@ -382,11 +382,15 @@ def classify_style(text: str) -> str:
     """
     if extract_answer(text) is None:
         return "other"
-    computations = [line for line in text.split("\n") if " = " in line]
-    if not computations:
+    ops = [line_operations(line) for line in text.split("\n") if " = " in line]
+    if not ops:
         return "answer_only"
-    ops = [len(_OPERATOR_RE.findall(line.split(" = ")[0])) for line in computations]
     return "careful" if max(ops) <= 1 else "compressed"
+
+
+def line_operations(line: str) -> int:
+    """The number of operations left of `` = `` on a computation line (``4 + 3 - 2 = 5.`` -> 2)."""
+    return len(_OPERATOR_RE.findall(line.split(" = ")[0]))
 
 
 def extract_answer(text: str) -> str | None:
