@@ -62,7 +62,17 @@ METHODS = {
     "DCD-CE": ({"loss": "ce", "weighting": "dcd"}, "all"),
     "DCD-prefix": ({"loss": "ce", "weighting": "dcd_prefix"}, "all"),
     "DCD-seq": ({"loss": "ce", "weighting": "dcd_sequence"}, "all"),
+    # What the diagnosis points to (token DCD discounts compressed lines far less than DCD-prefix): a
+    # sharper token weight; and the same comparison on the teacher's top-k distribution.
+    "DCD-CE-tau0.5": ({"loss": "ce", "weighting": "dcd", "dcd": {"tau": 0.5}}, "all"),
+    "KL": ({"loss": "kl", "weighting": "none"}, "all"),
+    "DCD-prefix-KL": ({"loss": "kl", "weighting": "dcd_prefix"}, "all"),
+    # The on-policy reference: online GKD (the live teacher scores every batch, half of them the
+    # student's own samples) for as many steps as fit in an SFT run's wall time (gkd_calibration).
+    "GKD-wall": ({"loss": "gkd", "weighting": "none", "gkd": {"lmbda": 0.5, "beta": 0.5, "teacher_dtype": "float32"}},
+                 "all"),
 }
+CALIBRATION_STEPS = 40
 DEFAULT_METHODS = ("SFT", "Oracle-filter", "Select", "DCD-CE", "DCD-prefix")
 # Validation sweeps (build 0, seed 0, split val), one per method with a setting: the selection's keep
 # fraction, and the trace-level weighting's sigmoid temperature (a diagnostic: its weights drift).
@@ -246,6 +256,59 @@ def build_record(work: Path, regime: str, build: int) -> dict:
     return rec
 
 
+def gkd_calibration(work: Path, regime: str, build: int, brec: dict, steps: int, lr: float) -> dict:
+    """How many GKD steps take the wall time of ``steps`` SFT steps, measured side by side on this
+    host (short SFT and GKD runs back to back, :data:`CALIBRATION_STEPS` each): a run's wall time is
+    ``c + n * s`` (``s``: mean step time after the first three steps; ``c``: the rest, compilation
+    included), so ``n_GKD = (c_SFT + steps * s_SFT - c_GKD) / s_GKD``. Cached as
+    ``<build dir>/gkd_calibration.json``."""
+    from dcd_jax.demo import _train
+    from dcd_jax.train.metrics import read_metrics
+
+    bdir = build_dir(work, regime, build)
+    marker = bdir / "gkd_calibration.json"
+    if marker.is_file():
+        return json.loads(marker.read_text())
+    scale = build_scale(regime)
+    out = {"calibration_steps": CALIBRATION_STEPS}
+    for name, method in (("SFT", "SFT"), ("GKD", "GKD-wall")):
+        objective, data = run_objective(method, bdir, brec, scale)
+        run_dir = bdir / "gkd_calibration" / name
+        _train(brec["student_flax"], data, objective, CALIBRATION_STEPS, lr, run_dir, scale, 0)
+        out[name] = wall_model([r for r in read_metrics(run_dir / "metrics.jsonl") if "cost/wall_seconds" in r])
+    out.update(matched_steps(out["SFT"], out["GKD"], steps))
+    marker.write_text(json.dumps(out, indent=2))
+    return out
+
+
+def wall_model(rows: list[dict]) -> dict:
+    """``wall(n) = c + n * s`` from a run's logged rows (one per step): ``s`` the mean step time after
+    the first three steps, ``c`` the rest of the last row's cumulative wall time."""
+    step_s = statistics.fmean(r["step_seconds"] for r in rows if r["step"] > 3)
+    return {"step_seconds": step_s, "overhead_seconds": rows[-1]["cost/wall_seconds"] - step_s * rows[-1]["step"],
+            "wall_seconds": rows[-1]["cost/wall_seconds"]}
+
+
+def matched_steps(sft: dict, gkd: dict, steps: int) -> dict:
+    """GKD's steps within the wall time of ``steps`` SFT steps, both by :func:`wall_model`."""
+    wall = sft["overhead_seconds"] + steps * sft["step_seconds"]
+    return {"sft_wall_seconds_at_steps": wall,
+            "gkd_steps": max(1, int((wall - gkd["overhead_seconds"]) / gkd["step_seconds"]))}
+
+
+def run_objective(method: str, bdir: Path, brec: dict, scale) -> tuple[dict, dict]:
+    """A method's objective and data in build ``bdir`` (the scored traces; GKD: the traces only, its
+    teacher live)."""
+    objective, _ = METHODS[method]
+    traces = bdir / "traces"
+    data = {"path": str(traces / "train.jsonl"), "teacher_scores": str(traces / "train.teacher.parquet"),
+            "topk": scale.topk}
+    if objective["loss"] == "gkd":
+        objective = merge(objective, {"gkd": {"teacher_path": brec["teacher_hf"], "max_new_tokens": scale.max_new_tokens}})
+        data = {"path": data["path"]}
+    return objective, data
+
+
 def train_run(work: Path, regime: str, build: int, method: str, setting: str, seed: int, brec: dict,
               steps: int, lr: float, overrides: dict) -> dict:
     """One distillation run, evaluated on val and eval (cached as ``<work>/runs/<name>.json``)."""
@@ -257,11 +320,12 @@ def train_run(work: Path, regime: str, build: int, method: str, setting: str, se
         return json.loads(marker.read_text())
     bdir = build_dir(work, regime, build)
     scale = build_scale(regime)
-    objective, data_kind = METHODS[method]
+    objective, data = run_objective(method, bdir, brec, scale)
+    data_kind = METHODS[method][1]
     objective = merge(objective, overrides)
     traces = bdir / "traces"
-    data = {"path": str(traces / "train.jsonl"), "teacher_scores": str(traces / "train.teacher.parquet"),
-            "topk": scale.topk}
+    if method == "GKD-wall":
+        steps = gkd_calibration(work, regime, build, brec, steps, lr)["gkd_steps"]
     if data_kind == "careful":
         data = {"path": str(careful_only(traces))}
     if data_kind == "select":
@@ -269,8 +333,10 @@ def train_run(work: Path, regime: str, build: int, method: str, setting: str, se
     run_dir = work / "runs" / name
     t0 = time.time()
     trained = _train(brec["student_flax"], data, objective, steps, lr, run_dir, scale, seed)
+    from dcd_jax.train.cost import run_cost
+
     result = {"regime": regime, "build": build, "method": method, "setting": setting, "seed": seed,
-              "objective": objective, "data": data_kind, "train": trained,
+              "objective": objective, "data": data_kind, "train": trained, "cost": run_cost(run_dir / "metrics.jsonl"),
               "val": eval_split(trained["hf"], bdir, "val", run_dir / "results_val", scale),
               "eval": eval_split(trained["hf"], bdir, "eval", run_dir / "results", scale)}
     if objective["weighting"] in DIAGNOSED:  # what its weights emphasize at the end of training

@@ -104,3 +104,19 @@ def test_restore_seeds_the_run_cache_and_refuses_a_build_that_rebuilt_differentl
         study.check_reproduced(committed, {"regime": "pertrace", "build": 1, **record,
                                            "undistilled": {"eval": {"accuracy": 0.49}}})
     assert exit_info.value.code == 2 and "rebuilt differently (undistilled)" in capsys.readouterr().err
+
+
+def test_gkd_steps_match_the_sft_runs_wall_time():
+    """wall(n) = c + n * s per run (steady step time after step 3); GKD gets the steps that fit in SFT's."""
+    sft_rows = [{"step": i, "step_seconds": 5.0 if i == 1 else 0.5, "cost/wall_seconds": 5.0 + 0.5 * (i - 1)}
+                for i in range(1, 11)]
+    gkd_rows = [{"step": i, "step_seconds": 9.0 if i == 1 else 2.0 if i % 2 else 1.0,
+                 "cost/wall_seconds": 0.0} for i in range(1, 11)]
+    gkd_rows[-1]["cost/wall_seconds"] = 9.0 + sum(r["step_seconds"] for r in gkd_rows[1:])
+    sft, gkd = study.wall_model(sft_rows), study.wall_model(gkd_rows)
+    assert sft["step_seconds"] == 0.5 and sft["overhead_seconds"] == pytest.approx(4.5)
+    assert gkd["step_seconds"] == pytest.approx(10 / 7)  # steps 4..10: four of 1 s (even), three of 2 s
+    matched = study.matched_steps(sft, gkd, 240)
+    assert matched["sft_wall_seconds_at_steps"] == pytest.approx(4.5 + 120)
+    assert matched["gkd_steps"] == int((124.5 - gkd["overhead_seconds"]) / (10 / 7))
+    assert study.matched_steps(sft, {"step_seconds": 1.0, "overhead_seconds": 1e6}, 240)["gkd_steps"] == 1
