@@ -544,6 +544,30 @@ def diagnose(work: Path) -> dict:
     return out
 
 
+def anatomy(work: Path) -> dict:
+    """Where each run's (and each build's teacher's and undistilled student's) greedy eval outputs go
+    wrong (:func:`~dcd_jax.eval.weight_diagnostics.error_shares`), from their cached generations.
+    Written to ``<work>/anatomy.json``, which :func:`write_results` merges into the study JSON."""
+    from dcd_jax.eval.weight_diagnostics import error_shares
+
+    def shares(path: Path) -> dict | None:
+        return error_shares([json.loads(line) for line in open(path)]) if path.is_file() else None
+
+    generations = Path("generations") / "m" / "generations" / "embedded.jsonl"
+    out: dict = {"runs": {}, "baselines": {}}
+    for p in sorted((work / "runs").glob("*.json")):
+        found = shares(work / "runs" / p.stem / "results" / generations)
+        if found is not None:
+            out["runs"][p.stem] = found
+    for p in sorted(work.glob("*-b*/study_build.json")):
+        for who in ("teacher", "undistilled"):
+            found = shares(p.parent / "study_baselines" / f"{who}-eval" / generations)
+            if found is not None:
+                out["baselines"][f"{p.parent.name}-{who}"] = found
+    (work / "anatomy.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
 def collect(work: Path) -> tuple[list[dict], dict]:
     runs = [json.loads(p.read_text()) for p in sorted((work / "runs").glob("*.json"))]
     builds = {}
@@ -590,7 +614,9 @@ def write_results(out: Path, work: Path, args, code: str) -> dict:
                                      for b, rec in sorted(builds.get(reg, {}).items())},
                           "summary": summarize(runs, builds.get(reg, {}), reg)}
                     for reg in sorted({r["regime"] for r in runs} | set(builds))},
-        "diagnostics": json.loads((work / "diagnostics.json").read_text()) if (work / "diagnostics.json").is_file() else {},
+        # recomputed by --diagnose from files this machine caches; else kept from the study JSON
+        **{key: json.loads((work / f"{key}.json").read_text()) if (work / f"{key}.json").is_file()
+           else previous.get(key, {}) for key in ("diagnostics", "anatomy")},
         "runs": [{k: v for k, v in r.items()} for r in runs],
         "run_seconds": round(sum(r.get("seconds", 0.0) for r in runs), 1),
     }
@@ -641,13 +667,15 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/study.json")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--diagnose", action="store_true",
-                        help="recompute token DCD's weights by style x token class from the cached scores, then report")
+                        help="recompute the weights by style x token class x kind of line from the cached scores and "
+                             "the outputs' error anatomy from the cached generations, then report")
     parser.add_argument("--restore-runs", metavar="JSON")
     args = parser.parse_args()
     work, out = Path(args.work).absolute(), Path(args.out)
     code = code_version()
     if args.diagnose:
         diagnose(work)
+        anatomy(work)
     if args.report_only or args.diagnose:
         print(json.dumps(write_results(out, work, args, code)["regimes"], indent=1)[:4000])
         return

@@ -789,6 +789,28 @@ def study_section() -> str | None:
                    if dec["tie"] else "") + ".\n")
         out.append(_table(["method", "runs", "eval accuracy", "sd", "val accuracy", "careful share",
                            "multi-op line share", "− SFT (paired, pooled)", "− undistilled (paired, pooled)"], rows))
+        anat = d.get("anatomy", {})
+        if anat.get("runs"):
+            from_runs = {}
+            for x in d["runs"]:
+                name = f"{reg}-b{x['build']}-{x['method']}{'-' + x['setting'] if x['setting'] else ''}-seed{x['seed']}"
+                if x["regime"] == reg and name in anat["runs"] and x["method"] in methods and \
+                        (x["method"] not in summary.get("settings", {}) or x["setting"] == summary["settings"][x["method"]]):
+                    from_runs.setdefault(x["method"], []).append(anat["runs"][name])
+            for who in ("undistilled", "teacher"):
+                found = [v for k, v in anat.get("baselines", {}).items() if k.startswith(f"{reg}-b") and k.endswith(who)]
+                if found:
+                    from_runs[who] = found
+            kinds = ("arithmetic", "misquoted", "skipped", "answer", "wrong_otherwise")
+            if from_runs:
+                out.append("\nWhere the eval outputs go wrong (share of outputs, mean over runs): `arithmetic`, a "
+                           "computation line whose stated value is not its expression's; `misquoted`, a restated "
+                           "sentence that is not the problem's (a wrong number or verb); `skipped`, a careful output "
+                           "that never restates one of the problem's sentences; `answer`, a final answer that is not "
+                           "the last computed value; `wrong_otherwise`, a wrong output with none of these (a wrong "
+                           "operand):\n")
+                out.append(_table(["model", "runs", *kinds], [
+                    [name, len(v), *[sum(r[k] for r in v) / len(v) for k in kinds]] for name, v in from_runs.items()]))
         out.append("\nEval accuracy per build (mean over seeds; the seeds' values in brackets) and each build's "
                    "paired difference to SFT (95% CI over its seeds):\n")
         names = list(methods)

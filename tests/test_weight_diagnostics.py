@@ -241,3 +241,19 @@ def test_weight_by_line_kind_on_generated_records(tmp_path):
     assert out["by_line_kind"]["one-op"] == pytest.approx(0.5, rel=1e-5)
     assert out["student_nll_by_line_kind"]["wrong"] == pytest.approx(1.0, rel=1e-5)
     assert out["teacher_nll_by_line_kind"]["multi-op"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_error_shares_count_outputs_by_kind_of_error():
+    from dcd_jax.eval.weight_diagnostics import error_shares
+
+    prompt = "Ann has 4 coins. She finds 3 more coins. How many coins does Ann have now?"
+    right = "Ann starts with 4 coins.\nShe finds 3 more coins.\n4 + 3 = 7.\nThe answer is 7."
+    gens = [{"prompt": prompt, "response": right, "correct": True, "kind": "greedy"},
+            {"prompt": prompt, "response": right.replace("= 7.\nThe answer is 7", "= 8.\nThe answer is 8"),
+             "correct": False, "kind": "greedy"},
+            {"prompt": prompt, "response": right.replace("4 + 3", "4 + 4").replace("7", "8"), "correct": False,
+             "kind": "greedy"},
+            {"prompt": prompt, "response": right.replace("finds 3", "finds 5"), "correct": True, "kind": "greedy"},
+            {"prompt": prompt, "response": "The answer is 1.", "correct": False, "kind": "sample"}]
+    assert error_shares(gens) == {"arithmetic": 0.25, "misquoted": 0.25, "skipped": 0.25, "answer": 0.0,
+                                  "wrong_otherwise": 0.25}

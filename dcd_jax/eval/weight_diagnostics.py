@@ -264,3 +264,19 @@ def output_diagnostics(generations: list[dict[str, Any]], num_steps: dict[str, i
     n = max(len(generations), 1)
     return {"accuracy_by_steps": {k: sum(v) / len(v) for k, v in sorted(by_steps.items())},
             "style_shares": {k: v / n for k, v in sorted(counts.items())}}
+
+
+def error_shares(generations: list[dict[str, Any]]) -> dict[str, float]:
+    """The anatomy of greedy outputs of the embedded task: the share of outputs with each kind of
+    :func:`~dcd_jax.data.synthetic.trace_errors` error, and ``wrong_otherwise``, the share that are
+    wrong with none of them (a wrong operand taken from the problem or an earlier line)."""
+    from dcd_jax.data.synthetic import TRACE_ERRORS, trace_errors
+
+    greedy = [g for g in generations if g.get("kind", "greedy") == "greedy"]
+    counts = dict.fromkeys((*TRACE_ERRORS, "wrong_otherwise"), 0)
+    for g in greedy:
+        errors = trace_errors(g["prompt"], g["response"])
+        for kind, n in errors.items():
+            counts[kind] += n > 0
+        counts["wrong_otherwise"] += not g["correct"] and not any(errors.values())
+    return {k: v / max(len(greedy), 1) for k, v in counts.items()}
