@@ -12,7 +12,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "dcd_jax"
 
 # Top-level modules with no dcd_jax dependency above them: the ground every part may stand on.
-GROUND = {"errors", "paths", "atomic_files", "config", "sharding", "distributed", "numerics", "host_memory"}
+GROUND = {"errors", "paths", "atomic_files", "config", "sharding", "distributed", "numerics", "host_memory",
+          "stop_tokens"}
 FACES = {"cli", "demo", "tiny_models", "__init__"}  # entry points (and the demo's tiny checkpoints): may use every part
 
 # part -> parts it may import (besides itself and the ground). "Nothing below train imports train."
