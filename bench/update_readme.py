@@ -693,6 +693,23 @@ def _machine_conditions(machine: str) -> str:
     return ", ".join(facts) or "machine load not recorded"
 
 
+def _plan_objectives(files) -> str:
+    """What train step the plans compiled: each records its config's objective (plans made before it
+    did compiled token-level DCD, the ready configs' objective then)."""
+    by_weighting: dict[str, list[str]] = {}
+    for path in files:
+        d = json.loads(path.read_text())
+        weighting = (d.get("objective") or {"weighting": "dcd"})["weighting"]
+        by_weighting.setdefault(weighting, []).append(f"`{Path(d['config']).stem}`")
+    if set(by_weighting) == {"none"}:
+        return ("Each plan compiles its config's train step as the config stands: the default recipe's SFT "
+                "step (`weighting: none`, on selected traces).")
+    return ("Each plan compiles its config's train step with the objective it had when planned: "
+            + "; ".join(f"`weighting: {w}` for {', '.join(names)}" for w, names in sorted(by_weighting.items()))
+            + " (`dcd` adds the batch's cached teacher log-probs and a weight per token to the SFT step; the "
+            "ready configs have used `weighting: none` on selected traces since).")
+
+
 def plan_section() -> str | None:
     files = sorted(RESULTS.glob("plan_*.json"))
     if not files:
@@ -714,9 +731,7 @@ def plan_section() -> str | None:
         "kernel compiled in the same run (a peak from the TPU compiler's refusal when it does not fit). "
         "Roofline: the step-time lower bound "
         "from model FLOPs at peak bf16 FLOP/s and HBM traffic at peak bandwidth, and the tokens/s per chip "
-        "it allows. These plans were compiled while the ready configs still trained token-level DCD "
-        "(`weighting: dcd`): that step holds the default recipe's SFT step plus the batch's cached teacher "
-        "log-probs and a weight per token; `dcd-jax plan` on the current configs compiles the SFT step.\n\n"
+        "it allows. " + _plan_objectives(files) + "\n\n"
         + _table(["config", "slice", "step", "peak GiB", "HBM GiB", "headroom", "einsum peak GiB", "peak ratio",
                   "roofline s/step", "roofline tok/s/chip"], rows) + "\n"
     )
