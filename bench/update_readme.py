@@ -737,6 +737,11 @@ def plan_section() -> str | None:
     )
 
 
+def _regimes(d: dict) -> list[tuple[str, dict]]:
+    """The study's regimes, the one its defaults are tuned on first."""
+    return sorted(d["regimes"].items(), key=lambda kv: (kv[0] != TUNED_ON, kv[0]))
+
+
 def _hier(p: dict | None) -> str:
     """A pooled paired difference: mean [95% CI] (runs > 0, builds > 0)."""
     if not p:
@@ -761,7 +766,7 @@ def study_section() -> str | None:
         "then seeds within each drawn build). Oracle-filter: SFT on the traces whose style is careful (an oracle: "
         "it reads the style label); DCD-seq: every token of a trace weighted by the sigmoid of the trace's mean "
         "student / teacher log-ratio (`weighting: dcd_sequence`), its tau chosen on `val`.\n")
-    for reg, r in d["regimes"].items():
+    for reg, r in _regimes(d):
         summary = r["summary"]
         methods = summary["methods"]
         if not methods:
@@ -955,7 +960,7 @@ def study_headline() -> str | None:
     if d is None:
         return None
     out = []
-    for reg, r in d["regimes"].items():
+    for reg, r in _regimes(d):
         summary = r["summary"]
         methods, dec = summary["methods"], summary.get("decision")
         if not methods or not dec:
@@ -1023,7 +1028,7 @@ def render_objectives_doc() -> str:
     d = _load("study.json")
     body = ""
     if d is not None:
-        for reg, r in d["regimes"].items():
+        for reg, r in _regimes(d):
             methods = r["summary"]["methods"]
             if not methods:
                 continue
