@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import operator
 import random
 import re
 from fractions import Fraction
@@ -429,6 +430,8 @@ def trace_errors(prompt: str, response: str) -> dict[str, int]:
 
 
 _TOKEN_RE = re.compile(r"\s*(\d+|[-+*/()])")
+_SUM_OPS = {"+": operator.add, "-": operator.sub}
+_PRODUCT_OPS = {"*": operator.mul, "/": operator.truediv}
 
 
 def _gist(sentence: str) -> tuple[str, ...]:
@@ -460,23 +463,17 @@ def _evaluate(expression: str) -> Fraction | None:
             return Fraction(int(tokens[pos - 1]))
         raise ValueError
 
-    def multiplicative():
+    def level(ops: dict, operand):
+        """A left-associative run of ``operand``s joined by the operators in ``ops``."""
         nonlocal pos
-        value = atom()
-        while pos < len(tokens) and tokens[pos] in "*/":
-            op = tokens[pos]
+        value = operand()
+        while pos < len(tokens) and tokens[pos] in ops:
             pos += 1
-            value = value * atom() if op == "*" else value / atom()
+            value = ops[tokens[pos - 1]](value, operand())
         return value
 
-    def additive():
-        nonlocal pos
-        value = multiplicative()
-        while pos < len(tokens) and tokens[pos] in "+-":
-            op = tokens[pos]
-            pos += 1
-            value = value + multiplicative() if op == "+" else value - multiplicative()
-        return value
+    multiplicative = lambda: level(_PRODUCT_OPS, atom)  # noqa: E731
+    additive = lambda: level(_SUM_OPS, multiplicative)  # noqa: E731
 
     try:
         value = additive()
