@@ -26,7 +26,7 @@ traces), hashing, the score join and packing still run for every record read.
 
     nice -n 10 python bench/data_scale.py [--sizes 10000,100000,1000000] [--reference b1b7f73]
 
-Prints a table; writes bench/results/data_scale_cpu.json (README table: bench/update_readme.py).
+Prints a table; writes bench/results/data_scale_cpu.json (docs/results.md table: bench/update_readme.py).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything that needs an NVIDIA GPU, in one call: the GPU-only tests, then the train-step and
-# sampler benchmarks (einsum and cuDNN attention), then the README's results section.
+# sampler benchmarks (einsum and cuDNN attention), then the generated results (README.md, docs/results.md).
 #   bash bench/gpu.sh            # from the repository root, with the package installed (`.[cuda]`)
 # Writes bench/results/{train_step,sampler}_<gpu>.json (the device named in the file and inside).
 set -euo pipefail

@@ -34,6 +34,7 @@ READY = {
     "qwen2.5-1.5b-dcd": "v5e:2x4",
     "qwen2.5-0.5b-dcd": "v5e:2x4",
     "llama3.2-1b-dcd": "v5e:2x4",
+    "gemma3-1b-dcd": "v5e:2x4",
 }
 
 
@@ -48,6 +49,7 @@ def plan_one(name: str, topology: str) -> dict:
     return {
         "config": f"configs/{name}.yaml", "topology": topology, "command":
             f"dcd-jax plan --config configs/{name}.yaml --topology {topology}",
+        "objective": {"loss": cfg.objective.loss, "weighting": cfg.objective.weighting},
         "jax": jax.__version__, "host": platform.node(), "compile_seconds": compile_s,
         "plan": report.to_dict(), "reference_einsum": reference.to_dict(),
         "peak_vs_einsum": report.peak / reference.peak,

@@ -44,8 +44,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from experiment import code_version, line_statistics, merge, score_records, summarize_eval  # noqa: E402
 
 # The distillation regimes: overrides of the demo task (the teacher is trained on, and the
-# distillation data drawn from, the regime's task). ``pertrace``: each trace in one style (the demo).
-REGIMES = {"pertrace": {}}
+# distillation data drawn from, the regime's task). ``pertrace``: each trace in one style (the demo);
+# ``withintrace``: every trace mixes careful and compressed lines (no whole-trace filter removes the hard
+# lines); ``errors``: the demo's mix, 30% of traces with one wrong intermediate line that still reach
+# the right answer. A regime changes the task only, so the student's base stage (pretrain) is the same
+# in every regime of a build and is shared (:func:`share_pretrain`).
+REGIMES = {"pertrace": {}, "withintrace": {"style_mix": {"mixed": 1.0}}, "errors": {"intermediate_error_rate": 0.3}}
+# The regime whose build-0 val sweeps choose the swept settings of the others (one tuning, on val).
+TUNED_ON = "pertrace"
 # name -> (objective, data): data "all" = the scored distillation traces, "careful" = the oracle filter.
 # "select": SFT on the traces the pretrained student fits best (dcd_jax.teacher.selection; the keep
 # fraction is the run's setting, chosen on val).
@@ -56,7 +62,17 @@ METHODS = {
     "DCD-CE": ({"loss": "ce", "weighting": "dcd"}, "all"),
     "DCD-prefix": ({"loss": "ce", "weighting": "dcd_prefix"}, "all"),
     "DCD-seq": ({"loss": "ce", "weighting": "dcd_sequence"}, "all"),
+    # What the diagnosis points to (token DCD discounts compressed lines far less than DCD-prefix): a
+    # sharper token weight; and the same comparison on the teacher's top-k distribution.
+    "DCD-CE-tau0.5": ({"loss": "ce", "weighting": "dcd", "dcd": {"tau": 0.5}}, "all"),
+    "KL": ({"loss": "kl", "weighting": "none"}, "all"),
+    "DCD-prefix-KL": ({"loss": "kl", "weighting": "dcd_prefix"}, "all"),
+    # The on-policy reference: online GKD (the live teacher scores every batch, half of them the
+    # student's own samples) for as many steps as fit in an SFT run's wall time (gkd_calibration).
+    "GKD-wall": ({"loss": "gkd", "weighting": "none", "gkd": {"lmbda": 0.5, "beta": 0.5, "teacher_dtype": "float32"}},
+                 "all"),
 }
+CALIBRATION_STEPS = 40
 DEFAULT_METHODS = ("SFT", "Oracle-filter", "Select", "DCD-CE", "DCD-prefix")
 # Validation sweeps (build 0, seed 0, split val), one per method with a setting: the selection's keep
 # fraction, and the trace-level weighting's sigmoid temperature (a diagnostic: its weights drift).
@@ -105,6 +121,35 @@ def build_scale(regime: str):
     return dataclasses.replace(scale, task=dataclasses.replace(scale.task, **REGIMES[regime])) if REGIMES[regime] else scale
 
 
+def share_pretrain(work: Path, regime: str, build: int) -> Path | None:
+    """Reuse build ``build``'s student base stage from :data:`TUNED_ON` in another regime: copy its
+    ``runs/pretrain`` and stage marker before the stages run (the pretraining data, tokenizer and
+    initial student depend on the build's seed only; :func:`check_shared_pretrain` verifies it)."""
+    import shutil
+
+    src, dst = build_dir(work, TUNED_ON, build), build_dir(work, regime, build)
+    if regime == TUNED_ON or not (src / "pretrain.done.json").is_file() or (dst / "pretrain.done.json").is_file():
+        return None
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(src / "runs" / "pretrain", dst / "runs" / "pretrain", dirs_exist_ok=True)
+    shutil.copy2(src / "pretrain.done.json", dst / "pretrain.done.json")
+    return src
+
+
+SHARED_INPUTS = ("assets/pretrain.jsonl", "assets/tokenizer/tokenizer.json", "assets/student_init/model-00001-of-00001.safetensors")
+
+
+def check_shared_pretrain(work: Path, regime: str, build: int) -> None:
+    """Raise unless the inputs of a shared base stage are byte-identical to those it was trained on."""
+    import hashlib
+
+    src, dst = build_dir(work, TUNED_ON, build), build_dir(work, regime, build)
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()
+    differ = [f for f in SHARED_INPUTS if digest(src / f) != digest(dst / f)]
+    if differ:
+        raise RuntimeError(f"{dst}: the shared base stage was trained on other inputs ({', '.join(differ)})")
+
+
 def run_name(regime: str, build: int, method: str, setting: str, seed: int) -> str:
     return f"{regime}-b{build}-{method}{'-' + setting if setting else ''}-seed{seed}"
 
@@ -150,16 +195,18 @@ def eval_split(model: str, bdir: Path, split: str, out: Path, scale) -> dict:
 DIAGNOSED = ("dcd", "dcd_prefix", "dcd_sequence")
 
 
-def diagnostic_records(bdir: Path, n: int = 256) -> tuple[list[dict], dict]:
-    """The first ``n`` distillation traces of a build and the class of each of their response tokens."""
+def diagnostic_records(bdir: Path, n: int = 256) -> tuple[list[dict], dict, dict]:
+    """The first ``n`` distillation traces of a build, the class of each of their response tokens and
+    the kind of line each sits on."""
     from transformers import AutoTokenizer
 
     from dcd_jax.data import DataConfig
-    from dcd_jax.eval.weight_diagnostics import record_token_classes
+    from dcd_jax.eval.weight_diagnostics import record_line_kinds, record_token_classes
 
     records = [json.loads(line) for line in open(bdir / "traces" / "train.jsonl")][:n]
     tokenizer = AutoTokenizer.from_pretrained(bdir / "assets" / "tokenizer")
-    return records, record_token_classes(records, tokenizer, DataConfig(path=str(bdir / "traces" / "train.jsonl")))
+    data_cfg = DataConfig(path=str(bdir / "traces" / "train.jsonl"))
+    return records, record_token_classes(records, tokenizer, data_cfg), record_line_kinds(records, tokenizer, data_cfg)
 
 
 def build_record(work: Path, regime: str, build: int) -> dict:
@@ -172,12 +219,18 @@ def build_record(work: Path, regime: str, build: int) -> dict:
     bdir = build_dir(work, regime, build)
     marker = bdir / "study_build.json"
     scale = build_scale(regime)
+    if not marker.is_file() and regime != TUNED_ON:
+        if not (build_dir(work, TUNED_ON, build) / "pretrain.done.json").is_file():
+            build_record(work, TUNED_ON, build)  # its base stage is shared
+        share_pretrain(work, regime, build)
     student = prepare_student(bdir, scale, "competent", seed=build)  # the demo's stages, cached
     if marker.is_file():
         return json.loads(marker.read_text())
+    if regime != TUNED_ON:
+        check_shared_pretrain(work, regime, build)
     teacher = bdir / "runs" / "teacher" / "hf"
     rec = {"regime": regime, "build": build, "student_flax": student["flax"], "student_hf": student["hf"],
-           "teacher_hf": str(teacher)}
+           "teacher_hf": str(teacher), **({"pretrain_shared_with": f"{TUNED_ON}-b{build}"} if regime != TUNED_ON else {})}
     for name, model in (("teacher", str(teacher)), ("undistilled", student["hf"])):
         rec[name] = {split: eval_split(model, bdir, split, bdir / "study_baselines" / f"{name}-{split}", scale)
                      for split in ("eval", "val")}
@@ -190,16 +243,70 @@ def build_record(work: Path, regime: str, build: int) -> dict:
     rec["teacher_val_curve"] = teacher_done.get("val_curve", [])
     # Step 0: the pretrained student's and the teacher's NLL of the traces by style and by token class,
     # and the weights of each DCD weighting.
-    records, classes = diagnostic_records(bdir)
+    records, classes, kinds = diagnostic_records(bdir)
     scores = score_records(student["flax"], records, bdir / "study_diag")
     teacher_scores = bdir / "traces" / "train.teacher.parquet"
     teacher_nll = weight_diagnostics(from_dict(ObjectiveConfig, {"weighting": "none"}), records, teacher_scores,
                                      teacher_scores)
     rec["step0"] = {"teacher_nll_by_style": teacher_nll["student_nll_by_style"], "weights": {
-        w: weight_diagnostics(from_dict(ObjectiveConfig, {"weighting": w}), records, scores, teacher_scores, classes)
+        w: weight_diagnostics(from_dict(ObjectiveConfig, {"weighting": w}), records, scores, teacher_scores, classes,
+                              kinds)
         for w in DIAGNOSED}}
     marker.write_text(json.dumps(rec, indent=2))
     return rec
+
+
+def gkd_calibration(work: Path, regime: str, build: int, brec: dict, steps: int, lr: float) -> dict:
+    """How many GKD steps take the wall time of ``steps`` SFT steps, measured side by side on this
+    host (short SFT and GKD runs back to back, :data:`CALIBRATION_STEPS` each): a run's wall time is
+    ``c + n * s`` (``s``: mean step time after the first three steps; ``c``: the rest, compilation
+    included), so ``n_GKD = (c_SFT + steps * s_SFT - c_GKD) / s_GKD``. Cached as
+    ``<build dir>/gkd_calibration.json``."""
+    from dcd_jax.demo import _train
+    from dcd_jax.train.metrics import read_metrics
+
+    bdir = build_dir(work, regime, build)
+    marker = bdir / "gkd_calibration.json"
+    if marker.is_file():
+        return json.loads(marker.read_text())
+    scale = build_scale(regime)
+    out = {"calibration_steps": CALIBRATION_STEPS}
+    for name, method in (("SFT", "SFT"), ("GKD", "GKD-wall")):
+        objective, data = run_objective(method, bdir, brec, scale)
+        run_dir = bdir / "gkd_calibration" / name
+        _train(brec["student_flax"], data, objective, CALIBRATION_STEPS, lr, run_dir, scale, 0)
+        out[name] = wall_model([r for r in read_metrics(run_dir / "metrics.jsonl") if "cost/wall_seconds" in r])
+    out.update(matched_steps(out["SFT"], out["GKD"], steps))
+    marker.write_text(json.dumps(out, indent=2))
+    return out
+
+
+def wall_model(rows: list[dict]) -> dict:
+    """``wall(n) = c + n * s`` from a run's logged rows (one per step): ``s`` the mean step time after
+    the first three steps, ``c`` the rest of the last row's cumulative wall time."""
+    step_s = statistics.fmean(r["step_seconds"] for r in rows if r["step"] > 3)
+    return {"step_seconds": step_s, "overhead_seconds": rows[-1]["cost/wall_seconds"] - step_s * rows[-1]["step"],
+            "wall_seconds": rows[-1]["cost/wall_seconds"]}
+
+
+def matched_steps(sft: dict, gkd: dict, steps: int) -> dict:
+    """GKD's steps within the wall time of ``steps`` SFT steps, both by :func:`wall_model`."""
+    wall = sft["overhead_seconds"] + steps * sft["step_seconds"]
+    return {"sft_wall_seconds_at_steps": wall,
+            "gkd_steps": max(1, int((wall - gkd["overhead_seconds"]) / gkd["step_seconds"]))}
+
+
+def run_objective(method: str, bdir: Path, brec: dict, scale) -> tuple[dict, dict]:
+    """A method's objective and data in build ``bdir`` (the scored traces; GKD: the traces only, its
+    teacher live)."""
+    objective, _ = METHODS[method]
+    traces = bdir / "traces"
+    data = {"path": str(traces / "train.jsonl"), "teacher_scores": str(traces / "train.teacher.parquet"),
+            "topk": scale.topk}
+    if objective["loss"] == "gkd":
+        objective = merge(objective, {"gkd": {"teacher_path": brec["teacher_hf"], "max_new_tokens": scale.max_new_tokens}})
+        data = {"path": data["path"]}
+    return objective, data
 
 
 def train_run(work: Path, regime: str, build: int, method: str, setting: str, seed: int, brec: dict,
@@ -213,11 +320,12 @@ def train_run(work: Path, regime: str, build: int, method: str, setting: str, se
         return json.loads(marker.read_text())
     bdir = build_dir(work, regime, build)
     scale = build_scale(regime)
-    objective, data_kind = METHODS[method]
+    objective, data = run_objective(method, bdir, brec, scale)
+    data_kind = METHODS[method][1]
     objective = merge(objective, overrides)
     traces = bdir / "traces"
-    data = {"path": str(traces / "train.jsonl"), "teacher_scores": str(traces / "train.teacher.parquet"),
-            "topk": scale.topk}
+    if method == "GKD-wall":
+        steps = gkd_calibration(work, regime, build, brec, steps, lr)["gkd_steps"]
     if data_kind == "careful":
         data = {"path": str(careful_only(traces))}
     if data_kind == "select":
@@ -225,8 +333,10 @@ def train_run(work: Path, regime: str, build: int, method: str, setting: str, se
     run_dir = work / "runs" / name
     t0 = time.time()
     trained = _train(brec["student_flax"], data, objective, steps, lr, run_dir, scale, seed)
+    from dcd_jax.train.cost import run_cost
+
     result = {"regime": regime, "build": build, "method": method, "setting": setting, "seed": seed,
-              "objective": objective, "data": data_kind, "train": trained,
+              "objective": objective, "data": data_kind, "train": trained, "cost": run_cost(run_dir / "metrics.jsonl"),
               "val": eval_split(trained["hf"], bdir, "val", run_dir / "results_val", scale),
               "eval": eval_split(trained["hf"], bdir, "eval", run_dir / "results", scale)}
     if objective["weighting"] in DIAGNOSED:  # what its weights emphasize at the end of training
@@ -234,10 +344,10 @@ def train_run(work: Path, regime: str, build: int, method: str, setting: str, se
         from dcd_jax.eval.weight_diagnostics import weight_diagnostics
         from dcd_jax.objectives.config import ObjectiveConfig
 
-        records, classes = diagnostic_records(bdir)
+        records, classes, kinds = diagnostic_records(bdir)
         scores = score_records(trained["hf"], records, run_dir / "diag_after")
         result["weights_after"] = weight_diagnostics(from_dict(ObjectiveConfig, objective), records, scores,
-                                                     traces / "train.teacher.parquet", classes)
+                                                     traces / "train.teacher.parquet", classes, kinds)
     result["seconds"] = round(time.time() - t0, 1)
     marker.parent.mkdir(parents=True, exist_ok=True)
     tmp = marker.with_suffix(".tmp")
@@ -303,8 +413,10 @@ def check_weights(work: Path, regime: str, build: int, brec: dict, batches: int 
 
 
 def chosen_setting(runs: list[dict], regime: str, method: str = "DCD-seq") -> str | None:
-    """The ``SWEEPS[method]`` entry with the best val accuracy on build 0, seed 0 (ties: the middle
-    entry, i.e. ``tau1`` / ``keep0.5``); None until the sweep has run."""
+    """The ``SWEEPS[method]`` entry with the best val accuracy on build 0, seed 0 of :data:`TUNED_ON`
+    (every regime uses that choice; ties: the middle entry, i.e. ``tau1`` / ``keep0.5``); None until
+    the sweep has run."""
+    regime = TUNED_ON
     sweep = {r["setting"]: r["val"]["accuracy"] for r in runs
              if r["regime"] == regime and r["build"] == 0 and r["seed"] == 0 and r["method"] == method}
     if set(sweep) != set(SWEEPS[method]):
@@ -400,8 +512,9 @@ def decide(rows: list[dict], methods: dict) -> dict:
 
 
 def diagnose(work: Path) -> dict:
-    """Token-DCD's weights by trace style x token class, recomputed from the cached per-token scores:
-    the pretrained student's (step 0, each build) and each DCD-CE run's final student's. Written to
+    """Token-DCD's weights by trace style x token class and by kind of line, recomputed from the
+    cached per-token scores: the pretrained student's (step 0, each build) and each DCD-CE and
+    DCD-prefix run's final student's (each with its own weighting). Written to
     ``<work>/diagnostics.json``, which :func:`write_results` merges into the study JSON."""
     from dcd_jax.config import from_dict
     from dcd_jax.eval.weight_diagnostics import weight_diagnostics
@@ -413,19 +526,45 @@ def diagnose(work: Path) -> dict:
     for regime, recs in builds.items():
         for build in recs:
             bdir = build_dir(work, regime, build)
-            records, classes = diagnostic_records(bdir)
+            records, classes, kinds = diagnostic_records(bdir)
             teacher = bdir / "traces" / "train.teacher.parquet"
             key = f"{regime}-b{build}"
             out[key] = {"step0": weight_diagnostics(cfg, records, bdir / "study_diag" / "student.parquet", teacher,
-                                                    classes)}
+                                                    classes, kinds)}
             for r in runs:
                 scores = work / "runs" / run_name(regime, build, r["method"], r["setting"], r["seed"]) / "diag_after" / \
                     "student.parquet"
-                if r["regime"] == regime and r["build"] == build and r["method"] == "DCD-CE" and scores.is_file():
-                    out[key][f"DCD-CE seed {r['seed']}"] = {
-                        **weight_diagnostics(cfg, records, scores, teacher, classes),
+                if r["regime"] == regime and r["build"] == build and r["method"] in ("DCD-CE", "DCD-prefix") \
+                        and scores.is_file():
+                    out[key][f"{r['method']} seed {r['seed']}"] = {
+                        **weight_diagnostics(from_dict(ObjectiveConfig, r["objective"]), records, scores, teacher,
+                                             classes, kinds),
                         "eval_accuracy": r["eval"]["accuracy"], "careful_share": r["eval"]["careful_share"]}
     (work / "diagnostics.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
+def anatomy(work: Path) -> dict:
+    """Where each run's (and each build's teacher's and undistilled student's) greedy eval outputs go
+    wrong (:func:`~dcd_jax.eval.weight_diagnostics.error_shares`), from their cached generations.
+    Written to ``<work>/anatomy.json``, which :func:`write_results` merges into the study JSON."""
+    from dcd_jax.eval.weight_diagnostics import error_shares
+
+    def shares(path: Path) -> dict | None:
+        return error_shares([json.loads(line) for line in open(path)]) if path.is_file() else None
+
+    generations = Path("generations") / "m" / "generations" / "embedded.jsonl"
+    out: dict = {"runs": {}, "baselines": {}}
+    for p in sorted((work / "runs").glob("*.json")):
+        found = shares(work / "runs" / p.stem / "results" / generations)
+        if found is not None:
+            out["runs"][p.stem] = found
+    for p in sorted(work.glob("*-b*/study_build.json")):
+        for who in ("teacher", "undistilled"):
+            found = shares(p.parent / "study_baselines" / f"{who}-eval" / generations)
+            if found is not None:
+                out["baselines"][f"{p.parent.name}-{who}"] = found
+    (work / "anatomy.json").write_text(json.dumps(out, indent=1))
     return out
 
 
@@ -475,7 +614,9 @@ def write_results(out: Path, work: Path, args, code: str) -> dict:
                                      for b, rec in sorted(builds.get(reg, {}).items())},
                           "summary": summarize(runs, builds.get(reg, {}), reg)}
                     for reg in sorted({r["regime"] for r in runs} | set(builds))},
-        "diagnostics": json.loads((work / "diagnostics.json").read_text()) if (work / "diagnostics.json").is_file() else {},
+        # recomputed by --diagnose from files this machine caches; else kept from the study JSON
+        **{key: json.loads((work / f"{key}.json").read_text()) if (work / f"{key}.json").is_file()
+           else previous.get(key, {}) for key in ("diagnostics", "anatomy")},
         "runs": [{k: v for k, v in r.items()} for r in runs],
         "run_seconds": round(sum(r.get("seconds", 0.0) for r in runs), 1),
     }
@@ -526,13 +667,15 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/study.json")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--diagnose", action="store_true",
-                        help="recompute token DCD's weights by style x token class from the cached scores, then report")
+                        help="recompute the weights by style x token class x kind of line from the cached scores and "
+                             "the outputs' error anatomy from the cached generations, then report")
     parser.add_argument("--restore-runs", metavar="JSON")
     args = parser.parse_args()
     work, out = Path(args.work).absolute(), Path(args.out)
     code = code_version()
     if args.diagnose:
         diagnose(work)
+        anatomy(work)
     if args.report_only or args.diagnose:
         print(json.dumps(write_results(out, work, args, code)["regimes"], indent=1)[:4000])
         return
@@ -546,7 +689,7 @@ def main() -> None:
             check_reproduced(study, brec)
         brec["weight_check"] = check_weights(work, args.regime, build, brec)
         write_results(out, work, args, code)
-        for method in (m for m in methods if m in SWEEPS and build == 0):  # the validation sweeps
+        for method in (m for m in methods if m in SWEEPS and build == 0 and args.regime == TUNED_ON):  # val sweeps
             for setting, override in SWEEPS[method].items():
                 train_run(work, args.regime, 0, method, setting, 0, brec, args.steps, args.lr, override)
                 write_results(out, work, args, code)

@@ -1,16 +1,20 @@
-"""Regenerate the README's results section from the committed JSON in ``bench/results/``.
+"""Regenerate the results in README.md, docs/results.md and docs/objectives.md from the committed
+JSON in ``bench/results/``.
 
-    python bench/update_readme.py          # rewrite README.md between the results markers
-    python bench/update_readme.py --check  # exit 1 if README.md is not what the JSON says
+    python bench/update_readme.py          # rewrite every generated block between its markers
+    python bench/update_readme.py --check  # exit 1 if any of them is not what the JSON says
 
-Nothing in that section is typed by hand: every number comes from a results file written by the
-command shown next to it (``tests/test_readme_results.py`` runs ``--check``).
+README.md holds the short summary (the demo, the study's headline, the TPU plans); docs/results.md
+every section; docs/objectives.md the study's decision table. Nothing between the markers is typed
+by hand: every number comes from a results file written by the command shown next to it
+(``tests/test_readme_results.py`` runs ``--check``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -44,14 +48,37 @@ def _shares(counts: dict) -> str:
     return ", ".join(f"{k} {v / total:.0%}" for k, v in sorted(counts.items()))
 
 
+# The study scripts record no machine; they ran on the 2-core x86_64 host the demo's JSON names (its
+# ``conditions``: the study's runs trained beside the demo on the same 2 cores).
+STUDY_MACHINE = "x86_64, 2 CPU cores"
+# The study's distillation-data regimes (bench/study.py REGIMES); the first one's val sweeps tune the others.
+TUNED_ON = "pertrace"
+REGIME_TEXT = {
+    "pertrace": "each trace in one style (careful, compressed or terse), as in the demo",
+    "withintrace": "every trace mixes careful and compressed lines (each next pair of operations compressed with "
+                   "probability 0.5), so no filter of whole traces removes the hard lines",
+    "errors": "the demo's style mix, with 30% of the traces stating one wrong intermediate value (off by 1-3) "
+              "on a line before the last while the next lines go on from the right value (the answer stays right)",
+}
+
+
+def _public(command: str) -> str:
+    """A command as a reader would type it: scratch directories on the machine that ran it dropped."""
+    return re.sub(r"\s--(?:work|workdir|scratch)[ =]/\S+", "", command)
+
+
+def _arch(platform: str | None) -> str:
+    """``x86_64`` from a ``platform.platform()`` string such as ``Linux-6.1-x86_64-with-glibc2.36``."""
+    m = re.search(r"(x86_64|aarch64|arm64)", platform or "")
+    return m.group(1) if m else "CPU"
+
+
 def demo_section() -> str | None:
     # demo_small.json / .png: demo_out/summary.json and comparison.png of `dcd-jax demo --scale small`.
     d = _load("demo_small.json")
     if d is None:
         return None
     last = "traces" if any("traces" in r for r in d["rows"]) else "weight_ess"
-    cols = ["accuracy", "careful_share", "length_mean", "truncation_rate", "repetition_rate", last]
-    rows = [[r["method"], *[r.get(c) for c in cols]] for r in d["rows"]]
     steps = sorted({k for r in d["rows"] for k in r["accuracy_by_steps"]}, key=int)
     by_steps = [[r["method"], *[r["accuracy_by_steps"].get(k) for k in steps]] for r in d["rows"]]
     stages = ", ".join(f"{k} {v / 60:.1f}" for k, v in d["stage_seconds"].items())
@@ -81,7 +108,7 @@ def demo_section() -> str | None:
         + "Greedy accuracy on held-out problems of 2-8 operations; `careful_share`: outputs with one operation per "
         "line; " + ("`traces`: distillation traces trained on.\n\n" if last == "traces" else
                     "`weight_ess` = ESS of DCD's token weights / tokens (1 = uniform, i.e. SFT).\n\n")
-        + _table(["method", *cols], rows)
+        + _demo_table(d)
         + (f"\n\n{_demo_verdict(d)}" if d.get("default_minus_sft") is not None else "")
         + "\n\nAccuracy by number of operations:\n\n" + _table(["method", *[f"{k} ops" for k in steps]], by_steps)
         + "\n\n![demo](bench/results/demo_small.png)\n"
@@ -90,13 +117,20 @@ def demo_section() -> str | None:
     if probe:
         runs = "; ".join(f"{k}: " + ", ".join(f"{c['step']}: {c['accuracy']:.2f}" for c in v["curve"])
                          for k, v in probe["runs"].items())
-        text += (f"\nProbe that sized it (`{probe['command']}`, careful lines without the restated sentences, "
+        text += (f"\nProbe that sized it (`{_public(probe['command'])}`, careful lines without the restated sentences, "
                  f"constant learning rate; runs not listed here were stopped to free the CPU): greedy accuracy by "
                  f"step on 96 `val` problems, {runs}. The demo's teacher instead trains on careful lines that "
                  "restate each sentence before computing it (finding the next fact becomes copying the next "
                  "sentence), with a cosine schedule, starting from the student's base-stage checkpoint (a "
                  "curriculum: short careful problems first): the `val` curve above.\n")
     return text
+
+
+def _demo_table(d: dict) -> str:
+    """The demo's models side by side (README and docs/results.md)."""
+    last = "traces" if any("traces" in r for r in d["rows"]) else "weight_ess"
+    cols = ["accuracy", "careful_share", "length_mean", "truncation_rate", "repetition_rate", last]
+    return _table(["method", *cols], [[r["method"], *[r.get(c) for c in cols]] for r in d["rows"]])
 
 
 def _demo_verdict(d: dict) -> str:
@@ -275,7 +309,8 @@ def experiment_section() -> str | None:
              for s in d["sweep"]]
     diag = next((r for r in d["runs"] if r["method"] == "DCD-CE" and "weights_before" in r), None)
     text = (
-        f"### The earlier single-build DCD study, a case study (`{d['command']}`)\n\n"
+        f"### The earlier single-build DCD study, a case study (`python bench/experiment.py`, {STUDY_MACHINE})\n\n"
+        f"Command: `{_public(d['command'])}`. "
         + "One teacher build, older stages (they no longer rebuild from this code), data-order seeds only, and "
         "no trace selection beside it: on rebuilt stages (the study above) DCD-CE and DCD-prefix stay above SFT, "
         "but selecting the traces the student fits beats both, and DCD-CE is level with the undistilled student. "
@@ -352,8 +387,8 @@ def compute_section() -> str | None:
     ranking = ", ".join(f"{m} {v['accuracy']:.3f}" for m, v in
                         sorted(d["methods"].items(), key=lambda kv: -kv[1]["accuracy"]))
     return (
-        f"### Offline DCD vs online GKD per unit of compute (`{d['command']}`)\n\n"
-        f"Measured before the issue-14 regime landed, on that demo's teacher, short traces and random-init student (not rerun on the current demo); {len(d['seeds'])} seeds (data order), "
+        f"### Offline DCD vs online GKD per unit of compute (`python bench/experiment.py --compute`, {STUDY_MACHINE})\n\n"
+        f"Command: `{_public(d['command'])}`. Measured before the issue-14 regime landed, on that demo's teacher, short traces and random-init student (not rerun on the current demo); {len(d['seeds'])} seeds (data order), "
         f"{d['student_steps']} steps for SFT, DCD-CE and GKD; GKD-wall: GKD with the steps its full run had "
         f"finished when SFT's ended (same wall time, compile included). GKD: lmbda {g['lmbda']} (share of "
         f"batches the student regenerates), beta {g['beta']}, the live teacher scoring every batch over the "
@@ -370,9 +405,9 @@ def compute_section() -> str | None:
     )
 
 
-def _cpu_note(cpu: dict | None) -> str:
-    """`` (AMD EPYC, AVX2)``: the host class a CPU ratio was measured on (older results lack it)."""
-    return f" ({cpu['model']}, {cpu['vector_isa'].upper()})" if cpu else ""
+def _cpu_class(cpu: dict | None) -> str:
+    """``, AMD EPYC AVX512``: the CPU class in a heading (older results lack it)."""
+    return f", {cpu['model']} {cpu['vector_isa'].upper()}" if cpu else ""
 
 
 def train_step_section() -> str | None:
@@ -392,16 +427,16 @@ def train_step_section() -> str | None:
                          ratios.get("dcd_ce_over_sft_step_time"), ratios.get("dcd_kl_over_sft_step_time"),
                          get("ours SFT", "sys_s"), get("ours SFT", "peak_mib"), get("ours SFT", "mfu")])
         text = (
-            f"### Train step (`{d.get('command', 'python bench/train_step.py')}`, {path.name}: {d['device']['device_kind']}, "
-            f"{d['device'].get('cpu_count', '?')} cores{_cpu_note(d['device'].get('cpu'))}"
-            f"{_load_note(d.get('load_average_1_5_15', {}).get('start'))}{_allocator_note(d.get('host_allocator'))})\n\n"
+            f"### Train step (`python bench/train_step.py`, {_host(d['device'])})\n\n"
+            f"Command: `{_public(d.get('command', 'python bench/train_step.py'))}` ({path.name})"
+            f"{_load_note(d.get('load_average_1_5_15', {}).get('start'))}{_allocator_note(d.get('host_allocator'))}. "
             + ("Ours and torch ran in lockstep, their timed rounds alternating, and our three objectives' steps "
                "rotated within each round, so every ratio is side by side in time. "
                if all(r.get("lockstep_with_torch") for r in d["runs"]) else "")
             + "ours/torch: tokens/s over wall time; CPU-time: the same over process CPU seconds per step (what a "
             "step costs when other jobs share the cores, where wall time also counts waiting for them); ours sys s: "
             "the kernel's share of our step's CPU time (page faults on the step's freshly mapped buffers; far fewer "
-            "with huge pages, the `dcd-jax` command's default: see Set up).\n\n"
+            "with huge pages, the `dcd-jax` command's default: [architecture.md](architecture.md#host-memory)).\n\n"
             + _table(["model", "params", "BxT", "ours tok/s", "torch tok/s", "ours/torch", "ours/torch CPU-time",
                       "DCD-CE/SFT time", "DCD-KL/SFT time", "ours sys s", "ours peak MiB", "MFU"], rows)
         )
@@ -431,10 +466,9 @@ def gkd_step_section() -> str | None:
                     rows.append([r["model"], f"{r['batch']}x{r['seq']}", name, got["step_s"],
                                  got["step_s"] / sft if sft else None, got.get("peak_mib")])
         parts.append(
-            f"### GKD vs SFT and DCD per step (`{d.get('command', 'python bench/train_step.py')}`, {path.name}: "
-            f"{d['device']['device_kind']}, {d['device'].get('cpu_count', '?')} cores"
-            f"{_allocator_note(d.get('host_allocator'))})\n\n"
-            f"Same student, batch and optimizer; {d['settings'].get('ours_layout', 'timed steps interleaved in one process')}. "
+            f"### GKD vs SFT and DCD per step (`python bench/train_step.py`, {_host(d['device'])})\n\n"
+            f"Command: `{_public(d.get('command', 'python bench/train_step.py'))}` ({path.name})"
+            f"{_allocator_note(d.get('host_allocator'))}. Same student, batch and optimizer; {d['settings'].get('ours_layout', 'timed steps interleaved in one process')}. "
             "GKD-l0: the live teacher "
             "scores the data batch (full-vocabulary JSD); GKD-l1: the student first regenerates the batch "
             "(T/4 new tokens per row), then the teacher scores it; a run with `lmbda` costs about "
@@ -445,6 +479,13 @@ def gkd_step_section() -> str | None:
             + _table(["model", "BxT", "method", "step s", "vs SFT", "peak MiB (XLA)"], rows)
         )
     return "\n\n".join(parts) + "\n"
+
+
+def _host(device: dict) -> str:
+    """The machine class of a train-step run: ``x86_64, 2 CPU cores (AMD EPYC, AVX512)``, or the accelerator."""
+    if device.get("platform") != "cpu":
+        return str(device.get("device_kind", device.get("platform")))
+    return f"{_arch(device.get('machine'))}, {device.get('cpu_count', '?')} CPU cores{_cpu_class(device.get('cpu'))}"
 
 
 def _load_note(load) -> str:
@@ -495,9 +536,9 @@ def sampler_section() -> str | None:
         paired = any("matmul_floor_fraction" in r for r in d["rows"])
         prompt = f", prompts of {d['prompt_len']} tokens" if "prompt_len" in d else ""
         parts.append(
-            f"### Sampler decode ({path.name}: {d['device_kind']}{_cpu_note(d.get('cpu'))}, "
-            f"{d['model']['params'] / 1e6:.1f}M Qwen2 shape{prompt}"
-            f"{_load_note(d.get('load_average_1m_before_after'))}{_allocator_note(d.get('host_allocator'))})\n\n"
+            f"### Sampler decode{prompt} (`python bench/sampler.py`, {_sampler_host(d)})\n\n"
+            f"Data: {path.name}; {d['model']['params'] / 1e6:.1f}M Qwen2 shape"
+            f"{_load_note(d.get('load_average_1m_before_after'))}{_allocator_note(d.get('host_allocator'))}. "
             + ("Host limits, each paired with our step (median over rounds of a reference probe and our step back to "
                "back): bandwidth roofline = (param + KV bytes) / step time over the bandwidth a jitted matvec streams "
                "here; matmul floor = the time of the step's own matmuls alone (XLA, same shapes and decode layouts, "
@@ -515,10 +556,10 @@ def sampler_section() -> str | None:
 def _sampler_eos_part(name: str, d: dict) -> str:
     rows = [[r["batch"], f"{r['rows_ended_by_eos']} of {r['batch']}", r["generated_tokens"], r["dcd_jax_generate_s"],
              r["hf_generate_s"], r["speedup"], r["greedy_rows_identical_to_hf"]] for r in d["rows"]]
-    return (f"### Sampler, rows ending at different steps ({name}: `python bench/sampler.py --eos`, {d['device_kind']}"
-            f"{_cpu_note(d.get('cpu'))}, {d['model']['params'] / 1e6:.1f}M Qwen2 shape, prompts of {d['prompt_len']} "
+    return (f"### Sampler, rows ending at different steps (`python bench/sampler.py --eos`, {_sampler_host(d)})\n\n"
+            f"Data: {name}; {d['model']['params'] / 1e6:.1f}M Qwen2 shape, prompts of {d['prompt_len']} "
             f"tokens, up to {d['new_tokens']} new{_load_note(d.get('load_average_1m_before_after'))}"
-            f"{_allocator_note(d.get('host_allocator'))})\n\n"
+            f"{_allocator_note(d.get('host_allocator'))}. "
             "Whole greedy generate calls (prefill included), both sides with the same EOS ids (random weights have "
             "none: the commonest greedy tokens, the fewest that end 3/4 of the rows within the first half of the "
             "budget, at most 32 of them): transformers decodes every row until "
@@ -526,6 +567,14 @@ def _sampler_eos_part(name: str, d: dict) -> str:
             "alternating.\n\n"
             + _table(["batch", "rows ended by EOS", "tokens generated", "dcd-jax s", "transformers s", "ratio",
                       "rows identical to transformers"], rows))
+
+
+def _sampler_host(d: dict) -> str:
+    """The machine class of a sampler run (older runs recorded no architecture or core count)."""
+    if d.get("device_kind") != "cpu":
+        return str(d.get("device_kind"))
+    cores = f", {d['cpu_count']} CPU cores" if d.get("cpu_count") else " CPU"
+    return f"{d.get('host', 'x86_64')}{cores}{_cpu_class(d.get('cpu'))}"
 
 
 def _sampler_bounds(rows: list[dict]) -> str:
@@ -562,8 +611,8 @@ def loss_memory_section() -> str | None:
     rows = [[r["objective"], r["chunk_size"] or "none", r["peak_mib"], r["peak_vs_unchunked"]] for r in d["rows"]]
     c = d["config"]
     return (
-        f"### Loss memory (`python bench/loss_memory.py`, B={c['batch']}, T={c['seq']}, V={c['vocab']}; "
-        "XLA's compiled peak, loss + gradient)\n\n" + _table(["objective", "chunk", "peak MiB", "vs unchunked"], rows) + "\n"
+        f"### Loss memory (`python bench/loss_memory.py`, XLA:CPU compile on {_arch(d.get('machine'))})\n\n"
+        f"B={c['batch']}, T={c['seq']}, V={c['vocab']}; XLA's compiled peak, loss + gradient.\n\n" + _table(["objective", "chunk", "peak MiB", "vs unchunked"], rows) + "\n"
     )
 
 
@@ -596,7 +645,8 @@ def data_scale_section() -> str | None:
     one_core = summary["pipeline_per_cpu_s_over_consumption"]["tokenized"][target]
     wall = summary["pipeline_over_consumption"]["tokenized"][target]
     return (
-        f"### Data at corpus scale (`{d['command']}`, {d['machine']}, {d['wall_minutes']:.0f} min)\n\n"
+        f"### Data at corpus scale (`python bench/data_scale.py`, {_machine_class(d['machine'])})\n\n"
+        f"Command: `{_public(d['command'])}`; {_machine_conditions(d['machine'])}; {d['wall_minutes']:.0f} min. "
         f"Streamed data path (`data.streaming: true`), tokenized traces + top-{d['config']['topk']} scores, blocks of "
         f"{d['config']['block']} records. Peak resident memory of the process (MiB, libraries included): for the "
         f"same first {d['config']['bounded_blocks']} blocks of a growing corpus; for a whole pass by 1 process, "
@@ -623,6 +673,43 @@ def data_scale_section() -> str | None:
     )
 
 
+def _machine_class(machine: str) -> str:
+    """``x86_64, 2 CPU cores`` from a recorded machine line such as ``x86_64, 2 cores (shared ...), 3.11.7``."""
+    m = re.match(r"([^,]+), (\d+) (?:CPU )?cores", machine)
+    return f"{m.group(1)}, {m.group(2)} CPU cores" if m else machine.split(" (")[0]
+
+
+def _machine_conditions(machine: str) -> str:
+    """The load facts of a recorded machine line (shared host, nice level, Python), not who shared it."""
+    facts = []
+    if "shared" in machine:
+        facts.append("the host was shared with other jobs")
+    nice = re.search(r"nice (\d+)", machine)
+    if nice:
+        facts.append(f"this run at nice {nice.group(1)}")
+    py = re.search(r", (3\.\d+\.\d+)$", machine)
+    if py:
+        facts.append(f"Python {py.group(1)}")
+    return ", ".join(facts) or "machine load not recorded"
+
+
+def _plan_objectives(files) -> str:
+    """What train step the plans compiled: each records its config's objective (plans made before it
+    did compiled token-level DCD, the ready configs' objective then)."""
+    by_weighting: dict[str, list[str]] = {}
+    for path in files:
+        d = json.loads(path.read_text())
+        weighting = (d.get("objective") or {"weighting": "dcd"})["weighting"]
+        by_weighting.setdefault(weighting, []).append(f"`{Path(d['config']).stem}`")
+    if set(by_weighting) == {"none"}:
+        return ("Each plan compiles its config's train step as the config stands: the default recipe's SFT "
+                "step (`weighting: none`, on selected traces).")
+    return ("Each plan compiles its config's train step with the objective it had when planned: "
+            + "; ".join(f"`weighting: {w}` for {', '.join(names)}" for w, names in sorted(by_weighting.items()))
+            + " (`dcd` adds the batch's cached teacher log-probs and a weight per token to the SFT step; the "
+            "ready configs have used `weighting: none` on selected traces since).")
+
+
 def plan_section() -> str | None:
     files = sorted(RESULTS.glob("plan_*.json"))
     if not files:
@@ -638,19 +725,21 @@ def plan_section() -> str | None:
             d["peak_vs_einsum"], p["roofline_step_seconds"], p["roofline_tokens_per_second_per_chip"],
         ])
     return (
-        "### TPU plans of the ready configs (`JAX_PLATFORMS=cpu python bench/plan.py`: `dcd-jax plan`, "
-        "compiled ahead of time for each slice on a CPU host)\n\n"
-        "Per-chip peak memory of the compiled train step (arguments + outputs + temporaries, GiB) against "
+        "### TPU plans of the ready configs (`dcd-jax plan`, compiled ahead of time on a CPU host)\n\n"
+        "Command: `JAX_PLATFORMS=cpu python bench/plan.py` (`dcd-jax plan` for each ready config). Per-chip peak memory of the compiled train step (arguments + outputs + temporaries, GiB) against "
         "the HBM the TPU compiler may allocate per chip, next to the same step with the einsum attention "
         "kernel compiled in the same run (a peak from the TPU compiler's refusal when it does not fit). "
         "Roofline: the step-time lower bound "
         "from model FLOPs at peak bf16 FLOP/s and HBM traffic at peak bandwidth, and the tokens/s per chip "
-        "it allows. These plans were compiled while the ready configs still trained token-level DCD "
-        "(`weighting: dcd`): that step holds the default recipe's SFT step plus the batch's cached teacher "
-        "log-probs and a weight per token; `dcd-jax plan` on the current configs compiles the SFT step.\n\n"
+        "it allows. " + _plan_objectives(files) + "\n\n"
         + _table(["config", "slice", "step", "peak GiB", "HBM GiB", "headroom", "einsum peak GiB", "peak ratio",
                   "roofline s/step", "roofline tok/s/chip"], rows) + "\n"
     )
+
+
+def _regimes(d: dict) -> list[tuple[str, dict]]:
+    """The study's regimes, the one its defaults are tuned on first."""
+    return sorted(d["regimes"].items(), key=lambda kv: (kv[0] != TUNED_ON, kv[0]))
 
 
 def _hier(p: dict | None) -> str:
@@ -666,7 +755,8 @@ def study_section() -> str | None:
     d = _load("study.json")
     if d is None:
         return None
-    out = [f"### The weighting study over rebuilt stages (`{d['command']}`)\n"]
+    out = [f"### The weighting study over rebuilt stages (`python bench/study.py`, {STUDY_MACHINE})\n",
+           f"Commands: `{_public(d['command'])}`.\n"]
     out.append(
         f"Run at {d['code']}; every run {d['steps']} steps at lr {d['lr']}, evaluated greedily on `val` (where "
         "the default is chosen) and on `eval` (reported). A *build* rebuilds every upstream stage with its own seed "
@@ -676,17 +766,24 @@ def study_section() -> str | None:
         "then seeds within each drawn build). Oracle-filter: SFT on the traces whose style is careful (an oracle: "
         "it reads the style label); DCD-seq: every token of a trace weighted by the sigmoid of the trace's mean "
         "student / teacher log-ratio (`weighting: dcd_sequence`), its tau chosen on `val`.\n")
-    for reg, r in d["regimes"].items():
+    for reg, r in _regimes(d):
         summary = r["summary"]
         methods = summary["methods"]
         if not methods:
             continue
         builds = r["builds"]
-        chosen = "; ".join(f"{m}: `{summary['settings'][m]}` (val accuracy "
-                           + ", ".join(f"{k} {v:.3f}" for k, v in sorted(summary["sweeps"][m].items())) + ")"
-                           for m in summary.get("settings", {}) if summary["settings"][m] and m in methods)
-        out.append(f"**Regime `{reg}`** ({len(builds)} builds; settings chosen on `val` of build 0, seed 0: {chosen}). "
-                   f"Ranked by mean `val` accuracy: {', '.join(summary['ranking_by_val'])}.\n")
+        if reg == TUNED_ON:
+            chosen = "settings chosen on `val` of build 0, seed 0: " + "; ".join(
+                f"{m}: `{summary['settings'][m]}` (val accuracy "
+                + ", ".join(f"{k} {v:.3f}" for k, v in sorted(summary["sweeps"][m].items())) + ")"
+                for m in summary.get("settings", {}) if summary["settings"][m] and m in methods)
+        else:
+            chosen = f"settings as chosen on `{TUNED_ON}`'s `val`: " + ", ".join(
+                f"{m} `{v}`" for m, v in summary.get("settings", {}).items() if v and m in methods)
+        seeds = sorted({x["seed"] for x in d["runs"] if x["regime"] == reg})
+        out.append(f"**Regime `{reg}`**: {REGIME_TEXT.get(reg, r.get('task_overrides'))} ({len(builds)} builds x "
+                   f"{len(seeds)} seed(s); {chosen}). Ranked by mean `val` accuracy: "
+                   f"{', '.join(summary['ranking_by_val'])}.\n")
         rows = []
         for name, m in methods.items():
             e, v = m["eval"], m["val"]
@@ -702,8 +799,9 @@ def study_section() -> str | None:
                              None, "", ""])
         dec = summary.get("decision")
         if dec:
+            label = "Default chosen on `val`" if reg == TUNED_ON else "Best on `val` in this regime, by the same rule"
             out.append(
-                f"**Default chosen on `val`: {dec['pick']}.** Rule: {dec['rule']}. Paired val difference to SFT: "
+                f"**{label}: {dec['pick']}.** Rule: {dec['rule']}. Paired val difference to SFT: "
                 + ", ".join(f"{k} {v:+.3f}" for k, v in sorted(dec["val_minus_sft"].items(), key=lambda kv: -kv[1]))
                 + f"; {dec['first']} − {dec['runner_up']} on val (paired, pooled): "
                 + _hier(dec["first_minus_runner_up_val"])
@@ -711,6 +809,28 @@ def study_section() -> str | None:
                    if dec["tie"] else "") + ".\n")
         out.append(_table(["method", "runs", "eval accuracy", "sd", "val accuracy", "careful share",
                            "multi-op line share", "− SFT (paired, pooled)", "− undistilled (paired, pooled)"], rows))
+        anat = d.get("anatomy", {})
+        if anat.get("runs"):
+            from_runs = {}
+            for x in d["runs"]:
+                name = f"{reg}-b{x['build']}-{x['method']}{'-' + x['setting'] if x['setting'] else ''}-seed{x['seed']}"
+                if x["regime"] == reg and name in anat["runs"] and x["method"] in methods and \
+                        (x["method"] not in summary.get("settings", {}) or x["setting"] == summary["settings"][x["method"]]):
+                    from_runs.setdefault(x["method"], []).append(anat["runs"][name])
+            for who in ("undistilled", "teacher"):
+                found = [v for k, v in anat.get("baselines", {}).items() if k.startswith(f"{reg}-b") and k.endswith(who)]
+                if found:
+                    from_runs[who] = found
+            kinds = ("arithmetic", "misquoted", "skipped", "answer", "wrong_otherwise")
+            if from_runs:
+                out.append("\nWhere the eval outputs go wrong (share of outputs, mean over runs): `arithmetic`, a "
+                           "computation line whose stated value is not its expression's; `misquoted`, a restated "
+                           "sentence that is not the problem's (a wrong number or verb); `skipped`, a careful output "
+                           "that never restates one of the problem's sentences; `answer`, a final answer that is not "
+                           "the last computed value; `wrong_otherwise`, a wrong output with none of these (a wrong "
+                           "operand):\n")
+                out.append(_table(["model", "runs", *kinds], [
+                    [name, len(v), *[sum(r[k] for r in v) / len(v) for k in kinds]] for name, v in from_runs.items()]))
         out.append("\nEval accuracy per build (mean over seeds; the seeds' values in brackets) and each build's "
                    "paired difference to SFT (95% CI over its seeds):\n")
         names = list(methods)
@@ -775,6 +895,20 @@ def study_section() -> str | None:
                                   _fmt(x.get("careful_share"), 2), *cells])
             out.append(_table(["build", "student", "eval accuracy", "careful share",
                                *[f"{c} (careful / compressed)" for c in classes]], drows))
+            kinds = ("one-op", "multi-op", "wrong", "text")
+            krows = [[key.split("-")[-1], when, _fmt(x.get("eval_accuracy")), _fmt(x.get("careful_share"), 2),
+                      *[" / ".join(_fmt(x[f].get(k), 2) for f in ("by_line_kind", "student_nll_by_line_kind",
+                                                                     "teacher_nll_by_line_kind"))
+                        for k in kinds]]
+                     for key, per in diag.items() for when, x in per.items() if "by_line_kind" in x]
+            if krows:
+                out.append("\nBy kind of line: each weighting's mean token weight / the student's NLL / the teacher's "
+                           "NLL (nats per token) on tokens of careful computation lines (`one-op`), compressed ones "
+                           "(`multi-op`), the teacher's wrong intermediate line (`wrong`, regime `errors`) and other "
+                           "lines (`text`: restated sentences, the answer); `step0` is token DCD with the pretrained "
+                           "student, the others each run's own weighting with its final student:\n")
+                out.append(_table(["build", "student", "eval accuracy", "careful share",
+                                   *[f"{k} (weight / student NLL / teacher NLL)" for k in kinds]], krows))
         seq = [x for x in d["runs"] if x["regime"] == reg and x["method"] == "DCD-seq" and "weights_after" in x]
         for x in seq:
             b0 = builds.get(str(x["build"]), {}).get("step0", {}).get("weights", {}).get("dcd_sequence", {})
@@ -794,13 +928,89 @@ def study_section() -> str | None:
     return "\n".join(out)
 
 
+def demo_summary() -> str | None:
+    """The README's demo table: the four models, and the one seed against the study's pooled result."""
+    d = _load("demo_small.json")
+    if d is None:
+        return None
+    return (
+        f"### The demo (`{d['command']}`, {d['machine']})\n\n"
+        "Greedy accuracy on held-out problems of 2-8 operations; `student`: the pretrained student before "
+        "distillation; `selected`: the default recipe (SFT on the traces the student fits best); `careful_share`: "
+        "outputs with one operation per line. Stage times, accuracy by number of operations and the teacher's "
+        "training curve: [docs/results.md](docs/results.md).\n\n"
+        + _demo_table(d)
+        + (f"\n\n{_demo_one_seed(d)}" if d.get("default_minus_sft") is not None else "") + "\n"
+    )
+
+
+def _demo_one_seed(d: dict) -> str:
+    """The demo's one seed, and how many runs the study below pools it with."""
+    text = f"**One seed: {d['default_arm']} − sft = {d['default_minus_sft']:+.3f}.**"
+    p = (d.get("verdict") or {}).get("pooled")
+    if p:
+        text += (f" The study below pools {p['runs']} paired runs over {p['builds']} builds of the stages (their "
+                 f"differences range {d['verdict']['range'][0]:+.3f} to {d['verdict']['range'][1]:+.3f}).")
+    return text
+
+
+def study_headline() -> str | None:
+    """The README's study result: the default recipe against SFT and the undistilled student, pooled over builds."""
+    d = _load("study.json")
+    if d is None:
+        return None
+    out = []
+    for reg, r in _regimes(d):
+        summary = r["summary"]
+        methods, dec = summary["methods"], summary.get("decision")
+        if not methods or not dec:
+            continue
+        seeds = sorted({x["seed"] for x in d["runs"] if x["regime"] == reg})
+        if reg != TUNED_ON:
+            out.append(f"Regime `{reg}` ({REGIME_TEXT.get(reg, reg)}; {len(r['builds'])} builds × {len(seeds)} "
+                       "seed(s)), eval − SFT, paired and pooled: " + "; ".join(
+                           f"{name} {_hier(m['eval'].get('minus_SFT', {}).get('pooled'))}"
+                           for name, m in methods.items() if name != "SFT") + f"; best on `val`: {dec['pick']}.\n")
+            continue
+        line = (f"### The weighting study over rebuilt stages (`python bench/study.py`, {STUDY_MACHINE})\n\n"
+                f"{len(r['builds'])} builds (every upstream stage rebuilt with its own seed) × {len(seeds)} data-order "
+                f"seeds, regime `{reg}`; the default is chosen on `val`, accuracy is on `eval`; paired differences pooled "
+                "over builds, 95% CI by a hierarchical bootstrap.\n\n")
+        pick = methods[dec["pick"]]["eval"]
+        line += (f"**The default recipe ({dec['pick']} + SFT) − SFT: {_hier(pick.get('minus_SFT', {}).get('pooled'))}; "
+                 f"− the undistilled student: {_hier(pick.get('minus_undistilled', {}).get('pooled'))}.**")
+        if "DCD-CE" in methods and dec["pick"] != "DCD-CE":
+            dcd = methods["DCD-CE"]["eval"]
+            line += (f" Token-level DCD (DCD-CE) − SFT: {_hier(dcd.get('minus_SFT', {}).get('pooled'))}; − the "
+                     f"undistilled student: {_hier(dcd.get('minus_undistilled', {}).get('pooled'))}.")
+        line += " Every method, build and diagnostic: [docs/results.md](docs/results.md).\n"
+        out.append(line)
+    return "\n".join(out) or None
+
+
+def _render(begin: str, end: str, header: str, sections) -> str:
+    body = "\n".join(s for s in (f() for f in sections) if s)
+    return f"{begin}\n{header}{body}{end}"
+
+
 def render() -> str:
-    sections = [f() for f in (demo_section, study_section, experiment_section, compute_section, train_step_section, gkd_step_section, sampler_section,
-                              loss_memory_section, data_scale_section, plan_section)]
-    body = "\n".join(s for s in sections if s)
-    header = ("Regenerated from `bench/results/*.json` by `python bench/update_readme.py`; "
-              "each subsection names the command that wrote its data.\n\n")
-    return f"{BEGIN}\n{header}{body}{END}"
+    """README.md's results: the demo, the study's headline, the TPU plans."""
+    header = ("Generated from `bench/results/*.json` by `python bench/update_readme.py`. Every other measurement "
+              "(each table of the study, the earlier single-build study, GKD per unit of compute, the train step, "
+              "the sampler, loss memory, data at corpus scale) is in [docs/results.md](docs/results.md), generated "
+              "the same way.\n\n")
+    return _render(BEGIN, END, header, (demo_summary, study_headline, plan_section))
+
+
+def render_results_doc() -> str:
+    """docs/results.md: every results section (its image links relative to docs/)."""
+    header = ("Generated from `bench/results/*.json` by `python bench/update_readme.py`; each section names the "
+              "command that wrote its data. The TPU plans of the ready configs are in the "
+              "[README](../README.md#results).\n\n")
+    text = _render(BEGIN, END, header, (demo_section, study_section, experiment_section, compute_section,
+                                        train_step_section, gkd_step_section, sampler_section, loss_memory_section,
+                                        data_scale_section))
+    return text.replace("](bench/results/", "](../bench/results/")
 
 
 # Generated blocks: (file, begin marker, end marker, renderer). ``--check`` covers every one.
@@ -809,6 +1019,7 @@ DOC_BEGIN, DOC_END = "<!-- study:begin -->", "<!-- study:end -->"
 
 def _blocks() -> list[tuple[Path, str, str, object]]:
     return [(ROOT / "README.md", BEGIN, END, render),
+            (ROOT / "docs" / "results.md", BEGIN, END, render_results_doc),
             (ROOT / "docs" / "objectives.md", DOC_BEGIN, DOC_END, render_objectives_doc)]
 
 
@@ -817,7 +1028,7 @@ def render_objectives_doc() -> str:
     d = _load("study.json")
     body = ""
     if d is not None:
-        for reg, r in d["regimes"].items():
+        for reg, r in _regimes(d):
             methods = r["summary"]["methods"]
             if not methods:
                 continue
@@ -831,7 +1042,7 @@ def render_objectives_doc() -> str:
                                "eval − SFT (paired, pooled over builds)", "eval − undistilled (paired, pooled)"], rows)
                      + "\n\n")
         body = (f"Generated from `bench/results/study.json` (`{d['command']}`, run at {d['code']}) by "
-                "`python bench/update_readme.py`; every run and per-build table is in the README.\n\n" + body)
+                "`python bench/update_readme.py`; every run and per-build table is in [results.md](results.md).\n\n" + body)
     return f"{DOC_BEGIN}\n{body}{DOC_END}"
 
 
@@ -845,7 +1056,7 @@ def main() -> int:
         start, stop = text.index(begin), text.index(end) + len(end)
         new = text[:start] + fn() + text[stop:]
         if new != text:
-            stale.append(path.name)
+            stale.append(str(path.relative_to(ROOT)))
             if not args.check:
                 path.write_text(new)
     if args.check and stale:

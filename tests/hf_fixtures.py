@@ -74,6 +74,68 @@ def save_word_tokenizer(out_dir: Path, n_tokens: int) -> None:
     PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>").save_pretrained(out_dir)
 
 
+# Gemma 3's chat template (text part): BOS, user/model turns each closed by <end_of_turn> and a newline,
+# a system message folded into the first user turn.
+GEMMA_CHAT_TEMPLATE = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
+    {{- message['content'] | trim }}
+    {{- '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{ '<start_of_turn>model\n' }}
+{%- endif -%}
+"""
+# Gemma's special ids (<pad> 0, <eos> 1, <bos> 2 as in Gemma 3; <end_of_turn> 6 here, 106 there).
+GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
+GEMMA_PAD, GEMMA_EOS, GEMMA_BOS, GEMMA_END_OF_TURN = 0, 1, 2, 6
+GEMMA_VOCAB = 128  # embedding rows; the tokenizer has 103 entries
+
+
+def save_gemma_tokenizer(out_dir: Path, *, chat: bool = True):
+    """A character-level ``GemmaTokenizer`` (the class transformers assigns to gemma3_text: BPE with
+    byte fallback, spaces as "▁", a BOS added by ``add_special_tokens=True``) with Gemma's special
+    tokens and, when ``chat``, Gemma 3's chat template; a base checkpoint's has none."""
+    import string
+
+    from tokenizers import AddedToken
+    from transformers.models.gemma.tokenization_gemma import GemmaTokenizer
+
+    chars = ["▁", "\n"] + [c for c in string.printable if c not in " \n\t\r\x0b\x0c"]
+    tok = GemmaTokenizer(vocab={t: i for i, t in enumerate(GEMMA_SPECIALS + chars)}, merges=[], add_bos_token=True)
+    tok.add_special_tokens({"additional_special_tokens": [AddedToken(t, special=True) for t in GEMMA_SPECIALS[5:]]})
+    if chat:
+        tok.chat_template = GEMMA_CHAT_TEMPLATE
+    tok.save_pretrained(out_dir)
+    return tok
+
+
+def save_gemma_checkpoint(out_dir: Path, *, chat: bool = True, **overrides) -> Path:
+    """A tiny random Gemma 3 text checkpoint (tests/hf_fixtures' gemma3_text, 128 embedding rows)
+    with :func:`save_gemma_tokenizer` and Gemma 3's generation config: both <eos> and <end_of_turn>
+    end a turn."""
+    ids = dict(bos_token_id=GEMMA_BOS, eos_token_id=[GEMMA_EOS, GEMMA_END_OF_TURN], pad_token_id=GEMMA_PAD)
+    save_hf_model("gemma3_text", out_dir, vocab_size=GEMMA_VOCAB, **ids, **overrides)
+    (Path(out_dir) / "generation_config.json").write_text(json.dumps(ids, indent=2))
+    save_gemma_tokenizer(out_dir, chat=chat)
+    return Path(out_dir)
+
+
 def hf_logits(model, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
     import torch
 

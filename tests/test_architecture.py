@@ -12,7 +12,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "dcd_jax"
 
 # Top-level modules with no dcd_jax dependency above them: the ground every part may stand on.
-GROUND = {"errors", "paths", "storage", "atomic_files", "config", "sharding", "distributed", "numerics", "host_memory"}
+GROUND = {"errors", "paths", "storage", "atomic_files", "config", "sharding", "distributed", "numerics", "host_memory",
+          "stop_tokens"}
 FACES = {"cli", "demo", "tiny_models", "__init__"}  # entry points (and the demo's tiny checkpoints): may use every part
 
 # part -> parts it may import (besides itself and the ground). "Nothing below train imports train."
@@ -167,3 +168,33 @@ def test_imports_are_read_with_their_targets(tmp_path, source, expected):
     probe.write_text(source)
     modules = {"dcd_jax.train.loop", "dcd_jax.models", "dcd_jax.eval.runner", "dcd_jax.eval.probe"}
     assert module_imports(probe, modules, tmp_path / "dcd_jax") == expected
+
+
+def model_type_tests(source: str) -> list[str]:
+    """Comparisons that test a ``model_type`` (``cfg.model_type == ...``, ``hf["model_type"] in ...``,
+    ``hf.get("model_type") != ...``), as source lines."""
+    def names_model_type(node: ast.AST) -> bool:
+        return any(isinstance(n, ast.Attribute) and n.attr == "model_type" or isinstance(n, ast.Name) and n.id == "model_type"
+                   or isinstance(n, ast.Constant) and n.value == "model_type" for n in ast.walk(node))
+
+    return [ast.unparse(n) for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Compare)
+            and any(names_model_type(x) for x in (n.left, *n.comparators))]
+
+
+def test_only_family_modules_test_a_model_type():
+    """A family is one module (docs/architecture.md, "How to add a model family"): the rest of
+    models/ and convert/ reads the config's switches, never the family name; the registry's lookup
+    (``family_of``) is the one place that compares it."""
+    found = {}
+    for path in sorted([*(PACKAGE / "models").rglob("*.py"), *(PACKAGE / "convert").rglob("*.py")]):
+        if "families" in path.parts or path.name == "registry.py":
+            continue
+        if tests := model_type_tests(path.read_text()):
+            found[str(path.relative_to(PACKAGE))] = tests
+    assert found == {}
+
+
+def test_the_model_type_check_catches_a_family_test():
+    assert model_type_tests("if cfg.model_type == 'gemma3_text':\n    pass") == ["cfg.model_type == 'gemma3_text'"]
+    assert model_type_tests("x = hf.get('model_type') in ('qwen2', 'qwen3')") == ["hf.get('model_type') in ('qwen2', 'qwen3')"]
+    assert model_type_tests("x = cfg.qk_norm == True") == []

@@ -291,3 +291,55 @@ def test_intermediate_errors_leave_the_answer_right():
     assert abs(sum("error_line" in r for r in some) / len(some) - 0.3) < 0.04
     with pytest.raises(ConfigError, match="intermediate_error_rate"):
         from_dict(SyntheticTaskConfig, {"intermediate_error_rate": 1.5})
+
+
+def test_trace_errors_of_generated_traces_are_exactly_their_slips():
+    """The generator's traces in every style have no error, except the slips it was asked for: an
+    intermediate slip is one arithmetic error (later lines go on from the right value), a final slip
+    one too (the answer repeats the slipped value)."""
+    from dcd_jax.data.synthetic import STYLES, SyntheticTaskConfig, generate_problems, trace_errors
+
+    clean = generate_problems(SyntheticTaskConfig(n_examples=60, style_mix={s: 1.0 for s in STYLES}, restate=True,
+                                                  min_steps=2, max_steps=8, max_start=9, max_operand=9, max_value=20))
+    assert {r["style"] for r in clean} == set(STYLES)
+    for r in clean:
+        assert trace_errors(r["prompt"], r["response"]) == {"arithmetic": 0, "misquoted": 0, "skipped": 0, "answer": 0}
+        assert trace_errors(r["prompt"], r["solution"])["skipped"] == 0
+    slips = generate_problems(SyntheticTaskConfig(n_examples=40, style_mix={"careful": 1.0, "mixed": 1.0}, restate=True,
+                                                  intermediate_error_rate=0.5, error_rate=0.3, seed=1))
+    assert any("error_line" in r for r in slips) and any(not r["trace_correct"] for r in slips)
+    for r in slips:
+        errors = trace_errors(r["prompt"], r["response"])
+        assert errors["arithmetic"] == ("error_line" in r) + (not r["trace_correct"]), r["response"]
+        assert errors["misquoted"] == errors["skipped"] == errors["answer"] == 0
+
+
+def test_trace_errors_of_hand_built_collapsed_outputs():
+    from dcd_jax.data.synthetic import trace_errors
+
+    prompt = ("Jon has 3 pencils. He buys 3 boxes with 3 pencils in each. He finds 4 more pencils. "
+              "How many pencils does Jon have now?")
+    # restates a sentence with the wrong number, then adds wrong
+    out = ("Jon starts with 3 pencils.\nHe buys 3 boxes with 3 pencils in each.\n3 * 3 = 9.\n3 + 9 = 12.\n"
+           "He finds 1 more pencils.\n12 + 1 = 14.\nThe answer is 14.")
+    assert trace_errors(prompt, out) == {"arithmetic": 1, "misquoted": 1, "skipped": 1, "answer": 0}
+    # careful-looking lines with no restatement, wrong sums, an answer that is not the last value
+    out = "7 coins.\n5 + 8 = 10.\n9 / 0 = 1.\nThe answer is 10."
+    assert trace_errors(prompt, out) == {"arithmetic": 2, "misquoted": 0, "skipped": 2, "answer": 1}
+    # a compressed line stands for its sentences; precedence and parentheses are evaluated
+    out = "3 + 3 * 3 = 12.\n(12 + 4) / 2 = 8.\nThe answer is 8."
+    assert trace_errors(prompt, out) == {"arithmetic": 0, "misquoted": 0, "skipped": 0, "answer": 0}
+    assert trace_errors(prompt, "3 + x = 4.\nThe answer is 4.")["arithmetic"] == 1  # does not parse
+
+
+def test_a_restatement_that_names_another_person_or_container_is_not_misquoted():
+    from dcd_jax.data.synthetic import trace_errors
+
+    prompt = "Eva has 7 shells. She gives 5 shells to Jon. How many shells does Eva have now?"
+    out = "Eva starts with 7 shells.\nShe gives 5 shells to Dan.\n7 - 5 = 2.\nThe answer is 2."
+    boxes = "Eva has 7 shells. She buys 2 boxes with 3 shells in each. How many shells does Eva have now?"
+    assert trace_errors(boxes, "Eva starts with 7 shells.\nShe buys 2 jars with 3 shells in each.\n2 * 3 = 6.\n"
+                               "7 + 6 = 13.\nThe answer is 13.")["misquoted"] == 0
+    assert trace_errors(prompt, out) == {"arithmetic": 0, "misquoted": 0, "skipped": 0, "answer": 0}
+    assert trace_errors(prompt, out.replace("gives 5", "gives 4"))["misquoted"] == 1
+    assert trace_errors(prompt, out.replace("gives 5", "finds 5"))["misquoted"] == 1

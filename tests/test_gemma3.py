@@ -238,3 +238,125 @@ def test_model_json_round_trips_the_gemma_switches():
     assert cfg.sliding_window == 512 and sum(cfg.local_layers) == 22 and not cfg.local_layers[5]
     assert (cfg.rope.theta, cfg.rope_local.theta) == (1e6, 1e4) and cfg.attention_scale == 256 ** -0.5
     assert round(cfg.num_params / 1e6) == 1000  # "1B": 999.9M with the tied 262144 x 1152 embedding
+
+
+# --------------------------------------------------------------------------- chat template, BOS, EOS ids
+# A Gemma-like tokenizer built here (tests/hf_fixtures.save_gemma_tokenizer): Gemma 3's chat template,
+# <bos> added by add_special_tokens=True (as Gemma's), <eos> as its EOS and generation_config.json
+# listing <eos> and <end_of_turn> (as Gemma 3's does).
+
+PROMPT = "Ivy has 23 cookies. She eats 3. How many cookies does Ivy have now?"
+RESPONSE = "23 - 3 = 20.\nThe answer is 20."
+
+
+def _gemma_tokenizer(d, chat):
+    from transformers import AutoTokenizer
+
+    from hf_fixtures import GEMMA_BOS, GEMMA_EOS, GEMMA_END_OF_TURN, GEMMA_PAD, save_gemma_tokenizer
+
+    save_gemma_tokenizer(d, chat=chat)
+    ids = dict(bos_token_id=GEMMA_BOS, eos_token_id=[GEMMA_EOS, GEMMA_END_OF_TURN], pad_token_id=GEMMA_PAD)
+    (d / "generation_config.json").write_text(__import__("json").dumps(ids))
+    return AutoTokenizer.from_pretrained(str(d))
+
+
+@pytest.fixture(scope="module")
+def gemma_tok(tmp_path_factory):
+    return _gemma_tokenizer(tmp_path_factory.mktemp("gemma_chat"), chat=True)
+
+
+@pytest.fixture(scope="module")
+def gemma_base_tok(tmp_path_factory):
+    return _gemma_tokenizer(tmp_path_factory.mktemp("gemma_base"), chat=False)
+
+
+def test_the_tokenizer_is_gemma_like(gemma_tok):
+    from hf_fixtures import GEMMA_BOS, GEMMA_EOS, GEMMA_END_OF_TURN
+
+    from dcd_jax.stop_tokens import stop_token_ids
+
+    assert type(gemma_tok).__name__ == "GemmaTokenizer" and gemma_tok.eos_token_id == GEMMA_EOS
+    assert gemma_tok("hi")["input_ids"][0] == GEMMA_BOS  # add_special_tokens=True adds the BOS, as Gemma's does
+    assert stop_token_ids(gemma_tok) == (GEMMA_EOS, GEMMA_END_OF_TURN)
+
+
+@pytest.mark.parametrize("system_prompt", [None, "Be brief."])
+def test_chat_masks_cover_exactly_the_responses_with_one_bos(gemma_tok, system_prompt):
+    """The example's ids are transformers' rendering tokenized (one <bos>: the template's, none
+    added); the loss covers each model turn's content and its <end_of_turn>, and nothing follows
+    it (no <eos> appended after an <end_of_turn>: both end the turn)."""
+    from hf_fixtures import GEMMA_BOS, GEMMA_END_OF_TURN
+
+    from dcd_jax.data import DataConfig, render_prompt, tokenize_example
+
+    cfg = DataConfig(system_prompt=system_prompt)
+    chat = [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": "The answer is 20."},
+            {"role": "user", "content": "She finds 4 more. How many now?"}, {"role": "assistant", "content": RESPONSE}]
+    for record, turns in (({"prompt": PROMPT, "response": RESPONSE}, chat[:1] + chat[3:]), ({"messages": chat}, chat)):
+        ex = tokenize_example(record, gemma_tok, cfg)
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + turns
+        rendered = gemma_tok.apply_chat_template(messages, tokenize=False)
+        assert rendered.startswith("<bos><start_of_turn>user\n" + (f"{system_prompt}\n\n" if system_prompt else ""))
+        want = gemma_tok(rendered.rstrip("\n"), add_special_tokens=False)["input_ids"]
+        assert ex.input_ids.tolist() == want
+        assert ex.input_ids.tolist().count(GEMMA_BOS) == 1 and ex.input_ids[0] == GEMMA_BOS
+        assert ex.input_ids[-1] == GEMMA_END_OF_TURN and ex.response_mask[-1]
+        answers = [m["content"] for m in turns if m["role"] == "assistant"]
+        assert gemma_tok.decode(ex.input_ids[ex.response_mask]) == "<end_of_turn>".join(answers) + "<end_of_turn>"
+        # What inference renders for the prompt is the training example's prefix up to the response.
+        prompt = render_prompt(turns[:-1], gemma_tok, cfg)
+        assert prompt.endswith("<start_of_turn>model\n")
+        prompt_ids = gemma_tok(prompt, add_special_tokens=False)["input_ids"]
+        assert ex.input_ids[: len(prompt_ids)].tolist() == prompt_ids and ex.response_mask[len(prompt_ids)]
+        assert not ex.response_mask[len(prompt_ids) - 1]
+
+
+def test_base_checkpoint_without_a_chat_template_renders_plain_text_after_bos(gemma_base_tok):
+    from hf_fixtures import GEMMA_BOS, GEMMA_EOS
+
+    from dcd_jax.data import DataConfig, render_prompt, tokenize_example
+
+    assert not gemma_base_tok.chat_template
+    ex = tokenize_example({"prompt": PROMPT, "response": RESPONSE}, gemma_base_tok, DataConfig())
+    text = gemma_base_tok.decode(ex.input_ids)
+    assert text == f"<bos>### User:\n{PROMPT}\n\n### Assistant:\n{RESPONSE}<eos>"
+    assert ex.input_ids.tolist().count(GEMMA_BOS) == 1 and ex.input_ids[0] == GEMMA_BOS
+    assert ex.input_ids[-1] == GEMMA_EOS
+    assert gemma_base_tok.decode(ex.input_ids[ex.response_mask]) == RESPONSE + "<eos>"
+    prompt = render_prompt(PROMPT, gemma_base_tok, DataConfig())
+    assert prompt == f"<bos>### User:\n{PROMPT}\n\n### Assistant:\n"
+    assert gemma_base_tok(prompt, add_special_tokens=False)["input_ids"] == ex.input_ids[: ex.prompt_length].tolist()
+
+
+def test_generation_stops_at_either_eos_id(tmp_path):
+    """A model that repeats its last token (attention and MLP outputs zeroed, equal-norm embedding
+    rows, so each token's own row wins the tied unembedding): after a prompt ending in <eos> or in
+    <end_of_turn> it emits that token first, and the sampler's default stop ids (the tokenizer's
+    EOS + generation_config.json's) end the row there; after a letter it runs to the budget."""
+    import json
+
+    from hf_fixtures import GEMMA_EOS, GEMMA_END_OF_TURN, save_gemma_checkpoint
+
+    from transformers import AutoTokenizer
+
+    from dcd_jax.infer.sampler import Sampler, SamplingConfig
+
+    d = save_gemma_checkpoint(tmp_path / "g")
+    model = dcd_jax.load_hf(d)
+    graphdef, state = nnx.split(model)
+    params = jax.tree.map(np.array, nnx.to_pure_dict(state))  # writable copies
+    params["layers"]["attn"]["o_proj"]["kernel"][...] = 0
+    params["layers"]["mlp"]["down_proj"]["kernel"][...] = 0
+    params["final_norm"]["scale"][...] = 0  # (1 + w) = 1
+    e = params["embed"]["embedding"]
+    params["embed"]["embedding"] = e / np.linalg.norm(e, axis=-1, keepdims=True)
+
+    tok = AutoTokenizer.from_pretrained(str(d))
+    assert json.loads((d / "generation_config.json").read_text())["eos_token_id"] == [GEMMA_EOS, GEMMA_END_OF_TURN]
+    sampler = Sampler(graphdef, params, tok)
+    a = tok.convert_tokens_to_ids("a")
+    prompts = [tok("Hi", add_special_tokens=True)["input_ids"] + [t] for t in (GEMMA_EOS, GEMMA_END_OF_TURN, a)]
+    out = [c[0] for c in sampler.generate(prompts, SamplingConfig(max_new_tokens=5, batch_size=4))]
+    assert [(c.token_ids, c.finished_by) for c in out] == [
+        ([GEMMA_EOS], "eos"), ([GEMMA_END_OF_TURN], "eos"), ([a] * 5, "length")]
+    assert out[0].text == out[1].text == "" and out[2].text == "aaaaa"

@@ -43,6 +43,36 @@ def test_the_trace_level_setting_is_chosen_on_val_with_ties_to_tau1():
     runs[1] = _run("tau1", 0.7)
     assert study.chosen_setting(runs, "pertrace") == "tau1"
     assert study.chosen_setting(runs[:2], "pertrace") is None  # the sweep is not finished
+    # the other regimes use the setting tuned on the per-trace regime's val split
+    assert study.chosen_setting(runs, "withintrace") == "tau1"
+
+
+def test_regimes_change_the_distillation_task_only():
+    base = study.build_scale("pertrace")
+    for regime in study.REGIMES:
+        scale = study.build_scale(regime)
+        assert scale.pretrain_task == base.pretrain_task  # why the base stage can be shared
+        assert (scale.task == base.task) == (regime == "pertrace")
+
+
+def test_a_shared_base_stage_is_copied_once_and_its_inputs_checked(tmp_path):
+    src = study.build_dir(tmp_path, "pertrace", 1)
+    for f in study.SHARED_INPUTS + ("runs/pretrain/hf/config.json",):
+        (src / f).parent.mkdir(parents=True, exist_ok=True)
+        (src / f).write_text(f)
+    (src / "pretrain.done.json").write_text("{}")
+    assert study.share_pretrain(tmp_path, "errors", 1) == src
+    dst = study.build_dir(tmp_path, "errors", 1)
+    assert (dst / "runs/pretrain/hf/config.json").read_text() == "runs/pretrain/hf/config.json"
+    assert study.share_pretrain(tmp_path, "errors", 1) is None  # already there
+    assert study.share_pretrain(tmp_path, "pertrace", 1) is None
+    for f in study.SHARED_INPUTS:  # what the regime's own assets stage writes
+        (dst / f).parent.mkdir(parents=True, exist_ok=True)
+        (dst / f).write_text(f)
+    study.check_shared_pretrain(tmp_path, "errors", 1)
+    (dst / "assets/pretrain.jsonl").write_text("other data")
+    with pytest.raises(RuntimeError, match="pretrain.jsonl"):
+        study.check_shared_pretrain(tmp_path, "errors", 1)
 
 
 def test_the_oracle_filter_keeps_exactly_the_careful_traces(tmp_path):
@@ -74,3 +104,19 @@ def test_restore_seeds_the_run_cache_and_refuses_a_build_that_rebuilt_differentl
         study.check_reproduced(committed, {"regime": "pertrace", "build": 1, **record,
                                            "undistilled": {"eval": {"accuracy": 0.49}}})
     assert exit_info.value.code == 2 and "rebuilt differently (undistilled)" in capsys.readouterr().err
+
+
+def test_gkd_steps_match_the_sft_runs_wall_time():
+    """wall(n) = c + n * s per run (steady step time after step 3); GKD gets the steps that fit in SFT's."""
+    sft_rows = [{"step": i, "step_seconds": 5.0 if i == 1 else 0.5, "cost/wall_seconds": 5.0 + 0.5 * (i - 1)}
+                for i in range(1, 11)]
+    gkd_rows = [{"step": i, "step_seconds": 9.0 if i == 1 else 2.0 if i % 2 else 1.0,
+                 "cost/wall_seconds": 0.0} for i in range(1, 11)]
+    gkd_rows[-1]["cost/wall_seconds"] = 9.0 + sum(r["step_seconds"] for r in gkd_rows[1:])
+    sft, gkd = study.wall_model(sft_rows), study.wall_model(gkd_rows)
+    assert sft["step_seconds"] == 0.5 and sft["overhead_seconds"] == pytest.approx(4.5)
+    assert gkd["step_seconds"] == pytest.approx(10 / 7)  # steps 4..10: four of 1 s (even), three of 2 s
+    matched = study.matched_steps(sft, gkd, 240)
+    assert matched["sft_wall_seconds_at_steps"] == pytest.approx(4.5 + 120)
+    assert matched["gkd_steps"] == int((124.5 - gkd["overhead_seconds"]) / (10 / 7))
+    assert study.matched_steps(sft, {"step_seconds": 1.0, "overhead_seconds": 1e6}, 240)["gkd_steps"] == 1

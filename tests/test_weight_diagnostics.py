@@ -186,3 +186,74 @@ def test_weight_by_style_and_token_class_on_hand_built_scores(tmp_path):
     for style, per_class in expected.items():
         assert out["by_style_and_token_class"][style] == pytest.approx(per_class, rel=1e-5)
     assert out["by_token_class"]["first"] == pytest.approx((0.5 + w(0.1, 0.9)) / 2, rel=1e-5)
+
+
+def test_line_kinds_of_a_hand_built_mixed_trace_with_a_slip():
+    """Each token gets the kind of the line it starts on; the record's error line is ``wrong``."""
+    from dcd_jax.eval.weight_diagnostics import response_line_kinds
+
+    response = "She finds 3 coins.\n4 + 3 = 7.\n7 - 2 + 5 = 10.\n10 - 1 = 8.\nThe answer is 9."
+    lines = response.split("\n")
+    starts = [0, response.index("4 +"), response.index("= 7"), response.index("7 - 2"), response.index("+ 5"),
+              response.index("10 - 1"), response.index("The answer"), None]
+    kinds = response_line_kinds(response, starts)
+    assert kinds == ["text", "one-op", "one-op", "multi-op", "multi-op", "one-op", "text", "end"]
+    assert response_line_kinds(response, starts, error_line=lines.index("10 - 1 = 8.")) == \
+        ["text", "one-op", "one-op", "multi-op", "multi-op", "wrong", "text", "end"]
+
+
+def test_weight_by_line_kind_on_generated_records(tmp_path):
+    """On generated mixed traces with slips: the kinds cover every response token, the wrong line is
+    exactly the record's ``error_line``, and the weight by line kind is the token mean per kind."""
+    from pathlib import Path
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    from dcd_jax.data import DataConfig
+    from dcd_jax.data.synthetic import SyntheticTaskConfig, generate_problems
+    from dcd_jax.data.tokenization import tokenize_example
+    from dcd_jax.eval.weight_diagnostics import record_line_kinds, weight_diagnostics
+
+    records = generate_problems(SyntheticTaskConfig(n_examples=12, style_mix={"mixed": 1.0}, min_steps=4, max_steps=6,
+                                                    intermediate_error_rate=0.5, seed=3))
+    assert any("error_line" in r for r in records) and any("error_line" not in r for r in records)
+    tok = AutoTokenizer.from_pretrained(Path(__file__).parent / "fixtures" / "data" / "synthetic_tokenizer")
+    data_cfg = DataConfig(path="unused.jsonl")
+    kinds = record_line_kinds(records, tok, data_cfg)
+    for r in records:
+        example = tokenize_example(r, tok, data_cfg)
+        k = kinds[r["id"]]
+        assert len(k) == int(example.response_mask.sum()) and k[-1] == "end"
+        assert ("wrong" in k) == ("error_line" in r)
+    assert {"one-op", "multi-op"} <= {x for k in kinds.values() for x in k}
+    # weights: student log-prob -1 on wrong-line tokens, 0 elsewhere; teacher 0 everywhere
+    student = {r["id"]: [(-1.0 if x == "wrong" else 0.0) for x in kinds[r["id"]]] for r in records}
+    teacher = {r["id"]: [0.0] * len(kinds[r["id"]]) for r in records}
+    write = lambda path, rows: pq.write_table(pa.table({"id": list(rows), "teacher_logprobs": list(rows.values())}),  # noqa: E731
+                                              path) or path
+    cfg = ObjectiveConfig(weighting="dcd", dcd=DCDConfig(normalize=False), lam=LamSchedule(kind="constant"))
+    out = weight_diagnostics(cfg, records, write(tmp_path / "s.parquet", student), write(tmp_path / "t.parquet", teacher),
+                             line_kinds=kinds)
+    sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    assert out["by_line_kind"]["wrong"] == pytest.approx(sig(-1.0), rel=1e-5)
+    assert out["by_line_kind"]["one-op"] == pytest.approx(0.5, rel=1e-5)
+    assert out["student_nll_by_line_kind"]["wrong"] == pytest.approx(1.0, rel=1e-5)
+    assert out["teacher_nll_by_line_kind"]["multi-op"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_error_shares_count_outputs_by_kind_of_error():
+    from dcd_jax.eval.weight_diagnostics import error_shares
+
+    prompt = "Ann has 4 coins. She finds 3 more coins. How many coins does Ann have now?"
+    right = "Ann starts with 4 coins.\nShe finds 3 more coins.\n4 + 3 = 7.\nThe answer is 7."
+    gens = [{"prompt": prompt, "response": right, "correct": True, "kind": "greedy"},
+            {"prompt": prompt, "response": right.replace("= 7.\nThe answer is 7", "= 8.\nThe answer is 8"),
+             "correct": False, "kind": "greedy"},
+            {"prompt": prompt, "response": right.replace("4 + 3", "4 + 4").replace("7", "8"), "correct": False,
+             "kind": "greedy"},
+            {"prompt": prompt, "response": right.replace("finds 3", "finds 5"), "correct": True, "kind": "greedy"},
+            {"prompt": prompt, "response": "The answer is 1.", "correct": False, "kind": "sample"}]
+    assert error_shares(gens) == {"arithmetic": 0.25, "misquoted": 0.25, "skipped": 0.25, "answer": 0.0,
+                                  "wrong_otherwise": 0.25}

@@ -39,8 +39,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import operator
 import random
 import re
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -382,11 +384,102 @@ def classify_style(text: str) -> str:
     """
     if extract_answer(text) is None:
         return "other"
-    computations = [line for line in text.split("\n") if " = " in line]
-    if not computations:
+    ops = [line_operations(line) for line in text.split("\n") if " = " in line]
+    if not ops:
         return "answer_only"
-    ops = [len(_OPERATOR_RE.findall(line.split(" = ")[0])) for line in computations]
     return "careful" if max(ops) <= 1 else "compressed"
+
+
+def line_operations(line: str) -> int:
+    """The number of operations left of `` = `` on a computation line (``4 + 3 - 2 = 5.`` -> 2)."""
+    return len(_OPERATOR_RE.findall(line.split(" = ")[0]))
+
+
+#: Where an output goes wrong (:func:`trace_errors`).
+TRACE_ERRORS = ("arithmetic", "misquoted", "skipped", "answer")
+
+
+def trace_errors(prompt: str, response: str) -> dict[str, int]:
+    """Where an output of the embedded task goes wrong, line by line (a wrong answer's anatomy):
+
+    ``arithmetic``: computation lines whose stated value is not their expression's value (or that
+    do not parse); ``misquoted``: restated lines that are no sentence of the problem (a copy with a
+    wrong number or verb; names of people and containers are not compared); ``skipped``: sentences of the problem a careful output (one
+    operation per line, which restates each sentence before its computation) never restates (a
+    compressed line stands for its sentences, so other outputs count none); ``answer``: 1 when the
+    final answer is not the last computed value.
+    """
+    sentences = re.split(r"(?<=\.) ", prompt.rsplit("?", 1)[0].rsplit(". ", 1)[0] + ".")[1:]
+    lines = response.split("\n")
+    computations = [line for line in lines if " = " in line]
+    arithmetic, values = 0, []
+    for line in computations:
+        left, _, right = line.rstrip(".").rpartition(" = ")
+        value = _evaluate(left)
+        stated = int(right) if right.strip().isdigit() else None
+        arithmetic += value is None or stated is None or value != stated
+        values.append(stated)
+    restated = [_gist(line) for line in lines[1:] if " = " not in line and line and not line.startswith("The answer is")]
+    sentences = [_gist(x) for x in sentences]
+    answer = extract_answer(response)
+    return {"arithmetic": arithmetic,
+            "misquoted": sum(line not in sentences for line in restated),
+            "skipped": sum(s not in restated for s in sentences)
+            if computations and all(line_operations(c) <= 1 for c in computations) else 0,
+            "answer": int(answer is not None and bool(values) and answer != str(values[-1]))}
+
+
+_TOKEN_RE = re.compile(r"\s*(\d+|[-+*/()])")
+_SUM_OPS = {"+": operator.add, "-": operator.sub}
+_PRODUCT_OPS = {"*": operator.mul, "/": operator.truediv}
+
+
+def _gist(sentence: str) -> tuple[str, ...]:
+    """What a sentence of the problem says the amount does: its verb (second word) and its numbers.
+    A restatement that names another person or container (harmless) has the same gist."""
+    words = sentence.rstrip(".").split(" ")
+    return (words[1] if len(words) > 1 else "", *re.findall(r"\d+", sentence))
+
+
+def _evaluate(expression: str) -> Fraction | None:
+    """The value of an integer expression with ``+ - * /`` and parentheses (None if it does not
+    parse or divides by zero): a parser, never ``eval``."""
+    tokens = _TOKEN_RE.findall(expression)
+    if "".join(tokens) != expression.replace(" ", ""):
+        return None
+    pos = 0
+
+    def atom():
+        nonlocal pos
+        if pos < len(tokens) and tokens[pos] == "(":
+            pos += 1
+            value = additive()
+            if pos >= len(tokens) or tokens[pos] != ")":
+                raise ValueError
+            pos += 1
+            return value
+        if pos < len(tokens) and tokens[pos].isdigit():
+            pos += 1
+            return Fraction(int(tokens[pos - 1]))
+        raise ValueError
+
+    def level(ops: dict, operand):
+        """A left-associative run of ``operand``s joined by the operators in ``ops``."""
+        nonlocal pos
+        value = operand()
+        while pos < len(tokens) and tokens[pos] in ops:
+            pos += 1
+            value = ops[tokens[pos - 1]](value, operand())
+        return value
+
+    multiplicative = lambda: level(_PRODUCT_OPS, atom)  # noqa: E731
+    additive = lambda: level(_SUM_OPS, multiplicative)  # noqa: E731
+
+    try:
+        value = additive()
+    except (ValueError, ZeroDivisionError):
+        return None
+    return value if pos == len(tokens) else None
 
 
 def extract_answer(text: str) -> str | None:

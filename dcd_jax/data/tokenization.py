@@ -7,7 +7,11 @@ the rendering of ``messages[:i]`` with the generation prompt and the rendering o
 ``messages[:i+1]`` (trailing whitespace after the turn excluded), i.e. the turn's content and its
 end-of-turn token - what the model must emit after the generation prompt. A token belongs to the
 response if its first character lies in such a span. Text the template adds after the last turn
-is cut, and the tokenizer's EOS is appended unless the response already ends with it.
+is cut, and the tokenizer's EOS is appended unless the response already ends with a stop id
+(:func:`dcd_jax.stop_tokens.stop_token_ids`: the EOS, or an eos id of the model's
+``generation_config.json`` such as Gemma's ``<end_of_turn>``, which generation stops at as well).
+The BOS is the template's (the rendered text is tokenized without special tokens), so it appears
+once.
 
 Without a chat template (or ``data.template: plain``) the plain template is::
 
@@ -31,6 +35,7 @@ from dcd_jax.data.config import DataConfig
 from dcd_jax.data.errors import DataError, Location
 from dcd_jax.data.records import Message, Record, parse_record
 from dcd_jax.data.teacher_scores import TeacherScores, tokenizer_fingerprint
+from dcd_jax.stop_tokens import stop_token_ids
 
 PLAIN_SYSTEM = "{content}\n\n"
 PLAIN_USER = "### User:\n{content}\n\n"
@@ -202,7 +207,8 @@ def render_prompts(prompts: Sequence[str], tokenizer: Any, style: PromptStyle) -
 # --------------------------------------------------------------------------- tokenization
 
 
-def _build(record: Record, ids: Sequence[int], offsets: Sequence[Sequence[int]], spans: list, eos_id: int) -> TokenizedExample:
+def _build(record: Record, ids: Sequence[int], offsets: Sequence[Sequence[int]], spans: list, eos_id: int,
+           stop_ids: Sequence[int] = ()) -> TokenizedExample:
     ids = np.asarray(ids, np.int32)
     starts = np.asarray(offsets, np.int64).reshape(-1, 2)[:, 0]
     mask = np.zeros(ids.shape[0], bool)
@@ -215,7 +221,7 @@ def _build(record: Record, ids: Sequence[int], offsets: Sequence[Sequence[int]],
                 location=record.location, field=record.response_field, reason="all_masked",
             )
         mask |= inside
-    if ids.shape[0] == 0 or ids[-1] != eos_id:
+    if ids.shape[0] == 0 or (ids[-1] != eos_id and ids[-1] not in stop_ids):
         ids = np.append(ids, np.int32(eos_id))
         mask = np.append(mask, True)
     mask[0] = False
@@ -276,6 +282,7 @@ def tokenize_records(
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
         raise ValueError("the student tokenizer has no eos_token; it is needed to end every response")
+    stop_ids = stop_token_ids(tokenizer)
     results: list[TokenizedExample | DataError | None] = [None] * len(records)
     rendered = []
     for i, record in enumerate(records):
@@ -290,7 +297,7 @@ def tokenize_records(
     if rendered:
         for (i, _, spans), (ids, offsets) in zip(rendered, _encode([text for _, text, _ in rendered], tokenizer)):
             try:
-                results[i] = _build(records[i], ids, offsets, spans, eos_id)
+                results[i] = _build(records[i], ids, offsets, spans, eos_id, stop_ids)
             except DataError as e:
                 results[i] = e
     return results  # type: ignore[return-value]

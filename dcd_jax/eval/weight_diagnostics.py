@@ -10,6 +10,7 @@ with the student in the teacher's place) and the teacher's cached log-probs:
     by_style[s] = sum_{t in traces of style s} w_t / #tokens of those traces
     by_position[i] = mean w_t over tokens in the i-th fifth of their response
     by_token_class[c] = mean w_t over response tokens of class c (:func:`response_token_classes`)
+    by_line_kind[k] = mean w_t over response tokens on lines of kind k (:func:`response_line_kinds`)
 """
 
 from __future__ import annotations
@@ -126,14 +127,41 @@ def response_token_classes(response: str, char_starts: Sequence[int | None]) -> 
     return out
 
 
-def record_token_classes(records: Sequence[Mapping[str, Any]], tokenizer: Any, data_cfg: Any) -> dict[str, list[str]]:
-    """``{id: class of every response token}``, tokenized as training does (so aligned with the
-    per-token arrays of a scores file)."""
+#: What kind of line a response token of the embedded task sits on (:func:`response_line_kinds`).
+LINE_KINDS = ("one-op", "multi-op", "wrong", "text", "end")
+
+
+def response_line_kinds(response: str, char_starts: Sequence[int | None], error_line: int | None = None) -> list[str]:
+    """The kind of line each response token starts on: ``one-op`` (a computation line ``... = N.``
+    with one operation: careful), ``multi-op`` (two or more: compressed), ``wrong`` (line index
+    ``error_line`` of ``response.split("\n")``, the teacher's slip; it wins over the others),
+    ``text`` (any other line: a restated sentence, the answer), ``end`` (no text: end of turn)."""
+    from dcd_jax.data.synthetic import line_operations
+
+    lines = response.split("\n")
+    kinds = []
+    for start in char_starts:
+        if start is None or start >= len(response):
+            kinds.append("end")
+            continue
+        index = response.count("\n", 0, start)
+        line = lines[index]
+        if index == error_line:
+            kinds.append("wrong")
+        elif " = " in line:
+            kinds.append("multi-op" if line_operations(line) > 1 else "one-op")
+        else:
+            kinds.append("text")
+    return kinds
+
+
+def _aligned_responses(records: Sequence[Mapping[str, Any]], tokenizer: Any, data_cfg: Any):
+    """``(record, response text, start offset in it of every response token)``, tokenized as training
+    does (so aligned with the per-token arrays of a scores file)."""
     from dcd_jax.data.errors import Location
     from dcd_jax.data.records import parse_record
     from dcd_jax.data.tokenization import render_example, tokenize_example
 
-    out = {}
     for i, raw in enumerate(records):
         record = parse_record(dict(raw), i, Location("<records>", index=i), data_cfg)
         example = tokenize_example(record, tokenizer, data_cfg)
@@ -145,8 +173,20 @@ def record_token_classes(records: Sequence[Mapping[str, Any]], tokenizer: Any, d
         response = record.messages[-1].content  # rendered verbatim at ``begin``; end-of-turn markers follow it
         if not text.startswith(response, begin):
             raise ValueError(f"record {raw['id']}: the rendered assistant turn does not start with its text")
-        out[str(raw["id"])] = response_token_classes(response, starts)
-    return out
+        yield raw, response, starts
+
+
+def record_token_classes(records: Sequence[Mapping[str, Any]], tokenizer: Any, data_cfg: Any) -> dict[str, list[str]]:
+    """``{id: class of every response token}`` (:func:`response_token_classes`), aligned with training."""
+    return {str(raw["id"]): response_token_classes(response, starts)
+            for raw, response, starts in _aligned_responses(records, tokenizer, data_cfg)}
+
+
+def record_line_kinds(records: Sequence[Mapping[str, Any]], tokenizer: Any, data_cfg: Any) -> dict[str, list[str]]:
+    """``{id: kind of line of every response token}`` (:func:`response_line_kinds`; a record's
+    ``error_line`` marks its wrong line), aligned with training."""
+    return {str(raw["id"]): response_line_kinds(response, starts, raw.get("error_line"))
+            for raw, response, starts in _aligned_responses(records, tokenizer, data_cfg)}
 
 
 def read_logprobs(path: str | Path) -> dict[str, np.ndarray]:
@@ -158,9 +198,10 @@ def read_logprobs(path: str | Path) -> dict[str, np.ndarray]:
                                                               table.column("teacher_logprobs").to_pylist())}
 
 
-def mean_by_token_class(values: np.ndarray, mask: np.ndarray, classes: Sequence[Sequence[str]]) -> dict[str, float]:
+def mean_by_token_class(values: np.ndarray, mask: np.ndarray, classes: Sequence[Sequence[str]],
+                        order: Sequence[str] = TOKEN_CLASSES) -> dict[str, float]:
     """``{class: mean of values over the masked tokens of that class}`` (rows of ``classes`` align
-    with the rows of ``values``)."""
+    with the rows of ``values``; keys in ``order``)."""
     sums: dict[str, float] = collections.defaultdict(float)
     counts: dict[str, int] = collections.defaultdict(int)
     for row, (v, m) in enumerate(zip(values, mask)):
@@ -168,17 +209,18 @@ def mean_by_token_class(values: np.ndarray, mask: np.ndarray, classes: Sequence[
             if t < len(m) and m[t] > 0:
                 sums[c] += float(v[t])
                 counts[c] += 1
-    return {c: sums[c] / counts[c] for c in TOKEN_CLASSES if counts.get(c)}
+    return {c: sums[c] / counts[c] for c in order if counts.get(c)}
 
 
 def weight_diagnostics(objective: Any, records: Sequence[Mapping[str, Any]], student_scores: str | Path,
-                       teacher_scores: str | Path, token_classes: Mapping[str, Sequence[str]] | None = None
-                       ) -> dict[str, Any]:
+                       teacher_scores: str | Path, token_classes: Mapping[str, Sequence[str]] | None = None,
+                       line_kinds: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
     """Mean weight by trace ``style`` and by response position on ``records`` (distillation traces
     with ``id`` and ``style``), from the student's and the teacher's per-token log-probs of them
     (two scores files, e.g. ``dcd-jax score-teacher`` run once with each model). With
     ``token_classes`` (:func:`record_token_classes`), also the mean weight by token class (overall and
-    within each trace style), the student's NLL and the teacher's NLL by token class."""
+    within each trace style), the student's NLL and the teacher's NLL by token class; with
+    ``line_kinds`` (:func:`record_line_kinds`), the same three by kind of line."""
     student_lp, teacher_lp = read_logprobs(student_scores), read_logprobs(teacher_scores)
     ids = [str(r["id"]) for r in records]
     weights, mask = token_weights(objective, [student_lp[i] for i in ids], [teacher_lp[i] for i in ids])
@@ -197,6 +239,11 @@ def weight_diagnostics(objective: Any, records: Sequence[Mapping[str, Any]], stu
                                                                 classes)
         out["teacher_nll_by_token_class"] = mean_by_token_class(-pad_rows([teacher_lp[i] for i in ids])[0], mask,
                                                                 classes)
+    if line_kinds is not None:
+        kinds = [line_kinds[i] for i in ids]
+        for key, values in (("by_line_kind", weights), ("student_nll_by_line_kind", -pad_rows([student_lp[i] for i in ids])[0]),
+                            ("teacher_nll_by_line_kind", -pad_rows([teacher_lp[i] for i in ids])[0])):
+            out[key] = mean_by_token_class(values, mask, kinds, LINE_KINDS)
     return out
 
 
@@ -217,3 +264,19 @@ def output_diagnostics(generations: list[dict[str, Any]], num_steps: dict[str, i
     n = max(len(generations), 1)
     return {"accuracy_by_steps": {k: sum(v) / len(v) for k, v in sorted(by_steps.items())},
             "style_shares": {k: v / n for k, v in sorted(counts.items())}}
+
+
+def error_shares(generations: list[dict[str, Any]]) -> dict[str, float]:
+    """The anatomy of greedy outputs of the embedded task: the share of outputs with each kind of
+    :func:`~dcd_jax.data.synthetic.trace_errors` error, and ``wrong_otherwise``, the share that are
+    wrong with none of them (a wrong operand taken from the problem or an earlier line)."""
+    from dcd_jax.data.synthetic import TRACE_ERRORS, trace_errors
+
+    greedy = [g for g in generations if g.get("kind", "greedy") == "greedy"]
+    counts = dict.fromkeys((*TRACE_ERRORS, "wrong_otherwise"), 0)
+    for g in greedy:
+        errors = trace_errors(g["prompt"], g["response"])
+        for kind, n in errors.items():
+            counts[kind] += n > 0
+        counts["wrong_otherwise"] += not g["correct"] and not any(errors.values())
+    return {k: v / max(len(greedy), 1) for k, v in counts.items()}

@@ -15,7 +15,8 @@ Two layers:
   number of times), placing inputs on the mesh, detokenization and stop strings.
 
 Stop conditions:
-  * EOS: any id of ``SamplingConfig.eos_token_ids`` (default: the tokenizer's EOS) ends the row
+  * EOS: any id of ``SamplingConfig.eos_token_ids`` (default: ``dcd_jax.stop_tokens.stop_token_ids``,
+    the tokenizer's EOS and the ``generation_config.json``'s eos ids) ends the row
     inside the loop; the EOS id is kept in ``Completion.token_ids`` but not in the text.
   * Stop strings are authoritative *post hoc*: the decoded text is cut before the first
     occurrence of any stop string, and ``token_ids`` are cut after the token that completes it.
@@ -52,9 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
-from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import jax
@@ -65,6 +64,7 @@ from flax import nnx
 from dcd_jax.models import bind, positions_from_mask
 from dcd_jax.models.transformer import HEADS_MAJOR_CACHE_AXES, per_layer_cache_axes
 from dcd_jax.sharding import batch_shards, constrain, named_sharding, traced_for_cpu
+from dcd_jax.stop_tokens import stop_token_ids
 
 __all__ = [
     "SamplingConfig",
@@ -93,7 +93,8 @@ class SamplingConfig:
         n: completions per prompt (independent random streams).
         seed: base seed of all random streams.
         stop_strings: the text of a completion ends before the first occurrence of any of these.
-        eos_token_ids: ids that end a completion. ``None`` = the tokenizer's EOS id; ``()`` = none.
+        eos_token_ids: ids that end a completion. ``None`` = the tokenizer's stop ids
+            (``dcd_jax.stop_tokens.stop_token_ids``); ``()`` = none.
         prompt_bucket: prompt lengths are padded up to a bucket so the core compiles once per
             bucket: ``"pow2"`` = the next power of two (at least 16), an int ``m`` = the next
             multiple of ``m``.
@@ -522,22 +523,6 @@ def row_keys(seed: int, prompt_index: Sequence[int], sample_index: Sequence[int]
     return np.asarray(_row_keys_jit(np.uint32(seed), i, j))
 
 
-def generation_config_eos_ids(tokenizer: Any) -> tuple[int, ...]:
-    """The ``eos_token_id`` (an int or a list) of ``generation_config.json`` in the directory the
-    tokenizer was loaded from (``tokenizer.name_or_path``), or () without one."""
-    name = getattr(tokenizer, "name_or_path", None) if tokenizer is not None else None
-    path = Path(str(name)) / "generation_config.json" if name else None
-    if path is None or not path.is_file():
-        return ()
-    try:
-        eos = json.loads(path.read_text()).get("eos_token_id")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return ()
-    if eos is None:
-        return ()
-    return tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
-
-
 class Sampler:
     """Host-side generation over prompts (strings or id lists) with a fixed model.
 
@@ -585,12 +570,7 @@ class Sampler:
         Gemma 3's end of turn and end of text, Llama 3's ``<|eot_id|>``)."""
         if cfg.eos_token_ids is not None:
             return cfg.eos_token_ids
-        eos = getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer is not None else None
-        ids = [] if eos is None else [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
-        for e in generation_config_eos_ids(self.tokenizer):
-            if e not in ids:
-                ids.append(e)
-        return tuple(ids)
+        return stop_token_ids(self.tokenizer)
 
     def _encode(self, prompts: Sequence[str] | Sequence[Sequence[int]]) -> list[list[int]]:
         out = []

@@ -33,6 +33,7 @@ from dcd_jax.convert.model_dir import Pretrained, load_pretrained
 from dcd_jax.infer.sampler import SamplingConfig, generate_tokens, left_align
 from dcd_jax.models import abstract_model, bind
 from dcd_jax.objectives import ObjectiveConfig, check_vocab_alignment, compute_objective
+from dcd_jax.stop_tokens import stop_token_ids
 from dcd_jax.train.step import make_train_step
 
 # The fields a GKD step reads; cached teacher scores in the data are not used (the teacher is live).
@@ -217,10 +218,9 @@ def jit_gkd_step(
     """The jitted GKD step with the loop's signature ``(state, batch) -> (state, metrics)``.
 
     The teacher params keep the shardings :func:`load_teacher` gave them (the student's table and
-    mesh); the state is donated like in the offline step. EOS ids and the pad id are the student
-    tokenizer's."""
-    eos = getattr(tokenizer, "eos_token_id", None)
-    eos_ids = () if eos is None else tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
+    mesh); the state is donated like in the offline step. The stop ids (``stop_token_ids``: its EOS
+    and its generation config's eos ids) and the pad id are the student tokenizer's."""
+    eos_ids = stop_token_ids(tokenizer)
     pad = getattr(tokenizer, "pad_token_id", None)
     teacher_graphdef, _, _ = abstract_model(teacher.cfg)
     step_fn = make_gkd_train_step(
