@@ -213,14 +213,14 @@ def cmd_data_select(args: argparse.Namespace) -> int:
         raise ConfigError(f"data select: --keep-fraction must be in (0, 1], got {args.keep_fraction}")
     cfg = _load_run_config(args)
     cfg.require_model()
-    traces = Path(cfg.data.path or "")
-    if traces.suffix != ".jsonl" or not traces.is_file():
-        raise ConfigError(f"data select: data.path must be a JSONL file of traces, got {str(traces)!r}")
+    traces = cfg.data.path or ""
+    if not traces.endswith(".jsonl") or not storage.path(traces).is_file():
+        raise ConfigError(f"data select: data.path must be a JSONL file of traces, got {traces!r}")
     if not cfg.data.teacher_scores:
         raise ConfigError("data select: data.teacher_scores is required (the teacher's cached log-probs of the traces; "
                           "make them with `dcd-jax score-teacher`)")
-    student_scores = args.student_scores or Path(f"{args.out}.student.parquet")
-    if not Path(student_scores).is_file() or args.student_scores is None:  # resumable: score-teacher resumes it
+    student_scores = args.student_scores or f"{args.out}.student.parquet"
+    if not storage.exists(student_scores) or args.student_scores is None:  # resumable: score-teacher resumes it
         score_teacher(dataclasses.replace(cfg.data, teacher_scores=None, topk=0),
                       ScoreConfig(teacher=cfg.model.path, out=str(student_scores), topk=0, dtype=cfg.model.dtype))
     report = select_traces(traces, student_scores, cfg.data.teacher_scores, args.out, keep_fraction=args.keep_fraction,
@@ -414,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
         "tokenizer_fingerprint), rendered and tokenized exactly as training would, at full length. Training "
         "on them skips rendering and tokenization (bench/data_scale.py: the text path's main cost) and gives "
         "bit for bit the batches of the text; teacher scores of the text stay valid.")
-    tokenize.add_argument("--out", required=True, type=Path, help="output .jsonl or .parquet (written atomically)")
+    tokenize.add_argument("--out", required=True, help="output .jsonl or .parquet, local or gs:// (written atomically)")
     _add_config_args(tokenize)
     tokenize.set_defaults(func=cmd_data_tokenize)
     select = data_sub.add_parser(
@@ -425,10 +425,10 @@ def build_parser() -> argparse.ArgumentParser:
         "every trace's r goes to <out>.selection.json. Train on the kept traces with data.path=<out> (SFT or "
         "any objective; the teacher scores stay valid). Pick the fraction on a validation split "
         "(docs/objectives.md, 'Which objective to pick').")
-    select.add_argument("--out", required=True, type=Path, help="output JSONL of the kept traces (written atomically)")
+    select.add_argument("--out", required=True, help="output JSONL of the kept traces, local or gs:// (written atomically)")
     select.add_argument("--keep-fraction", type=float, default=None, help="share of traces to keep, in (0, 1]")
     select.add_argument("--min-log-ratio", type=float, default=None, help="keep traces with r >= this (nats/token)")
-    select.add_argument("--student-scores", type=Path, default=None,
+    select.add_argument("--student-scores", default=None,
                         help="the student's scores of the traces if already made (default: <out>.student.parquet, "
                         "written and resumed here)")
     _add_config_args(select)

@@ -6,11 +6,11 @@
 #   export TPU_NAME=dcd-v5e TPU_ZONE=us-west4-a TPU_TYPE=v5litepod-16 TPU_VERSION=v2-alpha-tpuv5-lite
 #   launch/tpu_vm.sh create                       # allocate the slice
 #   launch/tpu_vm.sh setup                        # copy this checkout to every worker, pip install .[tpu]
-#   launch/tpu_vm.sh run dcd-jax train --config configs/qwen2.5-1.5b-dcd.yaml train.out_dir=/mnt/bucket/runs/run1
+#   launch/tpu_vm.sh run dcd-jax train --config configs/qwen2.5-1.5b-dcd.yaml train.out_dir=gs://my-bucket/dcd/runs/run1
 #   launch/tpu_vm.sh ssh 0                        # a shell on worker 0
 #   launch/tpu_vm.sh delete
 #
-# Data and checkpoints: use paths every worker sees (a gcsfuse-mounted bucket or a shared disk).
+# Data and checkpoints: gs:// URLs (every worker reads and writes the bucket; no shared disk needed).
 # Preemption: spot/queued-resource slices send SIGTERM; training saves at the next step boundary
 # and exits 0, and the same `run` command resumes from the latest checkpoint in train.out_dir.
 set -euo pipefail

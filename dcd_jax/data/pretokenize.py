@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from dcd_jax import storage
 from dcd_jax.atomic_files import atomic_file
 from dcd_jax.data.config import DataConfig
 from dcd_jax.data.pipeline import DataStats, iter_examples
@@ -33,16 +34,16 @@ def write_tokenized_records(
     ``.parquet``, by suffix), in record order, at full length (``seq_len`` is applied when training
     reads them). Streamed in groups of ``rows_per_group`` rows (Parquet row groups), replaced
     atomically; bad records follow ``cfg.on_bad_record``. Returns the data stats of the pass."""
-    out = Path(out)
-    if out.suffix not in (".jsonl", ".parquet"):
+    suffix = storage.path(out).suffix
+    if suffix not in (".jsonl", ".parquet"):
         raise ConfigError(f"--out {out}: expected a .jsonl or .parquet file")
-    if out.resolve() == Path(cfg.path).resolve():
+    if storage.absolute(out) == storage.absolute(cfg.path):
         raise ConfigError(f"--out {out} is the input data.path: write the tokenized copy elsewhere")
     fingerprint = tokenizer_fingerprint(tokenizer)
     stats = DataStats()
     examples = iter_examples(cfg, tokenizer, apply_length=False, stats=stats)
     with atomic_file(out) as tmp:
-        if out.suffix == ".jsonl":
+        if suffix == ".jsonl":
             with open(tmp, "w", encoding="utf-8") as f:
                 for ex in examples:
                     f.write(json.dumps(_row(ex, fingerprint), ensure_ascii=False) + "\n")

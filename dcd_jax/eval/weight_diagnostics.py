@@ -21,6 +21,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from dcd_jax import storage
+
 NUM_BINS = 5
 
 
@@ -193,7 +195,8 @@ def read_logprobs(path: str | Path) -> dict[str, np.ndarray]:
     """``{id: per-response-token log-probs}`` of a scores Parquet file."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path, columns=["id", "teacher_logprobs"])
+    with storage.open_read(path) as f:
+        table = pq.read_table(f, columns=["id", "teacher_logprobs"])
     return {str(i): np.asarray(v, np.float32) for i, v in zip(table.column("id").to_pylist(),
                                                               table.column("teacher_logprobs").to_pylist())}
 

@@ -20,6 +20,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
+from dcd_jax import storage
 from dcd_jax.atomic_files import atomic_write_text
 
 
@@ -62,12 +63,10 @@ def select_traces(traces: str | Path, student_scores: str | Path, teacher_scores
 
     ratios = trace_log_ratios(read_logprobs(student_scores), read_logprobs(teacher_scores))
     kept = set(select_by_log_ratio(ratios, keep_fraction=keep_fraction, min_log_ratio=min_log_ratio))
-    lines = [line for line in Path(traces).read_text().splitlines() if line.strip()]
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    lines = [line for line in storage.path(traces).read_text().splitlines() if line.strip()]
     chosen = [line for line in lines if str(json.loads(line).get("id")) in kept]
     atomic_write_text(out, "".join(line + "\n" for line in chosen))
     report = {"traces": len(lines), "scored": len(ratios), "kept": len(chosen), "keep_fraction": keep_fraction,
               "min_log_ratio": min_log_ratio, "log_ratios": ratios}
-    atomic_write_text(Path(f"{out}.selection.json"), json.dumps(report, indent=1))
+    atomic_write_text(f"{out}.selection.json", json.dumps(report, indent=1))
     return {k: v for k, v in report.items() if k != "log_ratios"}
