@@ -309,6 +309,23 @@ def run_objective(method: str, bdir: Path, brec: dict, scale) -> tuple[dict, dic
     return objective, data
 
 
+def run_inputs(work: Path, regime: str, build: int, method: str, setting: str, brec: dict, steps: int, lr: float,
+               overrides: dict) -> tuple[dict, dict, int]:
+    """(objective, data, steps) of one run of the study: its method's objective with the setting's
+    overrides, the method's data (all traces, careful only, or the selected ones) and its steps."""
+    bdir = build_dir(work, regime, build)
+    objective, data = run_objective(method, bdir, brec, build_scale(regime))
+    data_kind = METHODS[method][1]
+    traces = bdir / "traces"
+    if method == "GKD-wall":
+        steps = gkd_calibration(work, regime, build, brec, steps, lr)["gkd_steps"]
+    if data_kind == "careful":
+        data = {"path": str(careful_only(traces))}
+    if data_kind == "select":
+        data = {**data, "path": str(selected(bdir, brec, float(setting.removeprefix("keep"))))}
+    return merge(objective, overrides), data, steps
+
+
 def train_run(work: Path, regime: str, build: int, method: str, setting: str, seed: int, brec: dict,
               steps: int, lr: float, overrides: dict) -> dict:
     """One distillation run, evaluated on val and eval (cached as ``<work>/runs/<name>.json``)."""
@@ -320,16 +337,9 @@ def train_run(work: Path, regime: str, build: int, method: str, setting: str, se
         return json.loads(marker.read_text())
     bdir = build_dir(work, regime, build)
     scale = build_scale(regime)
-    objective, data = run_objective(method, bdir, brec, scale)
+    objective, data, steps = run_inputs(work, regime, build, method, setting, brec, steps, lr, overrides)
     data_kind = METHODS[method][1]
-    objective = merge(objective, overrides)
     traces = bdir / "traces"
-    if method == "GKD-wall":
-        steps = gkd_calibration(work, regime, build, brec, steps, lr)["gkd_steps"]
-    if data_kind == "careful":
-        data = {"path": str(careful_only(traces))}
-    if data_kind == "select":
-        data = {**data, "path": str(selected(bdir, brec, float(setting.removeprefix("keep"))))}
     run_dir = work / "runs" / name
     t0 = time.time()
     trained = _train(brec["student_flax"], data, objective, steps, lr, run_dir, scale, seed)

@@ -928,6 +928,37 @@ def study_section() -> str | None:
     return "\n".join(out)
 
 
+def timeline_section() -> str | None:
+    """Outputs over training (bench/results/timeline.json): per metric, a table of step x method."""
+    d = _load("timeline.json")
+    if d is None or not d["runs"]:
+        return None
+    runs = d["runs"]
+    steps = sorted({p["step"] for r in runs for p in r["timeline"]})
+    same = [f"{r['method']} {'yes' if r['reproduces_study'] else 'no'}" for r in runs]
+    out = [f"### Outputs over training (`python bench/timeline.py`, {STUDY_MACHINE})\n",
+           f"Regime `{d['regime']}`, build {d['build']}, seed {d['seed']}, at {d['code']}: the study's run of each "
+           "method retrained with a greedy evaluation of the whole `val` split at the steps below (step 0: the "
+           "undistilled student), each evaluation's outputs read as the study reads its final ones. The last "
+           "evaluation reproduces the study's val accuracy of the same run: " + ", ".join(same) + ".\n"]
+    metrics = [("accuracy", "Val accuracy"), ("careful_share", "Share of careful outputs (one operation per line)"),
+               ("arithmetic", "Share of outputs with an arithmetic slip (a line whose stated value is wrong)"),
+               ("skipped", "Share of outputs that skip restating a sentence of the problem (counted in careful outputs only)"),
+               ("misquoted", "Share of outputs that restate a sentence wrongly")]
+    for key, title in metrics:
+        rows = []
+        for s in steps:
+            row = [s]
+            for r in runs:
+                p = next((p for p in r["timeline"] if p["step"] == s), None)
+                row.append(None if p is None else p.get(key, p["errors"].get(key)))
+            rows.append(row)
+        out.append(f"{title}:\n")
+        out.append(_table(["step", *[r["method"] for r in runs]], rows) + "\n")
+    out.append("![outputs over training](bench/results/timeline.png)\n")
+    return "\n".join(out)
+
+
 def demo_summary() -> str | None:
     """The README's demo table: the four models, and the one seed against the study's pooled result."""
     d = _load("demo_small.json")
@@ -1007,7 +1038,7 @@ def render_results_doc() -> str:
     header = ("Generated from `bench/results/*.json` by `python bench/update_readme.py`; each section names the "
               "command that wrote its data. The TPU plans of the ready configs are in the "
               "[README](../README.md#results).\n\n")
-    text = _render(BEGIN, END, header, (demo_section, study_section, experiment_section, compute_section,
+    text = _render(BEGIN, END, header, (demo_section, study_section, timeline_section, experiment_section, compute_section,
                                         train_step_section, gkd_step_section, sampler_section, loss_memory_section,
                                         data_scale_section))
     return text.replace("](bench/results/", "](../bench/results/")

@@ -133,7 +133,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cfg.eval.every_steps:
         from dcd_jax.eval.runner import train_eval_hook
 
-        hooks = TrainHooks(evaluate=train_eval_hook(cfg.eval, cfg.data))
+        hooks = TrainHooks(evaluate=train_eval_hook(cfg.eval, cfg.data, cfg.train.out_dir))
     try:
         result = train(cfg, hooks)
     except NonFiniteLossError as e:

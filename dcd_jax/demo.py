@@ -158,9 +158,11 @@ def run_stage(out: Path, name: str, fn: Callable[[], dict[str, Any]]) -> dict[st
 
 
 def _train(model: str, data: dict[str, Any], objective: dict[str, Any], steps: int, lr: float, out_dir: Path,
-           scale: DemoScale, seed: int, val_path: Path | None = None) -> dict[str, Any]:
-    """Train ``model`` for ``steps``; with ``val_path``, greedy accuracy on (up to 64 of) its problems
-    every quarter of the run (the learning curve, ``val_curve``)."""
+           scale: DemoScale, seed: int, val_path: Path | None = None, eval_every: int | None = None,
+           eval_limit: int = 64) -> dict[str, Any]:
+    """Train ``model`` for ``steps``; with ``val_path``, greedy accuracy on (up to ``eval_limit`` of) its
+    problems every ``eval_every`` steps (default: every quarter of the run; the learning curve,
+    ``val_curve``; each evaluation's outputs under ``<out_dir>/eval_results/``)."""
     from dcd_jax.config import from_dict
     from dcd_jax.train.config import RunConfig
     from dcd_jax.train.loop import TrainHooks, train
@@ -174,15 +176,15 @@ def _train(model: str, data: dict[str, Any], objective: dict[str, Any], steps: i
         "checkpoint": {"every_steps": max(steps // 4, 1), "keep": 1},
         "train": {"steps": steps, "out_dir": str(out_dir), "log_every": max(steps // 50, 1), "export_hf": True,
                   "seed": seed},
-        "eval": {"every_steps": max(steps // 4, 1) if val_path else 0, "benchmark": "embedded",
-                 "path": str(val_path) if val_path else None, "limit": 64, "max_new_tokens": scale.max_new_tokens,
+        "eval": {"every_steps": (eval_every or max(steps // 4, 1)) if val_path else 0, "benchmark": "embedded",
+                 "path": str(val_path) if val_path else None, "limit": eval_limit, "max_new_tokens": scale.max_new_tokens,
                  "batch_size": 64},
     })
     hooks = TrainHooks()
     if val_path:
         from dcd_jax.eval.runner import train_eval_hook
 
-        hooks = TrainHooks(evaluate=train_eval_hook(cfg.eval, cfg.data))
+        hooks = TrainHooks(evaluate=train_eval_hook(cfg.eval, cfg.data, out_dir))
     result = train(cfg, hooks)
     if result.step < steps:  # stopped early (e.g. SIGTERM after a checkpoint): the stage is not done
         raise RuntimeError(f"training in {out_dir} stopped at step {result.step} of {steps}; rerun to resume")

@@ -120,3 +120,26 @@ def test_gkd_steps_match_the_sft_runs_wall_time():
     assert matched["sft_wall_seconds_at_steps"] == pytest.approx(4.5 + 120)
     assert matched["gkd_steps"] == int((124.5 - gkd["overhead_seconds"]) / (10 / 7))
     assert study.matched_steps(sft, {"step_seconds": 1.0, "overhead_seconds": 1e6}, 240)["gkd_steps"] == 1
+
+
+def test_the_timeline_reads_an_evaluation_as_the_study_reads_outputs(tmp_path):
+    """bench/timeline.py: accuracy, careful share, multi-operation lines and the error anatomy of one
+    evaluation's greedy outputs (sampled ones ignored), on hand-written outputs."""
+    import timeline
+
+    prompt = ("Ivy has 23 cookies. She triples the number of cookies. She gives away 2 jars with 9 cookies in each. "
+              "How many cookies does Ivy have now?")
+    careful = "Ivy starts with 23 cookies.\n23 * 3 = 69.\n2 * 9 = 18.\n69 - 18 = 51.\nThe answer is 51."
+    compressed = "23 * 3 - 2 * 9 = 51.\nThe answer is 51."
+    slipped = "Ivy starts with 23 cookies.\n23 * 3 = 69.\n2 * 9 = 18.\n69 - 18 = 41.\nThe answer is 41."
+    rows = [{"kind": "greedy", "prompt": prompt, "response": careful, "correct": True},
+            {"kind": "greedy", "prompt": prompt, "response": compressed, "correct": True},
+            {"kind": "greedy", "prompt": prompt, "response": slipped, "correct": False},
+            {"kind": "sampled", "prompt": prompt, "response": slipped, "correct": False}]
+    path = tmp_path / "embedded.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = timeline.read_evaluation(path)
+    assert got["n"] == 3
+    assert got["accuracy"] == pytest.approx(2 / 3) and got["careful_share"] == pytest.approx(2 / 3)
+    assert got["multi_op_line_share"] == pytest.approx(1 / 7)  # one of 7 computation lines has 3 operations
+    assert got["errors"]["arithmetic"] == pytest.approx(1 / 3) and got["errors"]["wrong_otherwise"] == 0.0

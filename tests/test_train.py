@@ -1,5 +1,6 @@
 """The training engine: exactness across meshes / accumulation / processes, resume, preemption."""
 
+import json
 import os
 import signal
 import subprocess
@@ -349,10 +350,20 @@ def test_periodic_eval_hook_logs_and_keeps_the_best_checkpoint(assets, tmp_path)
         "eval.every_steps": 2, "eval.path": assets["train"], "eval.limit": 4, "eval.max_new_tokens": 4,
         "eval.batch_size": 8, "eval.benchmark": "embedded",
     }))
-    real_hook = train_eval_hook(cfg.eval, cfg.data)
+    real_hook = train_eval_hook(cfg.eval, cfg.data, cfg.train.out_dir)
     train(cfg, TrainHooks(evaluate=hook))
     rows = read_metrics(tmp_path / "evalrun" / "metrics.jsonl")
     assert [r["step"] for r in rows if "eval/score" in r] == [2, 4, 6]
+    # each evaluation's outputs are kept: the logged pass@1 is their share graded correct
+    saved = sorted(p.name for p in (tmp_path / "evalrun" / "eval_results").iterdir())
+    assert saved == ["step_0000002", "step_0000004", "step_0000006"]
+    for r in rows:
+        if "eval/score" in r:
+            folder = tmp_path / "evalrun" / "eval_results" / f"step_{r['step']:07d}"
+            records = [json.loads(line) for line in (folder / "generations" / "embedded.jsonl").open()]
+            assert len(records) == 4 and all(isinstance(x["response"], str) for x in records)
+            assert np.mean([x["correct"] for x in records]) == pytest.approx(r["eval/embedded/pass@1"])
+            assert json.loads((folder / "summary.json").read_text())["step"] == r["step"]
     ckpt = RunCheckpointer(tmp_path / "evalrun" / "checkpoints", CheckpointConfig())
     assert ckpt.steps() == [2, 6]  # the best (step 2) plus the latest
     ckpt.close()

@@ -72,6 +72,8 @@ class EvalHookConfig:
       limit: evaluate on the first N problems.
       max_new_tokens: generation budget per problem.
       batch_size: prompts per generation batch.
+      save_generations: also write each evaluation's outputs (prompt, response, grade) and summary to
+        ``<train.out_dir>/eval_results/step_<N>/``, to read how the outputs change over training.
     """
 
     every_steps: int = 0
@@ -80,3 +82,4 @@ class EvalHookConfig:
     limit: int | None = 64
     max_new_tokens: int = 256
     batch_size: int = 32
+    save_generations: bool = True

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import jax
 import numpy as np
 
 from dcd_jax import storage
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 # ExAccErr scoring: sequences per forward pass, and their lengths padded to a multiple of this.
 EXACCERR_BATCH_SIZE = 32
 EXACCERR_LENGTH_BUCKET = 64
+EVAL_RESULTS = "eval_results"  # under a run's out_dir: a results folder per periodic evaluation
 
 
 def _sample_cfg(cfg: EvalConfig, *, greedy: bool, n: int = 1) -> SamplingConfig:
@@ -197,12 +199,14 @@ def summary_table(results: Mapping[str, Mapping[str, Mapping[str, Any]]], column
     return report.markdown_table(rows, ["method", "benchmark", *columns])
 
 
-def train_eval_hook(hook_cfg: EvalHookConfig, style: PromptStyle):
+def train_eval_hook(hook_cfg: EvalHookConfig, style: PromptStyle, out_dir: str | Path | None = None):
     """The periodic-evaluation hook of the train loop (``eval:`` section of a run config).
 
     Prompts are rendered with the run's own template and system prompt (``style``: the run's
     :class:`~dcd_jax.data.DataConfig`); returns flat metrics ``eval/<benchmark>/<metric>`` for
-    metrics.jsonl, TensorBoard and best-checkpoint selection.
+    metrics.jsonl, TensorBoard and best-checkpoint selection. With ``out_dir`` and
+    ``hook_cfg.save_generations``, each evaluation also writes a results folder (as ``dcd-jax eval``
+    does) to ``<out_dir>/eval_results/step_<N>/``: ``generations/<benchmark>.jsonl`` and ``summary.json``.
     """
     cfg = EvalConfig(
         benchmarks=(hook_cfg.benchmark,), paths={hook_cfg.benchmark: hook_cfg.path} if hook_cfg.path else {},
@@ -212,7 +216,10 @@ def train_eval_hook(hook_cfg: EvalHookConfig, style: PromptStyle):
     items = load_items(cfg)
 
     def hook(ctx) -> dict[str, float]:
-        summary, _ = evaluate(ctx.graphdef, ctx.params, ctx.tokenizer, cfg, mesh=ctx.mesh, items=items)
+        summary, generations = evaluate(ctx.graphdef, ctx.params, ctx.tokenizer, cfg, mesh=ctx.mesh, items=items)
+        if out_dir is not None and hook_cfg.save_generations and jax.process_index() == 0:
+            report.write_results(Path(out_dir) / EVAL_RESULTS / f"step_{ctx.step:07d}", generations,
+                                 {"step": ctx.step, "results": summary})
         return {f"eval/{bench}/{k}": float(v) for bench, metrics in summary.items() for k, v in metrics.items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
