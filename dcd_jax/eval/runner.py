@@ -218,7 +218,7 @@ def train_eval_hook(hook_cfg: EvalHookConfig, style: PromptStyle, out_dir: str |
     def hook(ctx) -> dict[str, float]:
         summary, generations = evaluate(ctx.graphdef, ctx.params, ctx.tokenizer, cfg, mesh=ctx.mesh, items=items)
         if out_dir is not None and hook_cfg.save_generations and jax.process_index() == 0:
-            report.write_results(Path(out_dir) / EVAL_RESULTS / f"step_{ctx.step:07d}", generations,
+            report.write_results(storage.path(out_dir) / EVAL_RESULTS / f"step_{ctx.step:07d}", generations,
                                  {"step": ctx.step, "results": summary})
         return {f"eval/{bench}/{k}": float(v) for bench, metrics in summary.items() for k, v in metrics.items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool)}
