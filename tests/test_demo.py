@@ -33,6 +33,7 @@ OPTIONAL_IMPORTS = {
     "pytz": "pandas imports it when present",
     "setuptools": "the editable install's import hook",
     "libtpu": "jax loads the TPU plugin when present (the test extra installs it for AOT TPU compiles)",
+    "chardet": "requests imports it when present (tensorboardX -> google-cloud-storage -> requests; lm-eval's deps install it)",
 }
 
 
