@@ -339,10 +339,16 @@ def _damage_params(step_dir: Path) -> None:
     clean = _restore_params(step_dir)
     assert clean is not None
     stride = max(len(original) // 64, 1)
+    mtime = largest.stat().st_mtime_ns
     for offset in [*range(len(original) // 2, len(original), stride), *range(0, len(original) // 2, stride)]:
         data = bytearray(original)
         data[offset] ^= 0x40
         largest.write_bytes(bytes(data))
+        # A new mtime for every write: TensorStore knows a file's version by (inode, size, mtime), and two
+        # same-size writes within one kernel clock tick share an mtime, so a read could be served the
+        # previous flip's cached chunk (this test was flaky under load).
+        mtime += 1_000_000
+        os.utime(largest, ns=(mtime, mtime))
         read = _restore_params(step_dir)
         if read is not None and any(not np.array_equal(a, b) for a, b in zip(read, clean)):
             return
