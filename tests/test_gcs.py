@@ -306,6 +306,42 @@ def test_gcs_guide_commands_read_and_write_the_bucket(gcs, assets, tmp_path, cap
     assert "embedded.jsonl" in storage.list_names(f"{root}/eval/generations/s/generations")
 
 
+def test_gcs_killed_score_teacher_resumes_to_the_same_file(gcs, assets, tmp_path, monkeypatch):
+    """``score-teacher`` with its output in the bucket, killed after two finished parts: the rerun keeps
+    them (one object each under ``<out>.parts/``) and ends with the bytes of an undisturbed local run."""
+    from dcd_jax.data import DataConfig
+    from dcd_jax.teacher import scoring
+    from dcd_jax.teacher.scoring import ScoreConfig, score_teacher
+
+    data = DataConfig(path=str(assets["train"]), seq_len=256, max_records=20)
+    cfg = ScoreConfig(teacher=str(assets["student"]), topk=3, batch_size=4, chunk_examples=4, chunk_size=32)
+    written, real_write, kill_after = [], scoring._atomic_write, [None]
+
+    def counted_write(path, rows, provenance):
+        if len(written) == kill_after[0]:
+            raise KeyboardInterrupt("killed")  # the process dies after that many finished parts
+        real_write(path, rows, provenance)
+        written.append(path)
+
+    monkeypatch.setattr(scoring, "_atomic_write", counted_write)
+    straight = score_teacher(data, dataclasses.replace(cfg, out=str(tmp_path / "s.parquet")), progress=False)
+    parts = len(written)
+    assert parts >= 3
+    written.clear()
+    kill_after[0] = 2
+    target = f"{gcs}/scores/s.parquet"
+    with pytest.raises(KeyboardInterrupt):
+        score_teacher(data, dataclasses.replace(cfg, out=target), progress=False)
+    assert not storage.exists(target)
+    assert len([n for n in storage.list_names(f"{target}.parts") if n.endswith(".parquet")]) == 2
+    written.clear()
+    kill_after[0] = None
+    resumed = score_teacher(data, dataclasses.replace(cfg, out=target), progress=False)
+    assert len(written) == parts - 2  # only the parts the killed run had not finished are scored again
+    assert storage.path(str(resumed)).read_bytes() == straight.read_bytes()
+    assert not storage.exists(f"{target}.parts")
+
+
 # --------------------------------------------------------------------------- train: kill and resume
 
 
