@@ -124,10 +124,13 @@ def main() -> None:
     for method in args.methods.split(","):
         if args.report_only:
             found = sorted((work / "timeline").glob(f"{args.regime}-b{args.build}-{method}-*seed{args.seed}.json"))
-            runs += [json.loads(p.read_text()) for p in found if json.loads(p.read_text())["method"] == method]
+            runs += [r for r in (json.loads(p.read_text()) for p in found) if r["method"] == method]
         else:
             runs.append(timeline_run(work, args.regime, args.build, method, args.seed, args.steps, args.lr, args.points))
-    result = {"regime": args.regime, "build": args.build, "seed": args.seed, "code": code_version(), "runs": runs}
+    code = code_version()
+    if args.report_only and out.is_file():  # the runs' provenance, not the reporting commit's
+        code = json.loads(out.read_text()).get("code", code)
+    result = {"regime": args.regime, "build": args.build, "seed": args.seed, "code": code, "runs": runs}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     plot(result, out.with_suffix(".png"))
