@@ -93,6 +93,17 @@ def test_readme_is_short_and_keeps_ci_command():
     assert "   pip install -e . && dcd-jax demo\n" in readme
 
 
+def test_tpu_guide_keeps_every_path_in_a_bucket():
+    """Issue 33: the TPU guide's data, scores, models and outputs are gs:// URLs (``$B``), and it has
+    no shared-filesystem step."""
+    readme = (ROOT / "README.md").read_text()
+    guide = readme[readme.index("## Guide: distill"):readme.index("\nGPU clusters:")]
+    assert "B=gs://" in guide
+    for key in re.findall(r"(?:--out|train\.out_dir=|data\.path=|data\.teacher_scores=|--model \w+=)\s*([^\s`]\S*)", guide):
+        assert key.startswith("$B/"), key
+    assert not re.search(r"gcsfuse|NFS|/mnt/", guide)
+
+
 def _anchors(path: Path) -> set[str]:
     """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
     return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
